@@ -1,0 +1,1 @@
+"""Collectors: they read the box and produce records. They never touch the network."""

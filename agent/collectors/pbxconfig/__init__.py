@@ -1,0 +1,1 @@
+"""PBX configuration snapshots: Asterisk/FreePBX files, every secret redacted on the box."""
