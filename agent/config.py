@@ -133,30 +133,46 @@ def build(data: LineMap, path: Path) -> AgentConfig:
     """Turn parsed YAML into an :class:`AgentConfig`, reporting every problem at once."""
     problems = Problems(path)
     top = Section(data, "", problems, 1)
-    device_id = top.str("device_id", pattern=DEVICE_ID_PATTERN,
-                        hint="letters, digits, '.', '_' and '-', at most 64, as in the "
-                             "client certificate's common name")
+    device_id = top.str(
+        "device_id",
+        pattern=DEVICE_ID_PATTERN,
+        hint="letters, digits, '.', '_' and '-', at most 64, as in the "
+        "client certificate's common name",
+    )
     paths = _paths(top.section("paths"))
     control = _control(top.section("control"))
     collectors = _collectors(top.section("collectors"))
     policy = _policy(top.section("policy"))
     outbox_sec = top.section("outbox")
-    outbox = OutboxConfig(max_bytes=outbox_sec.size("max_bytes", OutboxConfig.max_bytes,
-                                                    min=1024 * 1024, max=64 * 1024**3))
+    outbox = OutboxConfig(
+        max_bytes=outbox_sec.size(
+            "max_bytes", OutboxConfig.max_bytes, min=1024 * 1024, max=64 * 1024**3
+        )
+    )
     outbox_sec.finish()
     uplink = _uplink(top.section("uplink")) if top.has("uplink") else None
     top.raw("uplink")
     log_level = top.choice("log_level", ("debug", "info", "warning", "error"), "info")
     top.finish()
     problems.raise_if_any()
-    return AgentConfig(source=path, device_id=device_id, paths=paths, control=control,
-                       collectors=collectors, policy=policy, outbox=outbox, uplink=uplink,
-                       log_level=log_level)
+    return AgentConfig(
+        source=path,
+        device_id=device_id,
+        paths=paths,
+        control=control,
+        collectors=collectors,
+        policy=policy,
+        outbox=outbox,
+        uplink=uplink,
+        log_level=log_level,
+    )
 
 
 def _paths(sec: Section) -> PathsConfig:
-    p = PathsConfig(state_dir=sec.path("state_dir", str(DEFAULT_STATE_DIR)),
-                    runtime_dir=sec.path("runtime_dir", str(DEFAULT_RUNTIME_DIR)))
+    p = PathsConfig(
+        state_dir=sec.path("state_dir", str(DEFAULT_STATE_DIR)),
+        runtime_dir=sec.path("runtime_dir", str(DEFAULT_RUNTIME_DIR)),
+    )
     # sun_path is 108 bytes; a longer socket path fails only at bind time otherwise.
     if isinstance(p.runtime_dir, Path) and len(bytes(p.control_socket)) > 100:
         sec.problem("runtime_dir", "is too long for a Unix socket path (keep it under 90 bytes)")
@@ -175,10 +191,11 @@ def _group(sec: Section, key: str, default: str) -> str | None:
 
 
 def _control(sec: Section) -> ControlConfig:
-    c = ControlConfig(read_group=_group(sec, "read_group", "pbx-agent"),
-                      admin_group=_group(sec, "admin_group", "pbx-agent-admin"),
-                      max_request=sec.size("max_request", ControlConfig.max_request,
-                                           min=1024, max=1024 * 1024))
+    c = ControlConfig(
+        read_group=_group(sec, "read_group", "pbx-agent"),
+        admin_group=_group(sec, "admin_group", "pbx-agent-admin"),
+        max_request=sec.size("max_request", ControlConfig.max_request, min=1024, max=1024 * 1024),
+    )
     sec.finish()
     return c
 
@@ -191,8 +208,11 @@ def _collectors(sec: Section) -> CollectorsConfig:
         pbx_processes=h.str_list("pbx_processes", ["asterisk"]),
     )
     h.finish()
-    c = CollectorsConfig(health=health, config=parse_snapshot(sec.section("config")),
-                         callstats=parse_callstats(sec.section("callstats")))
+    c = CollectorsConfig(
+        health=health,
+        config=parse_snapshot(sec.section("config")),
+        callstats=parse_callstats(sec.section("callstats")),
+    )
     sec.finish()
     return c
 
@@ -202,11 +222,16 @@ def _policy(sec: Section) -> PolicyConfig:
     allowed: set[DataClass] = set()
     for name in names:
         if name in HARD_DENIED:
-            sec.problem("send", f"{name!r} never leaves the box: the privacy policy forbids it, "
-                                "whatever the configuration says; remove it")
+            sec.problem(
+                "send",
+                f"{name!r} never leaves the box: the privacy policy forbids it, "
+                "whatever the configuration says; remove it",
+            )
         elif name not in DataClass.__members__.values():
-            sec.problem("send", f"unknown data class {name!r} (known: "
-                                f"{', '.join(c.value for c in DataClass)})")
+            sec.problem(
+                "send",
+                f"unknown data class {name!r} (known: {', '.join(c.value for c in DataClass)})",
+            )
         else:
             allowed.add(DataClass(name))
     sec.finish()
@@ -214,8 +239,11 @@ def _policy(sec: Section) -> PolicyConfig:
 
 
 def _uplink(sec: Section) -> UplinkConfig:
-    broker = sec.str("broker", pattern=r"mqtts://[^/:]+(:\d{1,5})?/?",
-                     hint="expected mqtts://HOST[:PORT]; plain mqtt:// is not accepted")
+    broker = sec.str(
+        "broker",
+        pattern=r"mqtts://[^/:]+(:\d{1,5})?/?",
+        hint="expected mqtts://HOST[:PORT]; plain mqtt:// is not accepted",
+    )
     host, port = "", 8883
     if isinstance(broker, str):
         parts = urlsplit(broker)

@@ -10,6 +10,7 @@ not raised one at a time, so an administrator sees every mistake in one run.
 
 from __future__ import annotations
 
+import builtins
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,8 +26,18 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*$")
 _SIZE_UNITS = {
-    None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "k": 1024, "K": 1024,
-    "M": 1024**2, "G": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+    None: 1,
+    "B": 1,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "k": 1024,
+    "K": 1024,
+    "M": 1024**2,
+    "G": 1024**3,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
 }
 
 
@@ -47,12 +58,12 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineMap:
     result.lines = {}
     result.line = node.start_mark.line + 1
     for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=True)
         if key in result.lines:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
             )
-        result[key] = loader.construct_object(value_node, deep=True)  # type: ignore[no-untyped-call]
+        result[key] = loader.construct_object(value_node, deep=True)
         result.lines[key] = key_node.start_mark.line + 1
     return result
 
@@ -157,7 +168,9 @@ class Section:
     wrong, so that parsing continues and all problems are reported at once.
     """
 
-    def __init__(self, data: object, path: str, problems: Problems, line: int | None = None):
+    def __init__(
+        self, data: object, path: builtins.str, problems: Problems, line: builtins.int | None = None
+    ):
         self.where = path
         self.problems = problems
         self.line = line
@@ -166,11 +179,13 @@ class Section:
             data = LineMap()
             data.lines, data.line = {}, line
         if not isinstance(data, dict):
-            problems.add(path or "(top level)", f"expected a mapping of keys, got {_describe(data)}", line)
+            problems.add(
+                path or "(top level)", f"expected a mapping of keys, got {_describe(data)}", line
+            )
             data = LineMap()
             data.lines, data.line = {}, line
         self.data: dict[Any, Any] = data
-        self.lines: dict[Any, int] = getattr(data, "lines", {})
+        self.lines: dict[Any, builtins.int] = getattr(data, "lines", {})
         self.line = getattr(data, "line", None) or line
 
     @property
@@ -178,23 +193,23 @@ class Section:
         """The configuration file this section came from."""
         return self.problems.file
 
-    def key_path(self, key: str) -> str:
+    def key_path(self, key: builtins.str) -> builtins.str:
         """The dotted path of ``key`` inside this section."""
         return f"{self.where}.{key}" if self.where else key
 
-    def line_of(self, key: str) -> int | None:
+    def line_of(self, key: builtins.str) -> builtins.int | None:
         """The line of ``key``, or of this section when the key is absent."""
         return self.lines.get(key, self.line)
 
-    def has(self, key: str) -> bool:
+    def has(self, key: builtins.str) -> builtins.bool:
         """Whether the key is present (and not null)."""
         return self.data.get(key) is not None
 
-    def problem(self, key: str, reason: str) -> None:
+    def problem(self, key: builtins.str, reason: builtins.str) -> None:
         """Record a problem about ``key`` in this section."""
         self.problems.add(self.key_path(key), reason, self.line_of(key))
 
-    def _raw(self, key: str, default: object) -> object:
+    def _raw(self, key: builtins.str, default: object) -> object:
         self._used.add(key)
         value = self.data.get(key, _MISSING)
         if value is _MISSING or value is None:
@@ -203,18 +218,23 @@ class Section:
             return _MISSING
         return value
 
-    def raw(self, key: str) -> object:
+    def raw(self, key: builtins.str) -> object:
         """The untyped value, or None; marks the key as known."""
         self._used.add(key)
         return self.data.get(key)
 
-    def section(self, key: str) -> Section:
+    def section(self, key: builtins.str) -> Section:
         """The sub-mapping ``key`` (empty when absent)."""
         self._used.add(key)
         return Section(self.data.get(key), self.key_path(key), self.problems, self.line_of(key))
 
-    def _typed(self, key: str, default: T | object, convert: Callable[[object], T | None],
-               expected: str) -> T:
+    def _typed(
+        self,
+        key: builtins.str,
+        default: T | object,
+        convert: Callable[[object], T | None],
+        expected: builtins.str,
+    ) -> T:
         value = self._raw(key, default)
         if value is _MISSING:
             if default is _MISSING or default is None:
@@ -226,63 +246,98 @@ class Section:
             return default  # type: ignore[return-value]
         return converted
 
-    def str(self, key: str, default: object = _MISSING, *, pattern: str | None = None,
-            hint: str = "") -> str:
+    def str(
+        self,
+        key: builtins.str,
+        default: object = _MISSING,
+        *,
+        pattern: builtins.str | None = None,
+        hint: builtins.str = "",
+    ) -> builtins.str:
         """A string; ``pattern`` (a full-match regex) restricts it."""
-        value = self._typed(key, default, lambda v: v if isinstance(v, str) else None, "a string")
-        if isinstance(value, str) and pattern and re.fullmatch(pattern, value) is None:
+        value = self._typed(
+            key, default, lambda v: v if isinstance(v, builtins.str) else None, "a string"
+        )
+        if isinstance(value, builtins.str) and pattern and re.fullmatch(pattern, value) is None:
             self.problem(key, f"{value!r} is not valid{': ' + hint if hint else ''}")
         return value
 
-    def bool(self, key: str, default: object = _MISSING) -> bool:
+    def bool(self, key: builtins.str, default: object = _MISSING) -> builtins.bool:
         """A YAML boolean (true/false)."""
-        return self._typed(key, default, lambda v: v if isinstance(v, bool) else None,
-                           "true or false")
+        return self._typed(
+            key, default, lambda v: v if isinstance(v, builtins.bool) else None, "true or false"
+        )
 
-    def int(self, key: str, default: object = _MISSING, *, min: int | None = None,
-            max: int | None = None) -> int:
+    def int(
+        self,
+        key: builtins.str,
+        default: object = _MISSING,
+        *,
+        min: builtins.int | None = None,
+        max: builtins.int | None = None,
+    ) -> builtins.int:
         """An integer within [min, max]."""
         value = self._typed(
-            key, default,
-            lambda v: v if isinstance(v, int) and not isinstance(v, bool) else None,
+            key,
+            default,
+            lambda v: (
+                v if isinstance(v, builtins.int) and not isinstance(v, builtins.bool) else None
+            ),
             "a whole number",
         )
-        self._check_range(key, value, min, max, str)
+        self._check_range(key, value, min, max, builtins.str)
         return value
 
-    def duration(self, key: str, default: object = _MISSING, *, min: float | None = None,
-                 max: float | None = None) -> float:
+    def duration(
+        self,
+        key: builtins.str,
+        default: object = _MISSING,
+        *,
+        min: float | None = None,
+        max: float | None = None,
+    ) -> float:
         """A duration in seconds, written ``30s``, ``5m``, ``1h``, ``7d`` or a number."""
         value = self._typed(key, default, parse_duration, "a duration such as 30s, 5m or 1h")
         self._check_range(key, value, min, max, format_duration)
         return value
 
-    def size(self, key: str, default: object = _MISSING, *, min: int | None = None,
-             max: int | None = None) -> int:
+    def size(
+        self,
+        key: builtins.str,
+        default: object = _MISSING,
+        *,
+        min: builtins.int | None = None,
+        max: builtins.int | None = None,
+    ) -> builtins.int:
         """A size in bytes, written ``64KiB``, ``256MiB``, ``1GiB`` or a number."""
         value = self._typed(key, default, parse_size, "a size such as 64KiB, 256MiB or 1GiB")
         self._check_range(key, value, min, max, lambda n: f"{n} bytes")
         return value
 
-    def path(self, key: str, default: object = _MISSING, *, absolute: bool = True) -> Path:
+    def path(
+        self, key: builtins.str, default: object = _MISSING, *, absolute: builtins.bool = True
+    ) -> Path:
         """A filesystem path; absolute unless told otherwise."""
-        value = self._typed(key, default, lambda v: Path(v) if isinstance(v, str) and v else None,
-                            "a path")
+        value = self._typed(
+            key, default, lambda v: Path(v) if isinstance(v, builtins.str) and v else None, "a path"
+        )
         if isinstance(value, Path) and absolute and not value.is_absolute():
             self.problem(key, f"must be an absolute path, got {str(value)!r}")
         return value
 
-    def str_list(self, key: str, default: object = _MISSING) -> tuple[str, ...]:
+    def str_list(self, key: builtins.str, default: object = _MISSING) -> tuple[builtins.str, ...]:
         """A list of strings (a single string is taken as a one-item list)."""
-        def convert(v: object) -> tuple[str, ...] | None:
-            if isinstance(v, str):
+
+        def convert(v: object) -> tuple[builtins.str, ...] | None:
+            if isinstance(v, builtins.str):
                 return (v,)
-            if isinstance(v, list) and all(isinstance(i, str) for i in v):
+            if isinstance(v, list) and all(isinstance(i, builtins.str) for i in v):
                 return tuple(v)
             return None
+
         return self._typed(key, default, convert, "a list of strings")
 
-    def path_list(self, key: str, default: object = _MISSING) -> tuple[Path, ...]:
+    def path_list(self, key: builtins.str, default: object = _MISSING) -> tuple[Path, ...]:
         """A list of absolute paths."""
         items = self.str_list(key, default)
         paths = tuple(Path(i) for i in items)
@@ -291,23 +346,30 @@ class Section:
                 self.problem(key, f"must list absolute paths, got {str(p)!r}")
         return paths
 
-    def choice(self, key: str, choices: tuple[str, ...], default: object = _MISSING) -> str:
+    def choice(
+        self, key: builtins.str, choices: tuple[builtins.str, ...], default: object = _MISSING
+    ) -> builtins.str:
         """One string out of ``choices``."""
         value = self.str(key, default)
-        if isinstance(value, str) and value not in choices:
+        if isinstance(value, builtins.str) and value not in choices:
             self.problem(key, f"expected one of {', '.join(choices)}, got {value!r}")
         return value
 
-    def _check_range(self, key: str, value: Any, lo: Any, hi: Any,
-                     fmt: Callable[[Any], str]) -> None:
-        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+    def _check_range(
+        self, key: builtins.str, value: Any, lo: Any, hi: Any, fmt: Callable[[Any], builtins.str]
+    ) -> None:
+        if (
+            value is None
+            or isinstance(value, builtins.bool)
+            or not isinstance(value, builtins.int | float)
+        ):
             return
         if lo is not None and value < lo:
             self.problem(key, f"must be at least {fmt(lo)}, got {fmt(value)}")
         elif hi is not None and value > hi:
             self.problem(key, f"must be at most {fmt(hi)}, got {fmt(value)}")
 
-    def keys(self) -> Iterator[str]:
+    def keys(self) -> Iterator[builtins.str]:
         """The keys present in this section."""
         return iter(self.data)
 
@@ -317,7 +379,8 @@ class Section:
             if key not in self._used:
                 known = ", ".join(sorted(self._used)) or "none"
                 self.problems.add(
-                    self.key_path(str(key)), f"unknown key (known here: {known})",
+                    self.key_path(str(key)),
+                    f"unknown key (known here: {known})",
                     self.lines.get(key, self.line),
                 )
 

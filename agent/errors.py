@@ -66,7 +66,9 @@ class ConfigProblem:
 
     __slots__ = ("file", "key", "line", "reason")
 
-    def __init__(self, file: str | os.PathLike[str], key: str, reason: str, line: int | None = None):
+    def __init__(
+        self, file: str | os.PathLike[str], key: str, reason: str, line: int | None = None
+    ):
         self.file = os.fspath(file)
         self.key = key
         self.reason = reason

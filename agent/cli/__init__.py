@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Control the pbx-agent daemon on this PBX.",
     )
     parser.add_argument(
-        "-c", "--config", type=Path,
+        "-c",
+        "--config",
+        type=Path,
         default=Path(os.environ.get("PBX_AGENT_CONFIG", "/etc/pbx-agent/agent.yaml")),
         help="configuration file (default: $PBX_AGENT_CONFIG or /etc/pbx-agent/agent.yaml)",
     )

@@ -1,0 +1,79 @@
+"""``agentctl status``: is the daemon up, is the uplink on, what did each collector do."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from agent.cli.common import ago, load_config, size, span, when
+from agent.errors import EX_UNAVAILABLE, DaemonNotRunning
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``status`` subcommand."""
+    p = sub.add_parser("status", help="show the daemon's state")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Ask the daemon; when it is down, say so and show the switch from its file."""
+    from agent import control, switch
+
+    config = load_config(args)
+    try:
+        result = control.request(config.paths.control_socket, "status")
+    except DaemonNotRunning as exc:
+        sw = switch.read_switch(config.paths.state_dir)
+        if args.json:
+            print(json.dumps({"running": False, "error": str(exc), "switch": sw.to_json()}))
+        else:
+            print(f"daemon: not running ({exc})")
+            print(f"uplink switch: {sw.word}" + (f" ({sw.error})" if sw.error else ""))
+        return EX_UNAVAILABLE
+    if args.json:
+        print(json.dumps({"running": True, **result}, indent=2))
+    else:
+        print_status(result)
+    return 0
+
+
+def print_status(s: dict[str, Any]) -> None:
+    """The human view of a status reply."""
+    d = s["daemon"]
+    out = sys.stdout
+    out.write(
+        f"pbx-agent {s['versions']['pbx-agent']} on {s['device_id']}: running "
+        f"(pid {d['pid']}, up {span(d['uptime'])})\n"
+    )
+    if d.get("last_reload_error"):
+        out.write(f"  last reload rejected: {d['last_reload_error']}\n")
+    sw = s["switch"]
+    by = f" by uid {sw['changed_by_uid']} at {when(sw['changed_at'])}" if sw["changed_at"] else ""
+    out.write(f"uplink switch: {sw['state']}{by}\n")
+    up = s["uplink"]
+    if not up.get("configured", True):
+        out.write("uplink: not configured (local only)\n")
+    else:
+        line = f"uplink: {up.get('state', '?')} {up.get('broker', '')}"
+        if up.get("last_error"):
+            line += f" (last error: {up['last_error']})"
+        out.write(line + "\n")
+    ob = s["outbox"]
+    out.write(
+        f"outbox: {ob['queued']} queued ({size(ob['bytes'])} of {size(ob['max_bytes'])}), "
+        f"{ob['delivered']} delivered, {ob['dropped']} dropped\n"
+    )
+    out.write(f"policy: sends {', '.join(s['policy']['effective']) or 'nothing'}\n")
+    out.write("collectors:\n")
+    for name, c in s["collectors"].items():
+        state = "error: " + c["last_error"] if c.get("last_error") else f"ok {ago(c['last_ok'])}"
+        out.write(
+            f"  {name:<10} every {span(c['interval']):<6} {state}; "
+            f"{c['records']} sent to outbox, {c['refused']} refused\n"
+        )
+    bad = {n: c for n, c in s["components"].items() if c["restarts"]}
+    for name, c in bad.items():
+        out.write(f"  component {name}: {c['restarts']} restarts, last error {c['last_error']}\n")

@@ -1,0 +1,72 @@
+"""``agentctl uplink off|on|status``: the customer's single switch.
+
+``off`` and ``on`` go through the daemon when it runs (it records who asked,
+closes the connection and replies only once it is closed); when it does not,
+the switch file is written directly, and the daemon honours it on its next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from agent.cli.common import load_config, when
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``uplink`` subcommand."""
+    p = sub.add_parser("uplink", help="sever or restore the connection to the vendor")
+    p.add_argument("action", choices=("off", "on", "status"))
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Flip or show the switch."""
+    from agent import control, switch
+    from agent.errors import DaemonNotRunning
+
+    config = load_config(args)
+    sock = config.paths.control_socket
+    daemon = True
+    try:
+        if args.action == "status":
+            result: dict[str, Any] = control.request(sock, "uplink-status")
+        else:
+            result = control.request(sock, "uplink", state=args.action)
+    except DaemonNotRunning:
+        daemon = False
+        if args.action == "status":
+            state = switch.read_switch(config.paths.state_dir)
+        else:
+            state = switch.write_switch(
+                config.paths.state_dir,
+                args.action == "on",
+                uid=switch.current_uid(),
+                via="agentctl",
+            )
+        result = {"switch": state.to_json(), "uplink": {"state": "daemon not running"}}
+    if args.json:
+        print(json.dumps({"daemon_running": daemon, **result}, indent=2))
+        return 0
+    sw = result["switch"]
+    print(f"uplink switch: {sw['state']}")
+    if sw.get("error"):
+        print(f"  warning: {sw['error']}")
+    if sw.get("changed_at"):
+        print(f"  last changed {when(sw['changed_at'])} by uid {sw['changed_by_uid']}")
+    up = result["uplink"]
+    if not daemon:
+        print("  daemon not running: the switch file is what it will read at start")
+    elif up.get("configured") is False:
+        print("  no uplink configured: nothing is sent either way")
+    else:
+        print(f"  connection: {up.get('state', '?')}")
+    if args.action == "status" and sw.get("history"):
+        print("  recent flips:")
+        for flip in sw["history"][-5:]:
+            print(
+                f"    {when(flip['at'])}  {flip['state']:<3}  uid {flip['uid']}  via {flip['via']}"
+            )
+    return 0

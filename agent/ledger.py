@@ -1,0 +1,161 @@
+"""The egress ledger: an append-only, hash-chained account of everything that leaves.
+
+Each entry holds its kind (``delivered``, ``switch``, ``command``, ``reply``,
+``dropped``, ``reset``), a small JSON body (never the content sent, only its
+size and SHA-256), the hash of the entry before it and its own hash::
+
+    hash = sha256(prev_hash || "\\n" || n || "\\n" || ts || "\\n" || kind || "\\n" || data)
+
+so a deleted, reordered or edited entry breaks the chain at that point, which
+``agentctl audit verify`` reports. The customer reads it; the vendor never
+writes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+GENESIS = "0" * 64
+
+
+def entry_hash(prev: str, n: int, ts: float, kind: str, data: str) -> str:
+    """The hash of one ledger entry, chained to the one before."""
+    h = hashlib.sha256()
+    h.update(f"{prev}\n{n}\n{ts!r}\n{kind}\n{data}".encode())
+    return h.hexdigest()
+
+
+def canonical(data: dict[str, Any]) -> str:
+    """The one JSON spelling of an entry's data that its hash covers."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One ledger entry as stored."""
+
+    n: int
+    ts: float
+    kind: str
+    data: dict[str, Any]
+    prev: str
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The result of checking the chain."""
+
+    ok: bool
+    entries: int
+    broken_at: int | None = None
+    reason: str | None = None
+
+
+class Ledger:
+    """Appends to and reads the ledger table of the agent's database."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        row = conn.execute("SELECT n, hash FROM ledger ORDER BY n DESC LIMIT 1").fetchone()
+        self._last_n: int = int(row[0]) if row else 0
+        self._last_hash: str = str(row[1]) if row else GENESIS
+
+    def append(self, kind: str, data: dict[str, Any], *, ts: float | None = None) -> Entry:
+        """Append one entry. Call inside the caller's transaction when it must be atomic."""
+        n = self._last_n + 1
+        ts = time.time() if ts is None else ts
+        text = canonical(data)
+        digest = entry_hash(self._last_hash, n, ts, kind, text)
+        self.conn.execute(
+            "INSERT INTO ledger VALUES (?, ?, ?, ?, ?, ?)",
+            (n, ts, kind, text, self._last_hash, digest),
+        )
+        entry = Entry(n, ts, kind, data, self._last_hash, digest)
+        self._last_n, self._last_hash = n, digest
+        return entry
+
+    def record(self, kind: str, data: dict[str, Any]) -> Entry:
+        """Append one entry in a transaction of its own."""
+        with Transaction(self.conn):
+            try:
+                return self.append(kind, data)
+            except BaseException:
+                self.reload()
+                raise
+
+    def reload(self) -> None:
+        """Re-read the head after a rolled-back transaction."""
+        row = self.conn.execute("SELECT n, hash FROM ledger ORDER BY n DESC LIMIT 1").fetchone()
+        self._last_n = int(row[0]) if row else 0
+        self._last_hash = str(row[1]) if row else GENESIS
+
+
+class Transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")
+
+
+def read(
+    conn: sqlite3.Connection,
+    *,
+    since: float | None = None,
+    kind: str | None = None,
+    data_class: str | None = None,
+) -> Iterator[Entry]:
+    """Entries in order, optionally filtered by time, kind and the class they concern."""
+    sql = "SELECT n, ts, kind, data, prev, hash FROM ledger WHERE 1=1"
+    args: list[Any] = []
+    if since is not None:
+        sql += " AND ts >= ?"
+        args.append(since)
+    if kind is not None:
+        sql += " AND kind = ?"
+        args.append(kind)
+    for n, ts, k, data, prev, digest in conn.execute(sql + " ORDER BY n", args):
+        body = json.loads(data)
+        if data_class is not None and body.get("class") != data_class:
+            continue
+        yield Entry(n, ts, k, body, prev, digest)
+
+
+def verify(conn: sqlite3.Connection) -> Verdict:
+    """Walk the chain from the start; report the first entry whose link or hash is wrong."""
+    prev, expected_n, count = GENESIS, 1, 0
+    first = conn.execute("SELECT MIN(n) FROM ledger").fetchone()[0]
+    if first is not None and first != 1:
+        return Verdict(
+            False,
+            0,
+            first,
+            f"the ledger starts at entry {first}, not 1: earlier entries were removed",
+        )
+    for n, ts, kind, data, link, digest in conn.execute(
+        "SELECT n, ts, kind, data, prev, hash FROM ledger ORDER BY n"
+    ):
+        if n != expected_n:
+            return Verdict(False, count, expected_n, f"entry {expected_n} is missing")
+        if link != prev:
+            return Verdict(False, count, n, "its link does not match the previous entry's hash")
+        if entry_hash(prev, n, ts, kind, data) != digest:
+            return Verdict(False, count, n, "its content does not match its hash (edited)")
+        prev, expected_n, count = digest, n + 1, count + 1
+    return Verdict(True, count)

@@ -1,0 +1,76 @@
+"""Logging: structlog key-value events, JSON under systemd, readable in a terminal.
+
+Secrets never reach a log line: a processor masks the values of keys that name
+a secret and the password part of any ``scheme://user:password@`` URL, whatever
+the event is. It runs last before rendering so that no code path can skip it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+_SECRET_KEY = re.compile(
+    r"pass|secret|token|pwd|passwd|credential|private|^key$|_key$|pin$", re.IGNORECASE
+)
+_URL_PASSWORD = re.compile(
+    r"(?P<head>[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^@\s/]*(?P<tail>@)", re.IGNORECASE
+)
+MASK = "***"
+
+
+def _mask_value(value: object) -> object:
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(lambda m: f"{m['head']}{MASK}{m['tail']}", value)
+    return value
+
+
+def mask_secrets(
+    _logger: object, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: hide secret-named keys and passwords inside URLs."""
+    for key, value in list(event.items()):
+        if key != "event" and _SECRET_KEY.search(key) and value is not None:
+            event[key] = MASK
+        else:
+            event[key] = _mask_value(value)
+    return event
+
+
+def wants_json(stream: TextIO) -> bool:
+    """JSON when systemd runs us (journal or not) or output is not a terminal."""
+    if os.environ.get("PBX_AGENT_LOG_FORMAT") in ("json", "console"):
+        return os.environ["PBX_AGENT_LOG_FORMAT"] == "json"
+    return "JOURNAL_STREAM" in os.environ or "INVOCATION_ID" in os.environ or not stream.isatty()
+
+
+def configure(level: str = "info", stream: TextIO | None = None) -> None:
+    """Set up structlog once for the daemon or a CLI command."""
+    out = stream or sys.stderr
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    renderer: Any
+    if wants_json(out):
+        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            mask_secrets,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,171 @@
+"""The durable outbox: approved envelopes wait here until the broker acknowledges them.
+
+It accepts only :class:`agent.policy.gate.Envelope`, which only the gate can
+make. It is bounded in bytes; when full, the oldest envelopes are dropped and
+the drops counted (in status, in health, and in the ledger). An envelope is
+deleted only when the broker has acknowledged it, in the same transaction as
+the ledger's "delivered" entry: at-least-once, with the NOC de-duplicating by id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from agent.errors import StateError
+from agent.ledger import Ledger, Transaction
+from agent.policy.gate import Envelope
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """An envelope as the uplink reads it back from the outbox."""
+
+    seq: int
+    id: str
+    data_class: str
+    payload: bytes
+
+
+class Outbox:
+    """Bounded, durable queue of approved envelopes."""
+
+    def __init__(self, conn: sqlite3.Connection, ledger: Ledger, *, max_bytes: int) -> None:
+        self.conn = conn
+        self.ledger = ledger
+        self.max_bytes = max_bytes
+        row = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0), COALESCE(MAX(seq), 0) FROM outbox"
+        ).fetchone()
+        self.count, self.bytes = int(row[0]), int(row[1])
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        self._last_seq = max(int(row[2]), int(meta.get("last_seq", 0)))
+        self.dropped = int(meta.get("dropped", 0))
+        self.delivered_total = int(meta.get("delivered", 0))
+        self.listeners: list[Callable[[], None]] = []
+
+    @property
+    def last_seq(self) -> int:
+        """The highest sequence number ever stored (persists after delivery)."""
+        return self._last_seq
+
+    def put(self, envelope: Envelope) -> None:
+        """Store an approved envelope durably; drops the oldest if over the bound."""
+        if type(envelope) is not Envelope:
+            raise TypeError("the outbox accepts only envelopes approved by the policy gate")
+        size = len(envelope.payload)
+        try:
+            with Transaction(self.conn) as c:
+                c.execute(
+                    "INSERT INTO outbox VALUES (?, ?, ?, ?, ?)",
+                    (
+                        envelope.seq,
+                        envelope.id,
+                        envelope.data_class.value,
+                        envelope.ts,
+                        envelope.payload,
+                    ),
+                )
+                c.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (envelope.seq,))
+                dropped = self._trim(c, self.bytes + size)
+        except sqlite3.Error as exc:
+            self.ledger.reload()
+            raise StateError(f"outbox: cannot store envelope {envelope.id}: {exc}") from exc
+        self._last_seq = envelope.seq
+        self.count += 1 - dropped[0]
+        self.bytes += size - dropped[1]
+        if dropped[0]:
+            self.dropped += dropped[0]
+            log.warning(
+                "outbox_full_dropped_oldest",
+                dropped=dropped[0],
+                total=self.dropped,
+                max_bytes=self.max_bytes,
+            )
+        for listener in self.listeners:
+            listener()
+
+    def _trim(self, c: sqlite3.Connection, total: int) -> tuple[int, int]:
+        if total <= self.max_bytes:
+            return 0, 0
+        n, freed = 0, 0
+        victims: list[int] = []
+        for seq, size in c.execute("SELECT seq, LENGTH(payload) FROM outbox ORDER BY seq"):
+            if total - freed <= self.max_bytes:
+                break
+            victims.append(seq)
+            freed += size
+            n += 1
+        c.executemany("DELETE FROM outbox WHERE seq = ?", ((s,) for s in victims))
+        c.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (self.dropped + n,))
+        self.ledger.append(
+            "dropped",
+            {
+                "count": n,
+                "bytes": freed,
+                "first_seq": victims[0],
+                "last_seq": victims[-1],
+                "reason": "outbox full",
+            },
+        )
+        return n, freed
+
+    def pending(self, limit: int, after_seq: int = 0) -> list[Stored]:
+        """Up to ``limit`` envelopes with seq > ``after_seq``, oldest first."""
+        rows = self.conn.execute(
+            "SELECT seq, id, class, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        ).fetchall()
+        return [Stored(int(s), i, c, bytes(p)) for s, i, c, p in rows]
+
+    def delivered(self, items: Sequence[Stored]) -> None:
+        """Delete acknowledged envelopes and write their ledger entries in one transaction."""
+        if not items:
+            return
+        freed, removed = 0, 0
+        try:
+            with Transaction(self.conn) as c:
+                for item in items:
+                    cur = c.execute("DELETE FROM outbox WHERE seq = ?", (item.seq,))
+                    if cur.rowcount == 0:
+                        continue  # already dropped by the size bound while in flight
+                    removed += 1
+                    freed += len(item.payload)
+                    self.ledger.append(
+                        "delivered",
+                        {
+                            "id": item.id,
+                            "class": item.data_class,
+                            "seq": item.seq,
+                            "size": len(item.payload),
+                            "sha256": hashlib.sha256(item.payload).hexdigest(),
+                        },
+                    )
+                c.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('delivered', ?)",
+                    (self.delivered_total + removed,),
+                )
+        except sqlite3.Error as exc:
+            self.ledger.reload()
+            raise StateError(f"outbox: cannot record delivery: {exc}") from exc
+        self.count -= removed
+        self.bytes -= freed
+        self.delivered_total += removed
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for status and health."""
+        return {
+            "queued": self.count,
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+            "dropped": self.dropped,
+            "delivered": self.delivered_total,
+            "last_seq": self._last_seq,
+        }

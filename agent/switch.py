@@ -1,0 +1,110 @@
+"""The single switch: the customer's way to sever the uplink, honoured with or without a daemon.
+
+The state is one small JSON file in the state directory, replaced atomically.
+It is read before any connection is made. A missing file means the default
+(on: the secure connection is on by default, as the privacy policy says). A
+file that cannot be read or parsed means *off*: when in doubt, nothing leaves.
+Each flip is kept in the file's history with who (uid) and when.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import StateError
+from agent.fsutil import atomic_write
+
+SWITCH_FILE = "uplink-switch.json"
+HISTORY_KEPT = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Flip:
+    """One change of the switch."""
+
+    state: str  # "on" or "off"
+    at: float
+    uid: int
+    via: str  # "agentctl" (direct file write) or "daemon" (over the control socket)
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchState:
+    """The switch as read from disk."""
+
+    on: bool
+    history: tuple[Flip, ...] = field(default=())
+    error: str | None = None  # why the file could not be trusted (then on is False)
+
+    @property
+    def word(self) -> str:
+        """``"on"`` or ``"off"``."""
+        return "on" if self.on else "off"
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able view for status replies."""
+        last = self.history[-1] if self.history else None
+        return {
+            "state": self.word,
+            "changed_at": last.at if last else None,
+            "changed_by_uid": last.uid if last else None,
+            "error": self.error,
+            "history": [asdict(f) for f in self.history[-10:]],
+        }
+
+
+def switch_path(state_dir: Path) -> Path:
+    """Where the switch file lives."""
+    return state_dir / SWITCH_FILE
+
+
+def read_switch(state_dir: Path) -> SwitchState:
+    """Read the switch; absent means on, unreadable or corrupt means off."""
+    path = switch_path(state_dir)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return SwitchState(on=True)
+    except OSError as exc:
+        return SwitchState(on=False, error=f"{path}: cannot read ({exc.strerror}); treated as off")
+    try:
+        data = json.loads(raw)
+        state = data["state"]
+        if state not in ("on", "off"):
+            raise ValueError(f"state {state!r}")
+        history = tuple(
+            Flip(state=str(h["state"]), at=float(h["at"]), uid=int(h["uid"]), via=str(h["via"]))
+            for h in data.get("history", [])
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        return SwitchState(on=False, error=f"{path}: corrupt ({exc}); treated as off")
+    return SwitchState(on=state == "on", history=history)
+
+
+def write_switch(state_dir: Path, on: bool, *, uid: int, via: str) -> SwitchState:
+    """Set the switch, keeping the flip in its history; durable when this returns."""
+    current = read_switch(state_dir)
+    flip = Flip(state="on" if on else "off", at=time.time(), uid=uid, via=via)
+    history = (*current.history, flip)[-HISTORY_KEPT:]
+    payload = {"state": flip.state, "history": [asdict(f) for f in history]}
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(switch_path(state_dir), json.dumps(payload, indent=1).encode(), 0o644)
+    except PermissionError as exc:
+        raise StateError(
+            f"cannot write the switch file {switch_path(state_dir)}: permission denied; "
+            "run agentctl as root or as a member of the admin group"
+        ) from exc
+    except OSError as exc:
+        raise StateError(f"cannot write the switch file {switch_path(state_dir)}: {exc}") from exc
+    return SwitchState(on=on, history=history)
+
+
+def current_uid() -> int:
+    """The caller's real uid (the person, not a setuid identity)."""
+    return os.getuid()
