@@ -195,12 +195,16 @@ class CA:
         stem: str = "broker",
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
+        loopback: bool = True,
     ) -> tuple[Path, Path]:
         """Issue a broker certificate for ``localhost``, ``127.0.0.1`` and ``names``.
 
-        Returns ``(cert_path, key_path)``: ``<stem>.crt`` and ``<stem>.key`` in ``out_dir``.
+        ``loopback=False`` leaves out localhost and 127.0.0.1 (tests of a broker
+        that names another host). Returns ``(cert_path, key_path)``:
+        ``<stem>.crt`` and ``<stem>.key`` in ``out_dir``.
         """
-        all_names = list(dict.fromkeys(["localhost", "127.0.0.1", *names]))
+        local = ["localhost", "127.0.0.1"] if loopback else []
+        all_names = list(dict.fromkeys([*local, *names]))
         cn = names[0] if names else "localhost"
         key = new_key()
         cert = self._sign(
