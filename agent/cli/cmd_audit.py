@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from agent.cli.common import load_config, parse_since, size, when
+from agent.cli.common import load_paths, parse_since, size, when
 from agent.errors import EX_DATAERR
 
 
@@ -33,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from agent import ledger
     from agent.store import open_readonly
 
-    config = load_config(args)
-    conn = open_readonly(config.paths.state_dir)
+    paths = load_paths(args)
+    conn = open_readonly(paths.state_dir)
     try:
         if args.action == "verify":
             verdict = ledger.verify(conn)

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from agent.cli.common import ago, load_config, size, span, when
+from agent.cli.common import ago, load_paths, size, span, when
 from agent.errors import EX_UNAVAILABLE, DaemonNotRunning
 
 
@@ -22,11 +22,11 @@ def run(args: argparse.Namespace) -> int:
     """Ask the daemon; when it is down, say so and show the switch from its file."""
     from agent import control, switch
 
-    config = load_config(args)
+    paths = load_paths(args)
     try:
-        result = control.request(config.paths.control_socket, "status")
+        result = control.request(paths.control_socket, "status")
     except DaemonNotRunning as exc:
-        sw = switch.read_switch(config.paths.state_dir)
+        sw = switch.read_switch(paths.state_dir)
         if args.json:
             print(json.dumps({"running": False, "error": str(exc), "switch": sw.to_json()}))
         else:

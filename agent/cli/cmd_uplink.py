@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from agent.cli.common import load_config, when
+from agent.cli.common import load_paths, when
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from agent import control, switch
     from agent.errors import DaemonNotRunning
 
-    config = load_config(args)
-    sock = config.paths.control_socket
+    paths = load_paths(args)
+    sock = paths.control_socket
     daemon = True
     try:
         if args.action == "status":
@@ -38,10 +38,10 @@ def run(args: argparse.Namespace) -> int:
     except DaemonNotRunning:
         daemon = False
         if args.action == "status":
-            state = switch.read_switch(config.paths.state_dir)
+            state = switch.read_switch(paths.state_dir)
         else:
             state = switch.write_switch(
-                config.paths.state_dir,
+                paths.state_dir,
                 args.action == "on",
                 uid=switch.current_uid(),
                 via="agentctl",

@@ -1,0 +1,96 @@
+# pbx-agent: one entry point for developers, CI and installers. `make help` lists targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+# Debian packages the tests and the demo talk to (real broker, real sshd, unit checks).
+DEB_PACKAGES := mosquitto openssh-server systemd
+
+PREFIX ?= /opt/pbx-agent
+CONFDIR ?= /etc/pbx-agent
+STATEDIR ?= /var/lib/pbx-agent
+UNITDIR ?= /etc/systemd/system
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+.PHONY: deps
+deps: ## install missing Debian packages (when run as root)
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "missing Debian packages:$$missing (run 'make deps' as root)"; \
+	  fi; \
+	fi
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test,lint]'
+	@touch $(STAMP)
+
+.PHONY: venv
+venv: $(STAMP) ## create the virtualenv with the agent and its test/lint tools
+
+.PHONY: lint
+lint: venv ## ruff (lint and format check) and mypy --strict
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+.PHONY: test
+test: deps venv lint ## lint, then the whole test suite against real mosquitto, sqlite, sockets
+	$(VENV)/bin/pytest -q
+
+.PHONY: demo
+demo: deps venv ## run the agent on the sample PBX tree with a local mTLS broker
+	$(PY) -m demo.run
+
+.PHONY: bench
+bench: deps venv ## run the benchmarks (minutes; results go in the README)
+	@for b in bench/bench_*.py; do echo "== $$b"; PYTHONPATH=. $(PY) $$b || exit 1; done
+
+.PHONY: install
+install: ## (root) install the agent as a systemd service
+	getent group pbx-agent >/dev/null || groupadd --system pbx-agent
+	getent group pbx-agent-admin >/dev/null || groupadd --system pbx-agent-admin
+	getent passwd pbx-agent >/dev/null || useradd --system --gid pbx-agent --home-dir $(STATEDIR) \
+	  --no-create-home --shell /usr/sbin/nologin pbx-agent
+	$(PYTHON) -m venv $(PREFIX)/venv
+	$(PREFIX)/venv/bin/pip install -q .
+	install -m 0644 README.md $(PREFIX)/README.md
+	install -d -m 0750 -o root -g pbx-agent $(CONFDIR)
+	@if [ -e $(CONFDIR)/agent.yaml ]; then \
+	  echo "keeping the existing $(CONFDIR)/agent.yaml; the shipped default is $(CONFDIR)/agent.yaml.dist"; \
+	  install -m 0640 -o root -g pbx-agent etc/agent.yaml $(CONFDIR)/agent.yaml.dist; \
+	else install -m 0640 -o root -g pbx-agent etc/agent.yaml $(CONFDIR)/agent.yaml; fi
+	install -d -m 0750 -o pbx-agent -g pbx-agent $(STATEDIR)
+	install -m 0644 systemd/pbx-agent.service $(UNITDIR)/pbx-agent.service
+	ln -sf $(PREFIX)/venv/bin/agentctl /usr/local/bin/agentctl
+	-systemctl daemon-reload
+	@echo "installed; edit $(CONFDIR)/agent.yaml, then: systemctl enable --now pbx-agent"
+
+.PHONY: uninstall
+uninstall: ## (root) remove the service; PURGE=1 also removes configuration and state
+	-systemctl disable --now pbx-agent 2>/dev/null
+	rm -f $(UNITDIR)/pbx-agent.service /usr/local/bin/agentctl
+	rm -rf $(PREFIX)
+	-systemctl daemon-reload
+	@if [ "$(PURGE)" = 1 ]; then rm -rf $(CONFDIR) $(STATEDIR); \
+	  userdel pbx-agent 2>/dev/null; groupdel pbx-agent-admin 2>/dev/null; groupdel pbx-agent 2>/dev/null; \
+	  echo "removed configuration, state, user and groups"; \
+	else echo "kept $(CONFDIR) and $(STATEDIR) (PURGE=1 removes them)"; fi
+
+.PHONY: clean
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo/run
