@@ -15,10 +15,15 @@ a plain Asterisk box may need its own contexts::
       directions:            # first match wins; regexes match from the start
         - { direction: inbound, context: "from-(trunk|pstn|did-direct)|ext-did" }
         - { direction: outbound, context: "from-internal|outbound-allroutes|outrt-|macro-dialout",
-            dstchannel: "(PJSIP|SIP|IAX2)/(?!\\d+$)" }
+            dstchannel: "(PJSIP|SIP|IAX2)/[^/]*[A-Za-z]" }
       default_direction: internal
       trunks: []             # explicit trunk names; empty: derive from channels
-      trunk_pattern: "(?!\\d+$)[A-Za-z0-9_.+-]+"
+      trunk_pattern: "(?=.*[A-Za-z])[A-Za-z0-9_.-]+"
+
+A channel name that holds no letter (``PJSIP/1001``, ``SIP/+15551234567``,
+``SIP/192.0.2.7``) is an extension, a number or an address, never a trunk. On a
+box whose extensions have names rather than numbers, list the trunks in
+``trunks``: only those names can then appear in what is sent.
 """
 
 from __future__ import annotations
@@ -59,10 +64,10 @@ DEFAULT_DIRECTION_RULES: tuple[DirectionRule, ...] = (
     DirectionRule(
         direction="outbound",
         context=r"from-internal|outbound-allroutes|outrt-|macro-dialout",
-        dstchannel=r"(PJSIP|SIP|IAX2)/(?!\d+$)",
+        dstchannel=r"(PJSIP|SIP|IAX2)/[^/]*[A-Za-z]",
     ),
 )
-DEFAULT_TRUNK_PATTERN = r"(?!\d+$)[A-Za-z0-9_.+-]+"
+DEFAULT_TRUNK_PATTERN = r"(?=.*[A-Za-z])[A-Za-z0-9_.-]+"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,214 @@
+"""The call-statistics state file: checkpoint, open counters and sent revisions, together.
+
+One SQLite file (WAL) in the state directory holds everything a restart needs:
+the source checkpoint, the counters of every bucket not yet offered, what was
+offered for each bucket (revision, body, approved or refused) and, for
+MariaDB, short hashes of the rows already counted inside the look-back window.
+Each batch of rows is written in one transaction, so after any crash (kill -9
+included) the checkpoint and the counters agree: no row is counted twice, none
+skipped.
+
+Bucket states: ``open`` (never offered), ``sent`` (offered and approved at
+``revision``), ``revise`` (sent, then late rows changed it), ``refused`` (the
+gate said no: never offered again, late rows are not counted into it).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.collectors.callstats.aggregate import Bucket
+from agent.errors import StateError
+
+STATE_FILE = "callstats.sqlite3"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS buckets (
+    start INTEGER PRIMARY KEY,
+    state TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('open', 'sent', 'revise', 'refused')),
+    revision INTEGER NOT NULL DEFAULT -1,
+    body TEXT,
+    offered_at REAL
+);
+CREATE INDEX IF NOT EXISTS buckets_status ON buckets (status);
+CREATE TABLE IF NOT EXISTS seen (key INTEGER PRIMARY KEY, calldate INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS seen_calldate ON seen (calldate);
+"""
+
+
+@dataclass(slots=True)
+class BucketRow:
+    """One bucket as stored: its counters and what was last offered."""
+
+    start: int
+    bucket: Bucket
+    status: str
+    revision: int
+    body: dict[str, Any] | None
+
+
+class CallstatsStore:
+    """Owns the state file; every method is a short, complete transaction."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        try:
+            if readonly:
+                self._db = sqlite3.connect(
+                    f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+                )
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL with WAL survives a killed process; only power loss can drop the
+                # last batches, and then checkpoint and counters are lost together.
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+            self._db.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as exc:
+            raise StateError(f"{path}: cannot open the call-statistics state file: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, rolled back on any error; sqlite errors become StateError."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: call-statistics state update failed: {exc}") from exc
+
+    # -- meta ---------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> Any:
+        """A JSON value from the meta table, or None."""
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: cannot read the state file: {exc}") from exc
+        return None if row is None else json.loads(row[0])
+
+    @staticmethod
+    def put_meta(db: sqlite3.Connection, key: str, value: Any) -> None:
+        """Set a meta value inside a transaction."""
+        db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            (key, json.dumps(value, sort_keys=True)),
+        )
+
+    # -- buckets ------------------------------------------------------------------------
+
+    def _row(self, r: tuple[Any, ...]) -> BucketRow:
+        return BucketRow(
+            start=r[0],
+            bucket=Bucket.from_state(r[0], json.loads(r[1])),
+            status=r[2],
+            revision=r[3],
+            body=json.loads(r[4]) if r[4] else None,
+        )
+
+    def pending(self) -> list[BucketRow]:
+        """Buckets waiting to be offered: never offered, or changed since."""
+        try:
+            rows = self._db.execute(
+                "SELECT start, state, status, revision, body FROM buckets "
+                "WHERE status IN ('open', 'revise') ORDER BY start"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: cannot read the state file: {exc}") from exc
+        return [self._row(r) for r in rows]
+
+    def bucket(self, start: int) -> BucketRow | None:
+        """One bucket, or None."""
+        try:
+            r = self._db.execute(
+                "SELECT start, state, status, revision, body FROM buckets WHERE start = ?", (start,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: cannot read the state file: {exc}") from exc
+        return None if r is None else self._row(r)
+
+    def since(self, start: int) -> list[BucketRow]:
+        """Every bucket from ``start`` on, oldest first (for ``agentctl callstats``)."""
+        try:
+            rows = self._db.execute(
+                "SELECT start, state, status, revision, body FROM buckets "
+                "WHERE start >= ? ORDER BY start",
+                (start,),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: cannot read the state file: {exc}") from exc
+        return [self._row(r) for r in rows]
+
+    @staticmethod
+    def save_buckets(db: sqlite3.Connection, items: Iterable[tuple[Bucket, str, int]]) -> None:
+        """Write the counters of changed buckets (with their new status) in a transaction."""
+        db.executemany(
+            "INSERT INTO buckets (start, state, status, revision) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (start) DO UPDATE SET state = excluded.state, status = excluded.status",
+            [
+                (b.start, json.dumps(b.to_state(), separators=(",", ":")), status, revision)
+                for b, status, revision in items
+            ],
+        )
+
+    def mark_offered(
+        self,
+        offers: Iterable[tuple[int, int, dict[str, Any], bool, float]],
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        """Record (start, revision, body, approved, time) of buckets just offered to the gate."""
+        with self.transaction() as db:
+            for key, value in (meta or {}).items():
+                self.put_meta(db, key, value)
+            db.executemany(
+                "UPDATE buckets SET status = ?, revision = ?, body = ?, offered_at = ? "
+                "WHERE start = ?",
+                [
+                    ("sent" if ok else "refused", rev, json.dumps(body, sort_keys=True), at, start)
+                    for start, rev, body, ok, at in offers
+                ],
+            )
+
+    @staticmethod
+    def prune(db: sqlite3.Connection, before: int) -> None:
+        """Forget offered buckets that started before ``before`` (older rows are too old)."""
+        db.execute(
+            "DELETE FROM buckets WHERE start < ? AND status IN ('sent', 'refused')", (before,)
+        )
+
+    # -- seen rows (MariaDB) ------------------------------------------------------------
+
+    def seen_since(self, calldate: int) -> dict[int, int]:
+        """Hashes of rows already counted with calldate >= ``calldate``."""
+        try:
+            rows = self._db.execute(
+                "SELECT key, calldate FROM seen WHERE calldate >= ?", (calldate,)
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: cannot read the state file: {exc}") from exc
+        return {k: c for k, c in rows}
+
+    @staticmethod
+    def add_seen(
+        db: sqlite3.Connection, items: Iterable[tuple[int, int]], prune_before: int
+    ) -> None:
+        """Remember counted rows; forget those older than the look-back window."""
+        db.executemany("INSERT OR IGNORE INTO seen (key, calldate) VALUES (?, ?)", items)
+        db.execute("DELETE FROM seen WHERE calldate < ?", (prune_before,))
