@@ -31,7 +31,12 @@ import structlog
 from agent.collectors.base import Emit, Record
 from agent.collectors.callstats.aggregate import Aggregator, Bucket, iso_utc, render
 from agent.collectors.callstats.cdr import DateParser
-from agent.collectors.callstats.csv_source import CsvCheckpoint, CsvTail, ingest_chunk
+from agent.collectors.callstats.csv_source import (
+    DEFAULT_CHUNK,
+    CsvCheckpoint,
+    CsvTail,
+    ingest_chunk,
+)
 from agent.collectors.callstats.directions import Classifier
 from agent.collectors.callstats.mariadb_source import MariaDbSource, ingest_rows
 from agent.collectors.callstats.settings import CallstatsSettings
@@ -51,7 +56,9 @@ class CallstatsCollector:
         state_dir: Path,
         *,
         clock: Callable[[], float] = time.time,
+        read_chunk: int = DEFAULT_CHUNK,
     ) -> None:
+        """``clock`` and ``read_chunk`` (bytes per CSV batch) are there for tests and benches."""
         self._s = settings
         self._clock = clock
         self._size = int(settings.bucket)
@@ -87,7 +94,7 @@ class CallstatsCollector:
             cp = (
                 CsvCheckpoint.from_json(self._store.get_meta("checkpoint")) if same_source else None
             )
-            self._tail = CsvTail(settings.csv, cp)
+            self._tail = CsvTail(settings.csv, cp, chunk=read_chunk)
 
     # -- Collector protocol -------------------------------------------------------------
 
