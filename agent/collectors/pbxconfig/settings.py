@@ -23,6 +23,9 @@ class SnapshotSettings:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     max_file: int = 1024 * 1024
     max_total: int = 64 * 1024 * 1024
+    #: Trees never opened, on top of the built-in spools and key folders
+    #: (agent.collectors.pbxconfig.sources.ALWAYS_FORBIDDEN, which cannot be removed).
+    never_read: tuple[Path, ...] = ()
 
 
 def parse_settings(sec: Section) -> SnapshotSettings:
@@ -37,6 +40,7 @@ def parse_settings(sec: Section) -> SnapshotSettings:
         exclude=sec.str_list("exclude", list(d.exclude)),
         max_file=sec.size("max_file", d.max_file, min=1024, max=64 * 1024**2),
         max_total=sec.size("max_total", d.max_total, min=64 * 1024, max=1024**3),
+        never_read=sec.path_list("never_read", []),
     )
     sec.finish()
     return s

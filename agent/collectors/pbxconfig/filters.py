@@ -1,0 +1,189 @@
+"""Redacting whole files: pick the syntax, mask every secret, keep every other byte.
+
+The collector hands each file's text here with its kind (Asterisk, voicemail,
+FreePBX's PHP or shell-style files, or text of no known syntax) and gets back
+the text to send and the rules that fired. Lines are masked in place so a
+reviewer can diff what was sent against the file on the box.
+
+Speed: a full snapshot reads tens of megabytes. A line that matches none of
+:data:`agent.policy.redact.TRIGGER` cannot need masking, so files without block
+comments are scanned for trigger lines only; voicemail files and files with
+``;--`` blocks take the line-by-line path (a test checks both agree).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from agent.collectors.pbxconfig import freepbx
+from agent.collectors.pbxconfig.asterisk_conf import Kind, Line, classify, lex, split_comments
+from agent.policy.redact import TRIGGER, Redactor, find_secret_material, is_secretish_key
+
+ASTERISK = "asterisk"
+VOICEMAIL = "voicemail"
+FREEPBX_PHP = "freepbx-php"
+SHELL_VARS = "shell-vars"
+TEXT = "text"
+
+#: Sections of voicemail.conf that hold settings; every other section holds mailboxes.
+VOICEMAIL_SETTINGS_SECTIONS = frozenset({"general", "zonemessages"})
+
+_TRIGGER_LINE = re.compile(
+    r"^[^\n]*?(?:pass|secret|pwd|token|cred|key|pin|auth|regist|@|-----BEGIN)[^\n]*",
+    re.IGNORECASE | re.MULTILINE,
+)
+_SECRET_WORD = re.compile(r"(?i)pass|secret|pwd|token|cred|key|pin(?:code)?(?![a-z])")
+_WORDLIKE = re.compile(r"[\w./@-]+")
+
+
+@dataclass(slots=True)
+class Redacted:
+    """The text to send for one file, the rules that fired and what went wrong."""
+
+    text: str
+    fired: Counter[str] = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)
+    dropped: str | None = None  # reason when the file must not be sent at all
+
+
+def kind_of(path: PurePosixPath, text: str) -> str:
+    """Which syntax a file is written in, from its name (and PHP's opening tag)."""
+    name = path.name.lower()
+    if name == "freepbx.conf" or text.lstrip().startswith("<?php"):
+        return FREEPBX_PHP
+    if name == "amportal.conf" or name.endswith(".env"):
+        return SHELL_VARS
+    if name.startswith("voicemail") or name.startswith("vm_"):
+        return VOICEMAIL
+    if name.endswith((".conf", ".custom", ".inc")) or ".conf." in name:
+        return ASTERISK
+    return TEXT
+
+
+def redact_text(text: str, kind: str, key: bytes) -> Redacted:
+    """Mask every secret in ``text`` written in syntax ``kind``; see the module docstring."""
+    redactor = Redactor(key)
+    reason = find_secret_material(text)
+    if reason is not None:
+        return Redacted("", Counter({"pem-private-key": 1}), [], dropped=reason)
+    if kind == FREEPBX_PHP:
+        out = freepbx.redact_php(text, redactor)
+    elif kind == SHELL_VARS:
+        out = freepbx.redact_shell(text, redactor)
+    elif kind == TEXT:
+        out = _TRIGGER_LINE.sub(lambda m: _text_line(m.group(0), redactor), text)
+    elif kind == ASTERISK and ";--" not in text:
+        out = _TRIGGER_LINE.sub(lambda m: _fast_asterisk_line(m.group(0), redactor), text)
+    else:
+        out = redact_asterisk(text, redactor, voicemail=kind == VOICEMAIL)
+    return Redacted(out, Counter(redactor.fired))
+
+
+def _text_line(line: str, redactor: Redactor) -> str:
+    changed = redactor.free_text(line)
+    if changed is not None:
+        return changed
+    if _SECRET_WORD.search(line) and "=" in line:
+        return redactor.whole_line(line)
+    return line
+
+
+def _fast_asterisk_line(raw: str, redactor: Redactor) -> str:
+    body = raw.rstrip("\r")
+    segs, _ = split_comments(body, 0)
+    line = Line(number=0, raw=body, segments=segs)
+    classify(line)
+    return redact_line(line, redactor, mailbox=False) + raw[len(body) :]
+
+
+def redact_asterisk(text: str, redactor: Redactor, *, voicemail: bool) -> str:
+    """The line-by-line path: block comments and voicemail mailbox sections."""
+    out: list[str] = []
+    section = ""
+    for line in lex(text):
+        if line.kind is Kind.SECTION:
+            section = line.section.lower()
+        if not voicemail and not TRIGGER.search(line.raw):
+            out.append(line.raw)
+            continue
+        mailbox = voicemail and bool(section) and section not in VOICEMAIL_SETTINGS_SECTIONS
+        ending = line.raw[len(line.raw.rstrip("\r\n")) :]
+        line.raw = line.raw[: len(line.raw) - len(ending)]
+        out.append(redact_line(line, redactor, mailbox=mailbox) + ending)
+    return "".join(out)
+
+
+def redact_line(line: Line, redactor: Redactor, *, mailbox: bool) -> str:
+    """One Asterisk line with its secrets masked; the line ending is not part of ``raw``."""
+    raw = line.raw
+    pieces: list[str] = []
+    code_segs = line.code_segments
+    whole = False
+    if line.kind is Kind.ASSIGN and len(code_segs) > 1:
+        # A block comment splits the value: Asterisk joins the parts; mask it all.
+        new = redactor.assignment(line.key, line.value, mailbox=mailbox)
+        whole = new is not None
+    elif line.kind is Kind.UNKNOWN and _SECRET_WORD.search(line.code):
+        whole = True
+    for seg in line.segments:
+        text = raw[seg.start : seg.end]
+        if seg.comment:
+            pieces.append(_comment(text, redactor, mailbox=mailbox))
+        elif whole:
+            pieces.append(redactor.whole_line(text) if text.strip() else text)
+        elif line.kind is Kind.ASSIGN:
+            pieces.append(_assignment(text, line, redactor, mailbox=mailbox))
+        elif line.kind in (Kind.DIRECTIVE, Kind.UNKNOWN):
+            pieces.append(redactor.free_text(text) or text)
+        else:
+            pieces.append(text)
+    return "".join(pieces)
+
+
+def _assignment(text: str, line: Line, redactor: Redactor, *, mailbox: bool) -> str:
+    eq = text.find("=")
+    if eq < 0:
+        return text
+    start = eq + 1
+    if line.op == "=>":
+        start += 1
+    end = len(text)
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    value = text[start:end]
+    new = redactor.assignment(line.key, value, mailbox=mailbox)
+    if new is None:
+        return text
+    return text[:start] + new + text[end:]
+
+
+def _comment(text: str, redactor: Redactor, *, mailbox: bool) -> str:
+    # Keep the comment's marks; read what is between as Asterisk would if it were
+    # uncommented (a commented-out "secret=old ; note" still holds a secret).
+    lead = len(text) - len(text.lstrip(";-"))
+    tail_len = 3 if text.endswith("--;") and len(text) - 3 >= lead else 0
+    body = text[lead : len(text) - tail_len]
+    segs, _ = split_comments(body, 0)
+    inner = Line(number=0, raw=body, segments=segs)
+    classify(inner)
+    pieces: list[str] = []
+    for seg in segs:
+        part = body[seg.start : seg.end]
+        if seg.comment:
+            pieces.append(_comment(part, redactor, mailbox=mailbox))
+        elif inner.kind is Kind.ASSIGN and _WORDLIKE.fullmatch(inner.key):
+            mbox = mailbox and inner.op == "=>"
+            pieces.append(_assignment(part, inner, redactor, mailbox=mbox))
+        else:
+            pieces.append(redactor.free_text(part) or part)
+    return text[:lead] + "".join(pieces) + text[len(text) - tail_len :]
+
+
+def secretish(key: str) -> bool:
+    """Re-exported for the FreePBX readers: whether a key's name looks secret."""
+    return is_secretish_key(key)

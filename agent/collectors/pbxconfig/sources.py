@@ -1,0 +1,478 @@
+"""Walking the configured roots without ever reading what must stay on the box.
+
+The voicemail and recording spools and the key folders are never opened: not
+directly, not through a symbolic link, an ``#include`` or a glob. Paths are
+checked on their real location (links resolved with ``readlink``, which opens
+nothing) before anything is opened, and files are opened relative to a
+directory descriptor with ``O_NOFOLLOW`` so that a link swapped in after the
+check is refused by the kernel rather than followed. Nothing outside the
+configured roots is followed either.
+
+Every file that is not read is reported with a reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Trees whose files are never opened, whatever the configuration says.
+ALWAYS_FORBIDDEN: tuple[Path, ...] = (
+    Path("/var/spool/asterisk"),
+    Path("/etc/asterisk/keys"),
+    Path("/var/lib/asterisk/keys"),
+)
+
+#: File names that are key material by their extension: excluded, never opened.
+KEY_SUFFIXES = frozenset({".key", ".pem", ".p12", ".pfx", ".jks", ".der", ".priv", ".p8"})
+#: Extensions of binary files (audio, archives, databases): excluded, never opened.
+BINARY_SUFFIXES = frozenset(
+    {
+        ".wav",
+        ".gsm",
+        ".ulaw",
+        ".alaw",
+        ".sln",
+        ".sln16",
+        ".g722",
+        ".g729",
+        ".mp3",
+        ".ogg",
+        ".opus",
+        ".gz",
+        ".tgz",
+        ".bz2",
+        ".xz",
+        ".zip",
+        ".tar",
+        ".db",
+        ".sqlite",
+        ".sqlite3",
+        ".so",
+        ".bin",
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".gif",
+        ".pdf",
+        ".pyc",
+    }
+)
+MAX_DEPTH = 32
+_BINARY_SNIFF = 8192
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A regular file that may be sent: where it is and what ``lstat`` said."""
+
+    path: str  # as seen under the configured root
+    real: str  # its real location
+    root: str  # the configured root it was found under
+    size: int
+    mode: int
+    mtime_ns: int
+    ctime_ns: int
+    dev: int
+    ino: int
+    data: bytes | None = None  # read only when the caller asked for it
+
+    @property
+    def stamp(self) -> tuple[int, int, int, int, int, int]:
+        """What must be equal for a cached digest to still hold."""
+        return (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns, self.mode)
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A path under the roots that is not sent, and why."""
+
+    path: str
+    reason: str
+    detail: str = ""
+    size: int | None = None
+    mode: int | None = None
+
+
+@dataclass(slots=True)
+class Walk:
+    """What a walk of the roots found."""
+
+    files: list[Candidate] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    links: dict[str, str] = field(default_factory=dict)  # link path -> real target in roots
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A glob as a regex: ``**`` crosses folders, ``*`` and ``?`` do not."""
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            close = pattern.find("]", i + 1)
+            if close < 0:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1 : close].replace("\\", "\\\\")
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append(f"[{body}]")
+                i = close
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+class PathPolicy:
+    """Which paths may be opened: inside the roots, outside every forbidden tree."""
+
+    def __init__(
+        self,
+        roots: Iterable[Path],
+        forbidden: Iterable[Path],
+        include: Iterable[str] = ("**",),
+        exclude: Iterable[str] = (),
+    ) -> None:
+        self.roots = [Path(os.path.abspath(r)) for r in roots]
+        self.real_roots = [os.path.realpath(r) for r in self.roots]
+        forb: set[str] = set()
+        for f in (*ALWAYS_FORBIDDEN, *forbidden):
+            forb.add(os.path.abspath(f))
+            forb.add(os.path.realpath(f))
+        for r, real in zip(self.roots, self.real_roots, strict=True):
+            if os.path.isdir(real):  # a root's own keys folder is key material
+                forb.add(os.path.join(str(r), "keys"))
+                forb.add(os.path.join(real, "keys"))
+        self.forbidden = sorted(forb)
+        self._include = [glob_regex(p) for p in include]
+        self._exclude = [glob_regex(p) for p in exclude]
+
+    @staticmethod
+    def _under(path: str, tops: Iterable[str]) -> bool:
+        return any(path == t or path.startswith(t.rstrip("/") + "/") for t in tops)
+
+    def is_forbidden(self, path: str) -> bool:
+        """Whether ``path`` (lexically or really) lies in a forbidden tree."""
+        return self._under(os.path.abspath(path), self.forbidden)
+
+    def in_roots(self, real: str) -> bool:
+        """Whether a real path lies inside a configured root."""
+        return self._under(real, self.real_roots)
+
+    def check(self, path: str) -> str | None:
+        """Why ``path`` may not be opened (``forbidden`` / ``outside-roots``), or None.
+
+        The lexical path is checked first so that a forbidden tree is refused
+        without even resolving links inside it.
+        """
+        if self.is_forbidden(path):
+            return "forbidden"
+        real = os.path.realpath(path)
+        if self.is_forbidden(real):
+            return "forbidden"
+        if not self.in_roots(real):
+            return "outside-roots"
+        return None
+
+    def excluded(self, path: str, root: str) -> bool:
+        """Whether the user's exclude globs drop ``path`` (absolute or root-relative)."""
+        rel = os.path.relpath(path, root) if path != root else os.path.basename(path)
+        return any(rx.match(path) or rx.match(rel) for rx in self._exclude)
+
+    def included(self, path: str, root: str) -> bool:
+        """Whether the user's include globs keep ``path``."""
+        rel = os.path.relpath(path, root) if path != root else os.path.basename(path)
+        return any(rx.match(path) or rx.match(rel) for rx in self._include)
+
+
+def classify_name(name: str) -> str | None:
+    """``key-material`` or ``binary`` from a file name alone (such files are never opened)."""
+    lower = name.lower()
+    suffix = os.path.splitext(lower)[1]
+    if suffix in KEY_SUFFIXES or "private" in lower or lower.startswith("id_"):
+        return "key-material"
+    if suffix in BINARY_SUFFIXES:
+        return "binary"
+    return None
+
+
+#: Decides, from a candidate's stat, whether its bytes are needed (else a cached digest is used).
+Want = Callable[[Candidate], bool]
+
+
+def walk(policy: PathPolicy, *, max_file: int, max_total: int, want: Want = lambda c: True) -> Walk:
+    """Find every file under the roots, reading those ``want`` asks for."""
+    out = Walk()
+    state = {"total": 0}
+    for root, real_root in zip(policy.roots, policy.real_roots, strict=True):
+        root_s = str(root)
+        if policy.is_forbidden(root_s) or policy.is_forbidden(real_root):
+            out.skipped.append(Skipped(root_s, "forbidden", "the root is a forbidden tree"))
+            continue
+        try:
+            st = os.stat(root_s)
+        except FileNotFoundError:
+            out.skipped.append(Skipped(root_s, "missing", "configured root does not exist"))
+            continue
+        except OSError as exc:
+            out.skipped.append(Skipped(root_s, "unreadable", exc.strerror or str(exc)))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                dfd = os.open(root_s, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                out.skipped.append(Skipped(root_s, "unreadable", exc.strerror or str(exc)))
+                continue
+            try:
+                _walk_dir(
+                    policy,
+                    out,
+                    state,
+                    dfd,
+                    root_s,
+                    real_root,
+                    root_s,
+                    0,
+                    max_file,
+                    max_total,
+                    want,
+                    set(),
+                )
+            finally:
+                os.close(dfd)
+        else:
+            parent, name = os.path.split(root_s)
+            try:
+                dfd = os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                out.skipped.append(Skipped(root_s, "unreadable", exc.strerror or str(exc)))
+                continue
+            try:
+                real_parent = os.path.realpath(parent or "/")
+                _entry(
+                    policy,
+                    out,
+                    state,
+                    dfd,
+                    name,
+                    root_s,
+                    os.path.join(real_parent, name),
+                    root_s,
+                    0,
+                    max_file,
+                    max_total,
+                    want,
+                    set(),
+                )
+            finally:
+                os.close(dfd)
+    return out
+
+
+def _walk_dir(
+    policy: PathPolicy,
+    out: Walk,
+    state: dict[str, int],
+    dfd: int,
+    shown: str,
+    real: str,
+    root: str,
+    depth: int,
+    max_file: int,
+    max_total: int,
+    want: Want,
+    seen: set[tuple[int, int]],
+) -> None:
+    try:
+        with os.scandir(dfd) as it:
+            names = sorted(e.name for e in it)
+    except OSError as exc:
+        out.skipped.append(Skipped(shown, "unreadable", exc.strerror or str(exc)))
+        return
+    for name in names:
+        _entry(
+            policy,
+            out,
+            state,
+            dfd,
+            name,
+            os.path.join(shown, name),
+            os.path.join(real, name),
+            root,
+            depth,
+            max_file,
+            max_total,
+            want,
+            seen,
+        )
+
+
+def _entry(
+    policy: PathPolicy,
+    out: Walk,
+    state: dict[str, int],
+    dfd: int,
+    name: str,
+    shown: str,
+    real: str,
+    root: str,
+    depth: int,
+    max_file: int,
+    max_total: int,
+    want: Want,
+    seen: set[tuple[int, int]],
+) -> None:
+    if policy.is_forbidden(shown) or policy.is_forbidden(real):
+        out.skipped.append(Skipped(shown, "forbidden", "spool or key material: never opened"))
+        return
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except OSError as exc:
+        out.skipped.append(Skipped(shown, "unreadable", exc.strerror or str(exc)))
+        return
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(name, dir_fd=dfd)
+        except OSError as exc:
+            out.skipped.append(Skipped(shown, "unreadable", exc.strerror or str(exc)))
+            return
+        joined = os.path.normpath(os.path.join(os.path.dirname(real), target))
+        why = policy.check(joined)
+        if why is not None:
+            out.skipped.append(Skipped(shown, why, f"symbolic link to {target}"))
+            return
+        # Inside the roots: the target is sent where the walk finds it, not twice.
+        out.links[shown] = os.path.realpath(joined)
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if depth >= MAX_DEPTH or (st.st_dev, st.st_ino) in seen:
+            out.skipped.append(Skipped(shown, "too-deep", "folder nesting or a loop"))
+            return
+        if policy.excluded(shown + "/", root) or policy.excluded(shown, root):
+            out.skipped.append(Skipped(shown, "excluded", "matches an exclude glob"))
+            return
+        try:
+            sub = os.open(
+                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd
+            )
+        except OSError as exc:
+            out.skipped.append(Skipped(shown, "unreadable", exc.strerror or str(exc)))
+            return
+        try:
+            sst = os.fstat(sub)
+            if (sst.st_dev, sst.st_ino) != (st.st_dev, st.st_ino):
+                out.skipped.append(Skipped(shown, "changed", "replaced while reading"))
+                return
+            _walk_dir(
+                policy,
+                out,
+                state,
+                sub,
+                shown,
+                real,
+                root,
+                depth + 1,
+                max_file,
+                max_total,
+                want,
+                seen | {(st.st_dev, st.st_ino)},
+            )
+        finally:
+            os.close(sub)
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISREG(st.st_mode):
+        out.skipped.append(Skipped(shown, "not-regular", "device, pipe or socket", None, mode))
+        return
+    if policy.excluded(shown, root):
+        out.skipped.append(Skipped(shown, "excluded", "matches an exclude glob", st.st_size, mode))
+        return
+    if not policy.included(shown, root):
+        out.skipped.append(
+            Skipped(shown, "not-included", "matches no include glob", st.st_size, mode)
+        )
+        return
+    by_name = classify_name(name)
+    if by_name is not None:
+        out.skipped.append(Skipped(shown, by_name, "by its name; never opened", st.st_size, mode))
+        return
+    if st.st_size > max_file:
+        out.skipped.append(
+            Skipped(
+                shown, "too-large", f"{st.st_size} bytes > max_file {max_file}", st.st_size, mode
+            )
+        )
+        return
+    if state["total"] + st.st_size > max_total:
+        out.skipped.append(
+            Skipped(shown, "total-cap", f"max_total {max_total} reached", st.st_size, mode)
+        )
+        return
+    state["total"] += st.st_size
+    cand = Candidate(
+        shown, real, root, st.st_size, mode, st.st_mtime_ns, st.st_ctime_ns, st.st_dev, st.st_ino
+    )
+    if want(cand):
+        data = _read(dfd, name, st, max_file)
+        if isinstance(data, Skipped):
+            out.skipped.append(Skipped(shown, data.reason, data.detail, st.st_size, mode))
+            state["total"] -= st.st_size
+            return
+        if b"\0" in data[:_BINARY_SNIFF]:
+            out.skipped.append(Skipped(shown, "binary", "holds NUL bytes", st.st_size, mode))
+            state["total"] -= st.st_size
+            return
+        cand.data = data
+    out.files.append(cand)
+
+
+def _read(dfd: int, name: str, st: os.stat_result, max_file: int) -> bytes | Skipped:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
+    try:
+        try:
+            fd = os.open(name, flags, dir_fd=dfd)
+        except PermissionError:
+            # O_NOATIME needs ownership; retry without it.
+            fd = os.open(name, flags & ~getattr(os, "O_NOATIME", 0), dir_fd=dfd)
+    except OSError as exc:
+        reason = "changed" if exc.errno == errno.ELOOP else "unreadable"
+        return Skipped(name, reason, exc.strerror or str(exc))
+    try:
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
+            return Skipped(name, "changed", "replaced while reading")
+        chunks: list[bytes] = []
+        left = max_file + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > max_file:
+            return Skipped(name, "too-large", "grew past max_file while reading")
+        return data
+    except OSError as exc:
+        return Skipped(name, "unreadable", exc.strerror or str(exc))
+    finally:
+        os.close(fd)
