@@ -35,8 +35,9 @@ Body (``schema: callstats/1``) of one bucket, the only thing sent::
 
 In every ``by_*`` mapping a category under ``min_count`` is folded into
 ``other``, and while ``other`` is itself non-zero but under ``min_count`` the
-smallest remaining category is folded in too, so no count in a body is 1 or 2
-(with the default) and no subtraction recovers one. No number, name,
+smallest remaining category is folded in too; a mapping whose whole total is
+under ``min_count`` (few trunk calls in a bucket) is sent empty. So no count in
+a body is 1 or 2 (with the default) and no subtraction recovers one. No number, name,
 extension, account code, channel, unique id or user field is ever part of a
 bucket: the rows are reduced to these counters before anything is stored.
 """
@@ -220,14 +221,17 @@ class Aggregator:
 
 
 def fold(counts: Mapping[str, int], min_count: int) -> dict[str, int]:
-    """Fold small categories into ``other`` until ``other`` is 0 or at least ``min_count``."""
+    """Fold small categories into ``other`` until ``other`` is 0 or at least ``min_count``.
+
+    When even everything together stays under ``min_count``, nothing is left.
+    """
     kept = {k: v for k, v in counts.items() if v >= min_count and k != OTHER}
     other = sum(counts.values()) - sum(kept.values())
     while 0 < other < min_count and kept:
         smallest = min(kept, key=lambda k: (kept[k], k))
         other += kept.pop(smallest)
     out = dict(sorted(kept.items()))
-    if other:
+    if other >= min_count:
         out[OTHER] = other
     return out
 

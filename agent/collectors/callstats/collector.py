@@ -310,6 +310,6 @@ class CallstatsCollector:
                 offers,
                 {"last_sent": self._last_sent, "refused_total": self._refused_total},
             )
-        log.info(
+        log.debug(
             "callstats.offered", buckets=len(offers), refused=sum(1 for o in offers if not o[3])
         )
