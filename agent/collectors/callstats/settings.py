@@ -177,7 +177,7 @@ def parse_settings(sec: Section) -> CallstatsSettings:
         sec.problem("bucket", "must divide a day evenly (e.g. 1m, 5m, 15m, 1h)")
     min_count = sec.int("min_count", d.min_count, min=1, max=1000)
     settle = sec.duration("settle", d.settle, min=0, max=86400)
-    max_age = sec.duration("max_age", d.max_age, min=3600, max=90 * 86400)
+    max_age = sec.duration("max_age", d.max_age, min=3600, max=3650 * 86400)
     lookback = sec.duration("lookback", d.lookback, min=60, max=7 * 86400)
     usegmtime = sec.bool("usegmtime", d.usegmtime)
     directions = _rules(sec)
