@@ -10,6 +10,7 @@ order (uplink first, so ``offline`` is published) within a few seconds.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import os
 import signal
 import time
@@ -485,5 +486,8 @@ def run(config_path: Path, log_level: str | None = None) -> int:
         )
         raise
     logs.configure(log_level or config.log_level)
+    # `kill -USR1 PID` prints every thread's stack to stderr (the journal): the first
+    # thing to ask for when an agent looks stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     daemon = Daemon(config)
     return asyncio.run(daemon.run())

@@ -56,11 +56,15 @@ class Notifier:
         if address.startswith("@"):
             address = "\0" + address[1:]
         if self._sock is None:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: a manager that does not read must never stall the event loop.
+            self._sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
         try:
             self._sock.sendto(message.encode(), address)
         except OSError:
-            # The manager went away (e.g. a test's socket closed); nothing to tell.
+            # The manager went away or its queue is full: a lost STATUS= line is harmless,
+            # and a missed WATCHDOG=1 is followed by the next one.
             pass
 
     def ready(self, status: str = "") -> None:

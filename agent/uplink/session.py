@@ -1,0 +1,332 @@
+"""The MQTT session to the vendor's broker: mutual TLS, QoS 1 delivery, commands, the switch.
+
+One connection at a time, made only while the switch is on. On connect the
+retained status becomes ``online`` (the last will says ``offline``); the
+outbox is drained with QoS 1 and up to ``max_inflight`` publishes in flight,
+an envelope being deleted only when its PUBACK arrives with a success reason
+code (aiomqtt 2.x returns from ``publish()`` whatever the PUBACK says, so the
+session watches paho's ``on_publish`` itself). A PUBACK with an error code
+(e.g. 135, not authorized) leaves the envelope in the outbox, is logged and
+counted, and ends the connection so that it is retried after the backoff.
+
+:meth:`UplinkSession.sever` is the switch: it publishes ``severed``, closes
+the connection and returns only when the socket is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import aiomqtt
+import paho.mqtt.client as paho_mqtt
+import structlog
+
+from agent.errors import AgentError, BrokerRefused, TLSMaterialError, UplinkError
+from agent.supervisor import backoff
+from agent.uplink import tls
+from agent.uplink.commands import CommandHandler, CommandHost
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+    from agent.ledger import Ledger
+    from agent.outbox import Outbox, Stored
+
+log = structlog.get_logger(__name__)
+
+SEVER_PUBLISH_TIMEOUT = 0.5
+DISCONNECT_TIMEOUT = 1.0
+
+
+class _Acks:
+    """Collects PUBACKs from paho's callback (which runs on the event loop's thread)."""
+
+    def __init__(self, paho: paho_mqtt.Client) -> None:
+        self.paho = paho
+        self.ready = asyncio.Event()
+        self.done: list[tuple[int, int]] = []
+        self._aiomqtt_on_publish: Any = paho.on_publish
+        paho.on_publish = self._on_publish
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
+        self.done.append((mid, int(getattr(rc, "value", 0))))
+        self.ready.set()
+        if self._aiomqtt_on_publish is not None:
+            self._aiomqtt_on_publish(client, userdata, mid, rc, props)
+
+    def take(self) -> list[tuple[int, int]]:
+        done, self.done = self.done, []
+        self.ready.clear()
+        return done
+
+
+class UplinkSession:
+    """Keeps the uplink connected while the switch is on; delivers the outbox."""
+
+    def __init__(
+        self,
+        *,
+        config: AgentConfig,
+        outbox: Outbox,
+        ledger: Ledger,
+        switch_on: Callable[[], bool],
+        commands: CommandHost,
+    ) -> None:
+        assert config.uplink is not None
+        self.cfg = config.uplink
+        self.device_id = config.device_id
+        self.outbox = outbox
+        self.ledger = ledger
+        self.switch_on = switch_on
+        self.commands = CommandHandler(
+            conn=outbox.conn,
+            ledger=ledger,
+            host=commands,
+            max_age=self.cfg.command_max_age,
+            switch_word=lambda: "on" if switch_on() else "off",
+        )
+        self.prefix = f"pbx/{self.device_id}"
+        self.state = "starting"
+        self.last_error: str | None = None
+        self.connected_since: float | None = None
+        self.connects = 0
+        self.published = 0
+        self.bytes_published = 0
+        self.puback_errors = 0
+        self._wake = asyncio.Event()
+        self._new_data = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._session: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self._closed.set()
+        outbox.listeners.append(self._new_data.set)
+
+    # -- the daemon's interface --------------------------------------------------------
+
+    def wake(self) -> None:
+        """Connect now rather than after the current backoff (the switch turned on)."""
+        self._wake.set()
+
+    def status(self) -> dict[str, Any]:
+        """For ``agentctl status``."""
+        return {
+            "configured": True,
+            "state": self.state,
+            "broker": self.cfg.broker,
+            "connected_since": self.connected_since,
+            "connects": self.connects,
+            "published": self.published,
+            "bytes_published": self.bytes_published,
+            "puback_errors": self.puback_errors,
+            "last_error": self.last_error,
+            "commands": {"handled": self.commands.handled, "refused": self.commands.refused},
+        }
+
+    async def sever(self) -> None:
+        """The customer's switch: say ``severed``, close the connection, return when closed."""
+        session, client = self._session, self._client
+        if session is None or session.done():
+            self.state = "severed"
+            return
+        if client is not None and self.state == "connected":
+            try:
+                async with asyncio.timeout(SEVER_PUBLISH_TIMEOUT):
+                    await client.publish(f"{self.prefix}/status", b"severed", qos=1, retain=True)
+            except (TimeoutError, aiomqtt.MqttError):
+                pass  # the customer's word wins over telling the NOC why
+        session.cancel()
+        await asyncio.wait({session})
+        await self._closed.wait()
+        self.state = "severed"
+        log.warning("uplink_severed_by_customer")
+
+    async def run(self) -> None:
+        """Connect, deliver and reconnect with capped, jittered backoff, until cancelled."""
+        attempt = 0
+        while True:
+            if not self.switch_on():
+                self.state = "severed"
+                self._wake.clear()
+                await self._wake.wait()
+                attempt = 0
+                continue
+            self._session = asyncio.create_task(self._connected(), name="uplink-session")
+            try:
+                await asyncio.wait({self._session})
+            except asyncio.CancelledError:
+                self._session.cancel()
+                await asyncio.wait({self._session})
+                raise
+            exc = None if self._session.cancelled() else self._session.exception()
+            self._session = None
+            if exc is None:
+                continue  # severed by the customer: the loop waits for the switch
+            if not isinstance(exc, AgentError):
+                raise exc  # a bug: the supervisor logs it and restarts us
+            self.last_error = str(exc)
+            delay = backoff(attempt, base=1.0, cap=self.cfg.reconnect_max)
+            if isinstance(exc, TLSMaterialError):
+                delay = max(delay, min(60.0, self.cfg.reconnect_max))
+            attempt += 1
+            self.state = "waiting"
+            log.error(
+                "uplink_failed", error=str(exc), retry_in=round(delay, 2), kind=type(exc).__name__
+            )
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    # -- one connection ------------------------------------------------------------------
+
+    async def _connected(self) -> None:
+        cfg = self.cfg
+        tls.check_material(cfg.ca_file, cfg.cert_file, cfg.key_file, device_id=self.device_id)
+        ctx = tls.client_context(cfg.ca_file, cfg.cert_file, cfg.key_file)
+        client = aiomqtt.Client(
+            cfg.host,
+            cfg.port,
+            identifier=self.device_id,
+            tls_context=ctx,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            keepalive=int(cfg.keepalive),
+            will=aiomqtt.Will(f"{self.prefix}/status", b"offline", qos=1, retain=True),
+            max_inflight_messages=cfg.max_inflight,
+            timeout=cfg.connect_timeout,
+        )
+        client.pending_calls_threshold = 1_000_000
+        self.state = "connecting"
+        self._closed.clear()
+        try:
+            await tls.connect_client(
+                client,
+                host=cfg.host,
+                ca_file=cfg.ca_file,
+                cert_file=cfg.cert_file,
+                connect_timeout=cfg.connect_timeout,
+            )
+        except BaseException:
+            self._closed.set()
+            raise
+        self._client = client
+        self.connects += 1
+        self.connected_since = time.time()
+        self.state = "connected"
+        self.last_error = None
+        log.info("uplink_connected", broker=cfg.broker, device_id=self.device_id)
+        try:
+            acks = _Acks(client._client)  # aiomqtt has no public PUBACK reason codes
+            await client.publish(f"{self.prefix}/status", b"online", qos=1, retain=True)
+            await client.subscribe(f"{self.prefix}/cmd", qos=1)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._deliver(client, acks), name="uplink-deliver")
+                tg.create_task(self._heartbeat(client), name="uplink-heartbeat")
+                tg.create_task(self._commands(client), name="uplink-commands")
+        except* aiomqtt.MqttError as group:
+            raise UplinkError(f"connection to {cfg.broker} lost: {group.exceptions[0]}") from None
+        except* AgentError as group:
+            raise group.exceptions[0] from None
+        finally:
+            self._client = None
+            self.connected_since = None
+            await self._close(client, offline=not self.switch_on())
+            self._closed.set()
+
+    async def _close(self, client: aiomqtt.Client, *, offline: bool) -> None:
+        """Disconnect cleanly if we can, and close the socket whatever happens."""
+        paho = client._client
+        try:
+            if offline and paho.is_connected():
+                pass  # severed already said so; an orderly stop says offline below
+            elif paho.is_connected():
+                info = paho.publish(f"{self.prefix}/status", b"offline", qos=0, retain=True)
+                del info
+            async with asyncio.timeout(DISCONNECT_TIMEOUT):
+                await client.__aexit__(None, None, None)
+        except (TimeoutError, aiomqtt.MqttError, RuntimeError):
+            pass
+        finally:
+            # Whatever state paho is in, no further byte may go out on this socket. paho's
+            # own close also tells aiomqtt to stop watching the descriptor, which a bare
+            # close() would not (and a reused descriptor number would then confuse the loop).
+            if paho.socket() is not None:
+                paho._sock_close()
+
+    async def _heartbeat(self, client: aiomqtt.Client) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat)
+            await client.publish(f"{self.prefix}/status", b"online", qos=1, retain=True)
+
+    async def _commands(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            reply = self.commands.handle(payload)
+            log.info("noc_command", id=reply.id, cmd=reply.cmd, ok=reply.ok, error=reply.error)
+            await client.publish(f"{self.prefix}/reply", reply.payload(), qos=1)
+
+    async def _deliver(self, client: aiomqtt.Client, acks: _Acks) -> None:
+        paho = client._client
+        window = self.cfg.max_inflight
+        inflight: dict[int, Stored] = {}
+        last_seq = 0
+        while True:
+            room = window - len(inflight)
+            if room > 0:
+                self._new_data.clear()
+                for item in self.outbox.pending(room, after_seq=last_seq):
+                    info = paho.publish(f"{self.prefix}/up/{item.data_class}", item.payload, qos=1)
+                    if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
+                        raise UplinkError(f"publish failed: {paho_mqtt.error_string(info.rc)}")
+                    inflight[info.mid] = item
+                    last_seq = item.seq
+            if not inflight:
+                await self._new_data.wait()
+                continue
+            if not acks.done:
+                waiters = [asyncio.ensure_future(acks.ready.wait())]
+                if room > 0:
+                    waiters.append(asyncio.ensure_future(self._new_data.wait()))
+                try:
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waiters:
+                        w.cancel()
+            delivered: list[Stored] = []
+            failed: list[tuple[Stored, int]] = []
+            for mid, code in acks.take():
+                if mid not in inflight:
+                    continue
+                item = inflight.pop(mid)
+                if code >= 0x80:
+                    failed.append((item, code))
+                else:
+                    delivered.append(item)
+            if delivered:
+                self.outbox.delivered(delivered)
+                self.published += len(delivered)
+                self.bytes_published += sum(len(i.payload) for i in delivered)
+            if failed:
+                self.puback_errors += len(failed)
+                item, code = failed[0]
+                raise BrokerRefused(
+                    f"the broker refused envelope seq {item.seq} ({item.data_class}) with "
+                    f"reason code {code} ({_reason(code)}); it stays in the outbox. Check that "
+                    f"the broker's ACL lets {self.device_id!r} publish under {self.prefix}/#"
+                )
+
+
+def _reason(code: int) -> str:
+    names = {
+        128: "unspecified error",
+        131: "implementation specific error",
+        135: "not authorized",
+        144: "topic name invalid",
+        145: "packet id in use",
+        151: "quota exceeded",
+        153: "payload format invalid",
+    }
+    return names.get(code, "error")
