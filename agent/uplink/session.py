@@ -107,6 +107,8 @@ class UplinkSession:
 
     def wake(self) -> None:
         """Connect now rather than after the current backoff (the switch turned on)."""
+        if self.switch_on() and self.state in ("severed", "waiting"):
+            self.state = "connecting"
         self._wake.set()
 
     def status(self) -> dict[str, Any]:

@@ -1,0 +1,272 @@
+"""The demo: a vendor broker, a PBX box, the agent between them, and the customer's switch.
+
+Everything is real and local: a throwaway vendor CA made with ``cryptography``
+(``noc.ca``), a device key made "on the box" whose CSR the CA signs, mosquitto
+on a free loopback port with mutual TLS and the per-device ACL, the agent
+started as ``agentctl run`` on the sample PBX tree shipped in
+``tests/fixtures/pbx``, a NOC subscriber printing what the vendor receives,
+then ``agentctl status``, ``audit``, ``uplink off`` and ``on``.
+Files go to ``demo/run/`` (removed at the next run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import yaml
+
+from agent.uplink.tls import client_context
+from noc.ca import make_ca, make_key_and_csr
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "demo" / "run"
+SAMPLE = REPO / "tests" / "fixtures" / "pbx"
+DEVICE = "pbx-demo-0001"
+
+
+def say(text: str) -> None:
+    """A section heading."""
+    print(f"\n\033[1m== {text}\033[0m" if sys.stdout.isatty() else f"\n== {text}", flush=True)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, deadline: float) -> None:
+    """Wait until something accepts connections on 127.0.0.1:port."""
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"mosquitto did not start on port {port}; see {RUN / 'mosquitto.log'}")
+
+
+def agentctl(*args: str, show: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run agentctl as an administrator would, echoing the command and its output."""
+    cmd = [sys.executable, "-m", "agent.cli", "-c", str(RUN / "agent.yaml"), *args]
+    if show:
+        print(f"$ agentctl {' '.join(args)}", flush=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if show:
+        print(textwrap.indent((out.stdout + out.stderr).rstrip(), "  "), flush=True)
+    return out
+
+
+class Noc(threading.Thread):
+    """The vendor's side: subscribes to pbx/# with the NOC's certificate and prints a line each."""
+
+    def __init__(self, port: int, ca: Path, cert: Path, key: Path) -> None:
+        super().__init__(daemon=True)
+        self.port, self.ca, self.cert, self.key = port, ca, cert, key
+        self.quiet = False
+        self.received = 0
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self.main())
+
+    async def main(self) -> None:
+        ctx = client_context(self.ca, self.cert, self.key)
+        while True:
+            try:
+                async with aiomqtt.Client("localhost", self.port, tls_context=ctx,
+                                          identifier="noc-demo") as client:
+                    await client.subscribe("pbx/#", qos=1)
+                    self.ready.set()
+                    async for m in client.messages:
+                        self.received += 1
+                        if not self.quiet:
+                            print(f"  NOC <- {describe(str(m.topic), m.payload)}", flush=True)
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.5)
+
+
+def describe(topic: str, payload: Any) -> str:
+    """One line about a received message: never its content, like the NOC's log would be."""
+    data = payload if isinstance(payload, bytes) else b""
+    if "/up/" in topic:
+        env = json.loads(data)
+        return (f"{topic:<32} v{env['v']} class={env['class']:<9} seq={env['seq']:<4} "
+                f"{len(data):>6} B  id={env['id']}")
+    return f"{topic:<32} {data.decode(errors='replace')}"
+
+
+def make_pki() -> dict[str, Path]:
+    """Vendor CA, broker certificate, NOC certificate, and the box's own key and certificate."""
+    ca = make_ca(RUN / "vendor-ca", name="Demo vendor CA")
+    broker_cert, broker_key = ca.issue_server(["localhost"], RUN / "broker")
+    noc_cert, noc_key = ca.issue_device("noc", RUN / "noc")
+    box = RUN / "box"
+    key, csr = make_key_and_csr(DEVICE, box)  # the private key never leaves this folder
+    cert = ca.sign_csr(csr.read_bytes(), box / "device.crt", device_id=DEVICE)
+    shutil.copy(ca.cert_path, box / "vendor-ca.pem")
+    print(f"  vendor CA        {ca.cert_path}")
+    print(f"  box key (0{key.stat().st_mode & 0o777:o})   {key}   made on the box; only the CSR "
+          f"went to the CA")
+    print(f"  box certificate  {cert}  CN={DEVICE}")
+    return {"ca": ca.cert_path, "broker_cert": broker_cert, "broker_key": broker_key,
+            "noc_cert": noc_cert, "noc_key": noc_key, "cert": cert, "key": key,
+            "box_ca": box / "vendor-ca.pem"}
+
+
+def start_broker(files: dict[str, Path], port: int) -> subprocess.Popen[bytes]:
+    """mosquitto with mutual TLS and the per-device ACL, in the foreground."""
+    acl = RUN / "acl"
+    acl.write_text("user noc\ntopic read pbx/#\ntopic write pbx/+/cmd\n\n"
+                   "pattern readwrite pbx/%u/#\n")
+    conf = RUN / "mosquitto.conf"
+    conf.write_text(
+        f"per_listener_settings false\nlistener {port} 127.0.0.1\n"
+        f"cafile {files['ca']}\ncertfile {files['broker_cert']}\nkeyfile {files['broker_key']}\n"
+        "require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n"
+        f"acl_file {acl}\npersistence false\nset_tcp_nodelay true\n"
+        "max_queued_messages 100000\nlog_dest stderr\n")
+    if os.geteuid() == 0:
+        # mosquitto started as root drops to the mosquitto user, who must read its files.
+        try:
+            pw = pwd.getpwnam("mosquitto")
+        except KeyError:
+            pass
+        else:
+            for p in (files["broker_cert"].parent, files["broker_cert"], files["broker_key"]):
+                os.chown(p, pw.pw_uid, pw.pw_gid)
+            for p in (RUN, RUN / "vendor-ca", acl, conf, files["ca"]):
+                os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    log = (RUN / "mosquitto.log").open("wb")
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=log)
+    wait_port(port, time.monotonic() + 10)
+    return proc
+
+
+def agent_config(files: dict[str, Path], port: int) -> dict[str, Any]:
+    """The box's configuration: the sample PBX tree, the broker, state under demo/run."""
+    etc = SAMPLE / "etc"
+    return {
+        "device_id": DEVICE,
+        "paths": {"state_dir": str(RUN / "state"), "runtime_dir": str(RUN / "rt")},
+        "control": {"read_group": False, "admin_group": False},
+        "collectors": {
+            "health": {"interval": "5s"},
+            "config": {"interval": "1m",
+                       "roots": [str(etc / "asterisk"), str(etc / "freepbx.conf"),
+                                 str(etc / "amportal.conf")],
+                       "exclude": [str(etc / "asterisk" / "keys") + "/**"],
+                       "never_read": [str(SAMPLE / "var" / "spool" / "asterisk")]},
+            # The sample CDRs are from March 2026: let the demo count them.
+            "callstats": {"interval": "5s", "bucket": "5m", "max_age": "3650d",
+                          "source": {"csv": str(SAMPLE / "var/log/asterisk/cdr-csv/Master.csv")}},
+        },
+        "uplink": {"broker": f"mqtts://localhost:{port}", "ca_file": str(files["box_ca"]),
+                   "cert_file": str(files["cert"]), "key_file": str(files["key"]),
+                   "heartbeat": "10s", "reconnect_max": "5s"},
+    }
+
+
+def wait_status(pred: Any, timeout: float = 15) -> dict[str, Any]:
+    """Poll `agentctl status --json` until ``pred(status)`` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = agentctl("status", "--json", show=False)
+        try:
+            st: dict[str, Any] = json.loads(out.stdout)
+        except json.JSONDecodeError:
+            st = {}
+        if st.get("running") and pred(st):
+            return st
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the agent did not reach the expected state; log: {RUN / 'agent.log'}")
+        time.sleep(0.2)
+
+
+def main() -> int:
+    """Run the demo; returns the exit status."""
+    if shutil.which("mosquitto") is None:
+        print("mosquitto is not installed: run `make demo` as root, or `apt-get install mosquitto`")
+        return 69
+    shutil.rmtree(RUN, ignore_errors=True)
+    RUN.mkdir(parents=True)
+    say("1. The vendor's CA, the broker's certificate, the box's own key and certificate")
+    files = make_pki()
+    port = free_port()
+    say(f"2. The vendor's broker: mosquitto on 127.0.0.1:{port}, mutual TLS, per-device ACL")
+    broker = start_broker(files, port)
+    noc = Noc(port, files["ca"], files["noc_cert"], files["noc_key"])
+    noc.start()
+    noc.ready.wait(10)
+    print("  NOC subscribed to pbx/# with its own certificate")
+    (RUN / "agent.yaml").write_text(yaml.safe_dump(agent_config(files, port), sort_keys=False))
+    agent = None
+    try:
+        say("3. The agent on the sample PBX tree (tests/fixtures/pbx): agentctl run")
+        agentctl("config", "check", "--quiet")
+        log = (RUN / "agent.log").open("wb")
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "-c", str(RUN / "agent.yaml"), "run"],
+            stdout=log, stderr=log, cwd=REPO, env={**os.environ, "PBX_AGENT_LOG_FORMAT": "json"})
+        wait_status(lambda s: s["uplink"].get("state") == "connected"
+                    and s["outbox"]["delivered"] >= 3)
+        time.sleep(2)
+        say("4. What the customer sees: agentctl status")
+        agentctl("status")
+        say("5. What left the box, as the customer can audit it")
+        noc.quiet = True
+        out = agentctl("audit", show=False)
+        lines = out.stdout.splitlines()
+        print("$ agentctl audit   (last entries)")
+        print(textwrap.indent("\n".join(lines[-8:]), "  "))
+        agentctl("audit", "verify")
+        say("6. The customer severs the uplink: agentctl uplink off")
+        noc.quiet = False
+        agentctl("uplink", "off")
+        time.sleep(1.0)
+        st = wait_status(lambda s: True)
+        print(f"  the agent says: uplink {st['uplink']['state']}; nothing more is sent")
+        agentctl("config", "check", "--quiet", show=False)
+        say("7. Only a local administrator turns it back on: agentctl uplink on")
+        agentctl("uplink", "on")
+        wait_status(lambda s: s["uplink"].get("state") == "connected")
+        time.sleep(1.5)
+        noc.quiet = True
+        say("8. What would a configuration snapshot send? agentctl snapshot --dry-run (excerpt)")
+        out = agentctl("snapshot", "--dry-run", show=False)
+        print("$ agentctl snapshot --dry-run | grep -i -m8 'secret\\|password\\|redacted'")
+        shown = [ln for ln in out.stdout.splitlines()
+                 if any(w in ln.lower() for w in ("secret", "password", "redacted"))][:8]
+        print(textwrap.indent("\n".join(shown) or "(nothing)", "  "))
+        say("9. Call statistics the vendor receives: agentctl callstats (excerpt)")
+        out = agentctl("callstats", "--since", "3650d", show=False)
+        print(textwrap.indent("\n".join(out.stdout.splitlines()[:16]), "  "))
+        print(f"\nDone: the NOC received {noc.received} messages. Files: {RUN}")
+    finally:
+        if agent is not None:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.wait(10)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+        broker.terminate()
+        broker.wait(5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
