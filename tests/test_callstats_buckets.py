@@ -125,7 +125,8 @@ def test_fold_leaves_no_small_count(counts: dict[str, int], k: int) -> None:
 def test_single_call_cannot_be_picked_out() -> None:
     """A bucket of one call has no counters; a lone trunk or answered call is folded away."""
     lone = Bucket(T0)
-    lone.calls, lone.duration, lone.billsec, lone.answered = 1, 4242, 4200, 1
+    lone.duration, lone.billsec = 4242, 4200
+    lone.combos[("inbound", "provider-a", "ANSWERED", "10")] = 1
     body = render(lone, bucket_seconds=BUCKET, revision=0, min_count=3)
     assert body["folded"] is True
     assert set(body) == {

@@ -52,39 +52,69 @@ from agent.collectors.callstats.cdr import ANSWERED, DISPOSITIONS
 from agent.collectors.callstats.directions import OTHER
 
 SCHEMA: Final = "callstats/1"
+_KNOWN_DISPOSITIONS: Final = frozenset(DISPOSITIONS)
 #: A call longer than this adds to the peak of at most this many later buckets.
 MAX_SPAN_SECONDS: Final = 86400
 
 
-class Bucket:
-    """The raw (unfolded) counters of one bucket; kept on the box only."""
+Combo = tuple[str, "str | None", str, str]
 
-    __slots__ = (
-        "answered",
-        "billsec",
-        "by_direction",
-        "by_disposition",
-        "by_hour",
-        "by_trunk",
-        "calls",
-        "carry",
-        "deltas",
-        "duration",
-        "start",
-    )
+
+class Bucket:
+    """The raw (unfolded) counters of one bucket; kept on the box only.
+
+    Calls are counted once per (direction, trunk, disposition, hour) combination:
+    one dictionary update per row instead of four; the per-dimension counts are
+    derived when the bucket is rendered or stored.
+    """
+
+    __slots__ = ("billsec", "carry", "combos", "deltas", "duration", "start")
 
     def __init__(self, start: int) -> None:
         self.start = start
-        self.calls = 0
-        self.answered = 0
         self.duration = 0
         self.billsec = 0
-        self.by_direction: dict[str, int] = {}
-        self.by_disposition: dict[str, int] = {}
-        self.by_trunk: dict[str, int] = {}
-        self.by_hour: dict[str, int] = {}
+        self.combos: dict[Combo, int] = {}
         self.carry = 0
         self.deltas: dict[int, int] = {}
+
+    @property
+    def calls(self) -> int:
+        """Calls that started in this bucket."""
+        return sum(self.combos.values())
+
+    @property
+    def answered(self) -> int:
+        """Calls with disposition ANSWERED."""
+        return sum(n for (_d, _t, disp, _h), n in self.combos.items() if disp == ANSWERED)
+
+    def _by(self, index: int) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for combo, n in self.combos.items():
+            key = combo[index]
+            if key is not None:
+                out[key] = out.get(key, 0) + n
+        return out
+
+    @property
+    def by_direction(self) -> dict[str, int]:
+        """Calls per direction."""
+        return self._by(0)
+
+    @property
+    def by_trunk(self) -> dict[str, int]:
+        """Calls per trunk (inbound and outbound calls only)."""
+        return self._by(1)
+
+    @property
+    def by_disposition(self) -> dict[str, int]:
+        """Calls per disposition."""
+        return self._by(2)
+
+    @property
+    def by_hour(self) -> dict[str, int]:
+        """Calls per local hour of day of their start."""
+        return self._by(3)
 
     def peak(self) -> int:
         """The most calls running at once during the bucket."""
@@ -96,7 +126,7 @@ class Bucket:
         return peak
 
     def to_state(self) -> dict[str, Any]:
-        """A JSON-able form for the state file."""
+        """A JSON-able form for the state file (derived counts included for readers)."""
         return {
             "calls": self.calls,
             "answered": self.answered,
@@ -106,6 +136,7 @@ class Bucket:
             "disp": self.by_disposition,
             "trunk": self.by_trunk,
             "hour": self.by_hour,
+            "combos": [[*k, v] for k, v in self.combos.items()],
             "carry": self.carry,
             "deltas": [[k, v] for k, v in self.deltas.items() if v],
         }
@@ -114,14 +145,12 @@ class Bucket:
     def from_state(cls, start: int, state: Mapping[str, Any]) -> Bucket:
         """The inverse of :meth:`to_state`."""
         b = cls(start)
-        b.calls = int(state["calls"])
-        b.answered = int(state["answered"])
         b.duration = int(state["duration"])
         b.billsec = int(state["billsec"])
-        b.by_direction = {str(k): int(v) for k, v in state["dir"].items()}
-        b.by_disposition = {str(k): int(v) for k, v in state["disp"].items()}
-        b.by_trunk = {str(k): int(v) for k, v in state["trunk"].items()}
-        b.by_hour = {str(k): int(v) for k, v in state["hour"].items()}
+        b.combos = {
+            (str(d), None if t is None else str(t), str(disp), str(h)): int(n)
+            for d, t, disp, h, n in state["combos"]
+        }
         b.carry = int(state["carry"])
         b.deltas = {int(k): int(v) for k, v in state["deltas"]}
         return b
@@ -143,9 +172,6 @@ class Aggregator:
         self._loader = loader
 
     def _get(self, start: int) -> Bucket | None:
-        b = self.buckets.get(start)
-        if b is not None:
-            return b
         if start in self.refused:
             return None
         loaded = self._loader(start)
@@ -175,41 +201,35 @@ class Aggregator:
         """
         size = self.size
         b0 = start - start % size
-        b = self._get(b0)
+        b = self.buckets.get(b0) or self._get(b0)
         counted = b is not None
         if b is not None:
             self.touched.add(b0)
-            b.calls += 1
             b.duration += duration
             b.billsec += billsec
-            if disposition == ANSWERED:
-                b.answered += 1
-            elif disposition not in DISPOSITIONS:
+            if disposition not in _KNOWN_DISPOSITIONS:
                 disposition = OTHER
-            d = b.by_disposition
-            d[disposition] = d.get(disposition, 0) + 1
-            d = b.by_direction
-            d[direction] = d.get(direction, 0) + 1
-            if trunk is not None:
-                d = b.by_trunk
-                d[trunk] = d.get(trunk, 0) + 1
-            d = b.by_hour
-            d[hour] = d.get(hour, 0) + 1
+            key = (direction, trunk, disposition, hour)
+            c = b.combos
+            c[key] = c.get(key, 0) + 1
             dd = b.deltas
             off = start - b0
             dd[off] = dd.get(off, 0) + 1
-        end = max(end, start + 1)
-        end = min(end, start + MAX_SPAN_SECONDS)
+        if end <= start:
+            end = start + 1
+        elif end - start > MAX_SPAN_SECONDS:
+            end = start + MAX_SPAN_SECONDS
         if end - b0 < size:
             if b is not None:
+                dd = b.deltas
                 off = end - b0
-                b.deltas[off] = b.deltas.get(off, 0) - 1
+                dd[off] = dd.get(off, 0) - 1
             return counted
         # The call runs past its own bucket: it raises the carry of every later one it reaches.
         bs = b0 + size
         while bs < end:
             if bs >= floor:
-                nb = self._get(bs)
+                nb = self.buckets.get(bs) or self._get(bs)
                 if nb is not None:
                     self.touched.add(bs)
                     nb.carry += 1

@@ -82,11 +82,26 @@ class DateParser:
     time zone, or ``timegm`` for ``usegmtime``) and minutes and seconds are added.
     """
 
-    __slots__ = ("_cache", "_utc")
+    __slots__ = ("_cache", "_utc", "minutes")
 
     def __init__(self, *, utc: bool) -> None:
         self._utc = utc
         self._cache: dict[str, int] = {}
+        #: ``YYYY-MM-DD HH:MM:`` → epoch, for the hot loop (see :meth:`minute_epoch`).
+        self.minutes: dict[str, int] = {}
+
+    def minute_epoch(self, prefix: str) -> int:
+        """The epoch of a validated ``YYYY-MM-DD HH:MM:`` prefix (cached); ValueError if bad."""
+        if len(prefix) != 17 or prefix[13] != ":" or prefix[16] != ":":
+            raise ValueError(prefix)
+        mi = prefix[14:16]
+        if not mi.isdigit() or int(mi) > 59:
+            raise ValueError(prefix)
+        t = self.hour_epoch(prefix[:13]) + int(mi) * 60
+        if len(self.minutes) > 200_000:
+            self.minutes.clear()
+        self.minutes[prefix] = t
+        return t
 
     def hour_epoch(self, prefix: str) -> int:
         """The epoch of ``YYYY-MM-DD HH``; ValueError when it is not a valid hour."""
@@ -109,17 +124,13 @@ class DateParser:
 
     def __call__(self, s: str) -> int:
         """Parse one ``%Y-%m-%d %T`` time; ValueError when it is not one."""
-        if len(s) != 19 or s[13] != ":" or s[16] != ":":
+        se = s[17:]
+        if len(se) != 2 or not se.isdigit() or se > "60":
             raise ValueError(s)
-        mi = s[14:16]
-        se = s[17:19]
-        if not (mi.isdigit() and se.isdigit()):
-            raise ValueError(s)
-        m = int(mi)
-        sec = int(se)
-        if m > 59 or sec > 60:
-            raise ValueError(s)
-        return self.hour_epoch(s[:13]) + m * 60 + sec
+        t = self.minutes.get(s[:17])
+        if t is None:
+            t = self.minute_epoch(s[:17])
+        return t + int(se)
 
 
 def local_hour(s: str) -> str:

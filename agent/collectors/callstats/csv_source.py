@@ -268,53 +268,88 @@ def ingest_chunk(
         lines.pop()
     latest = 0
     bad_cols = bad_date = bad_num = negative = too_old = refused = 0
-    classify_ = classify.classify
     add = agg.add
     floor = cutoff - cutoff % agg.size
+    # Bound once: this loop runs for every row, and attribute lookups are most of its cost.
+    minute_get = parse.minutes.get
+    minute_epoch = parse.minute_epoch
+    cache_get = classify.cache.get
+    classify_ = classify.classify
     reader = csv.reader(lines)
     while True:
         try:
-            row = next(reader)
-        except StopIteration:
+            for row in reader:
+                rows += 1
+                n = len(row)
+                if n < MIN_COLUMNS or n > MAX_COLUMNS:
+                    bad_cols += 1
+                    continue
+                s = row[I_START]
+                e = row[I_END]
+                try:
+                    # DateParser.__call__, inlined: minute prefix from the cache, plus seconds.
+                    t = minute_get(s[:17])
+                    if t is None:
+                        t = minute_epoch(s[:17])
+                    sec = s[17:]
+                    if len(sec) != 2 or not sec.isdigit() or sec > "60":
+                        raise ValueError(s)
+                    start = t + int(sec)
+                    if e:
+                        t = minute_get(e[:17])
+                        if t is None:
+                            t = minute_epoch(e[:17])
+                        sec = e[17:]
+                        if len(sec) != 2 or not sec.isdigit() or sec > "60":
+                            raise ValueError(e)
+                        end = t + int(sec)
+                    else:
+                        end = -1
+                except ValueError:
+                    bad_date += 1
+                    continue
+                try:
+                    duration = int(row[I_DURATION])
+                    billsec = int(row[I_BILLSEC])
+                except ValueError:
+                    bad_num += 1
+                    continue
+                if end < 0:
+                    end = start + duration
+                if duration < 0 or billsec < 0 or end < start:
+                    negative += 1
+                    continue
+                if start < cutoff:
+                    too_old += 1
+                    continue
+                dcontext = row[I_DCONTEXT]
+                ch = row[I_CHANNEL]
+                dch = row[I_DSTCHANNEL]
+                # Classifier.classify, inlined for cache hits (the same key it builds).
+                hit = cache_get(
+                    (dcontext, ch.rpartition("-")[0] or ch, dch.rpartition("-")[0] or dch)
+                )
+                if hit is None:
+                    hit = classify_(dcontext, ch, dch)
+                if not add(
+                    start,
+                    end,
+                    duration,
+                    billsec,
+                    row[I_DISPOSITION],
+                    hit[0],
+                    hit[1],
+                    s[11:13],
+                    floor,
+                ):
+                    refused += 1
+                if end > latest:
+                    latest = end
             break
         except csv.Error:
+            # The reader resumes at the next line after an error.
             rows += 1
             bad_cols += 1
-            continue
-        rows += 1
-        n = len(row)
-        if n < MIN_COLUMNS or n > MAX_COLUMNS:
-            bad_cols += 1
-            continue
-        s = row[I_START]
-        try:
-            start = parse(s)
-            e = row[I_END]
-            end = parse(e) if e else -1
-        except ValueError:
-            bad_date += 1
-            continue
-        try:
-            duration = int(row[I_DURATION])
-            billsec = int(row[I_BILLSEC])
-        except ValueError:
-            bad_num += 1
-            continue
-        if end < 0:
-            end = start + duration
-        if duration < 0 or billsec < 0 or end < start:
-            negative += 1
-            continue
-        if start < cutoff:
-            too_old += 1
-            continue
-        direction, trunk = classify_(row[I_DCONTEXT], row[I_CHANNEL], row[I_DSTCHANNEL])
-        if not add(
-            start, end, duration, billsec, row[I_DISPOSITION], direction, trunk, s[11:13], floor
-        ):
-            refused += 1
-        if end > latest:
-            latest = end
     for reason, count in (
         (Skip.COLUMNS, bad_cols),
         (Skip.DATE, bad_date),

@@ -30,12 +30,8 @@ _CACHE_MAX: Final = 50_000
 
 
 def channel_prefix(channel: str) -> str:
-    """``PJSIP/provider-0000001a`` → ``PJSIP/provider`` (the unique suffix removed)."""
-    slash = channel.find("/")
-    dash = channel.rfind("-")
-    if dash > slash >= 0:
-        return channel[:dash]
-    return channel
+    """``PJSIP/provider-0000001a`` → ``PJSIP/provider``: all before the last ``-``, if any."""
+    return channel.rpartition("-")[0] or channel
 
 
 def trunk_name(prefix: str) -> tuple[str, str]:
@@ -62,18 +58,23 @@ class Classifier:
         self._default = settings.default_direction
         self._trunks = frozenset(settings.trunks)
         self._trunk_re = re.compile(settings.trunk_pattern)
-        self._cache: dict[tuple[str, str, str], tuple[str, str | None]] = {}
+        #: (dcontext, channel prefix, dstchannel prefix) → (direction, trunk key).
+        self.cache: dict[tuple[str, str, str], tuple[str, str | None]] = {}
 
     def classify(self, dcontext: str, channel: str, dstchannel: str) -> tuple[str, str | None]:
         """Direction and trunk key (a trunk name, ``other``, or None for internal calls)."""
-        key = (dcontext, channel_prefix(channel), channel_prefix(dstchannel))
-        hit = self._cache.get(key)
+        key = (
+            dcontext,
+            channel.rpartition("-")[0] or channel,
+            dstchannel.rpartition("-")[0] or dstchannel,
+        )
+        hit = self.cache.get(key)
         if hit is not None:
             return hit
         result = self._decide(*key)
-        if len(self._cache) >= _CACHE_MAX:
-            self._cache.clear()
-        self._cache[key] = result
+        if len(self.cache) >= _CACHE_MAX:
+            self.cache.clear()
+        self.cache[key] = result
         return result
 
     def _decide(self, dcontext: str, chan: str, dst: str) -> tuple[str, str | None]:
