@@ -173,6 +173,25 @@ def check_material(
     )
 
 
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """An SSLSocket that closes itself when its handshake fails.
+
+    paho-mqtt 2.2 wraps and handshakes the socket in ``connect()`` and drops it
+    unclosed when the handshake raises (wrong CA, wrong host, refused client
+    certificate under TLS 1.2): one leaked descriptor per failed attempt, for as
+    long as the reconnect loop runs.
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise  # a non-blocking handshake in progress, not a failure
+        except OSError:
+            self.close()
+            raise
+
+
 def client_context(
     ca_file: PathLike,
     cert_file: PathLike,
@@ -193,6 +212,7 @@ def client_context(
         ctx.maximum_version = max_version
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.sslsocket_class = _ClosingSSLSocket
     try:
         ctx.load_verify_locations(cafile=os.fspath(ca_file))
     except (OSError, ssl.SSLError) as exc:
@@ -225,6 +245,9 @@ _CLIENT_REFUSED = re.compile(
     r"|SSLV3_ALERT_CERTIFICATE_UNKNOWN|SSLV3_ALERT_CERTIFICATE_EXPIRED"
     r"|SSLV3_ALERT_CERTIFICATE_REVOKED|SSLV3_ALERT_UNSUPPORTED_CERTIFICATE"
     r"|TLSV1_ALERT_ACCESS_DENIED|TLSV1_ALERT_DECRYPT_ERROR"
+    # TLS 1.2: mosquitto ends the handshake this way when no certificate is presented
+    # (the same alert could mean no common cipher; the OpenSSL text is kept in the message).
+    r"|SSLV3_ALERT_HANDSHAKE_FAILURE"
 )
 
 
