@@ -196,10 +196,10 @@ TRIGGER = re.compile(r"pass|secret|pwd|token|cred|key|pin|auth|regist|@|-----BEG
 
 _DIAL = re.compile(
     r"(?i)\b((?:IAX2?|SIP|PJSIP|H323|OOH323|MGCP|UNISTIM|DAHDI)/[^:/@\s,()|&\"'${}]+:)"
-    r"([^@\s,()|&\"']+)(@)"
+    r"([^@\s]+)(@)"
 )
-_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s\"']+:)([^@\s\"']*)(@)")
-_SIP_URI = re.compile(r"(?i)(?<![\w/])(sips?:[^:@\s;>\"'/]+:)([^@\s;>\"']+)(@)")
+_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s\"']+:)([^@\s]*)(@)")
+_SIP_URI = re.compile(r"(?i)(?<![\w/])(sips?:[^:@\s;>\"'/]+:)([^@\s]+)(@)")
 _INLINE = re.compile(
     r"(?i)(?<![\w$])([\w./$-]*(?:pass|secret|pwd|token|cred|key|pin)[\w./-]*"
     r"['\"\]]*\s*(?:=>|=|:)\s*)(\"[^\"]*\"?|'[^']*'?|[^;,\"'\n]*[^;,\"'\s])"

@@ -1,0 +1,382 @@
+"""Snapshots: full, delta and unchanged runs, state only after delivery, bad input, CLI, secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.collectors.base import Record
+from agent.collectors.pbxconfig import snapshot
+from agent.collectors.pbxconfig.collector import SnapshotCollector
+from agent.collectors.pbxconfig.settings import SnapshotSettings
+from agent.policy.classes import DataClass
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "pbx"
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Tree:
+    """A copy of the fixture PBX in a temporary folder, with its collector."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        shutil.copytree(FIXTURES, base, dirs_exist_ok=True, symlinks=True)
+        self.etc = base / "etc" / "asterisk"
+        self.spool = base / "var" / "spool" / "asterisk"
+        self.state = base / "state"
+        self.settings = SnapshotSettings(
+            roots=(self.etc, base / "etc" / "freepbx.conf", base / "etc" / "amportal.conf"),
+            exclude=(),
+        )
+        self.sent: list[dict[str, Any]] = []
+        self.accept = True
+
+    def collector(self, **changes: Any) -> SnapshotCollector:
+        s = SnapshotSettings(**{**self.settings.__dict__, **changes})
+        return SnapshotCollector(s, self.state, forbidden=[self.spool])
+
+    def emit(self, record: Record) -> bool:
+        assert record.data_class is DataClass.CONFIG
+        json.dumps(record.body)  # must be JSON-serialisable
+        if self.accept:
+            self.sent.append(dict(record.body))
+        return self.accept
+
+    def run(self, c: SnapshotCollector, reason: str = "schedule") -> list[dict[str, Any]]:
+        before = len(self.sent)
+        asyncio.run(c.collect(self.emit, reason=reason))
+        return self.sent[before:]
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Tree:
+    return Tree(tmp_path)
+
+
+def contents(bodies: list[dict[str, Any]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for b in bodies:
+        out.update(snapshot.decode_content(b))
+    return out
+
+
+def test_first_run_is_full_with_manifest_and_content(tree: Tree) -> None:
+    """The first snapshot is full: every file in the manifest, content redacted."""
+    bodies = tree.run(tree.collector())
+    assert len(bodies) == 1 and bodies[0]["mode"] == "full"
+    manifest = {e["path"]: e for e in bodies[0]["manifest"]}
+    auth = str(tree.etc / "pjsip.auth.conf")
+    assert manifest[auth]["status"] == "ok"
+    assert manifest[auth]["digest"].startswith("sha256:")
+    assert manifest[auth]["mode"] == "0644" or len(manifest[auth]["mode"]) == 4
+    text = contents(bodies)[auth]
+    assert "password=<redacted:secret-key:" in text and "Fx9!kTq2vLw8Rz" not in text
+    assert bodies[0]["summary"]["rules"]["secret-key"] >= 5
+    assert all(isinstance(v, int) for v in bodies[0]["summary"]["rules"].values())
+
+
+def test_unchanged_tree_sends_nothing(tree: Tree) -> None:
+    """A second scheduled run over the same files offers no record at all."""
+    c = tree.collector()
+    tree.run(c)
+    assert tree.run(c) == []
+    assert c.status()["last_mode"] == "unchanged"
+    assert c.status()["files_read"] == 0  # nothing re-read: stamps matched the cache
+
+
+def test_change_sends_only_that_file(tree: Tree) -> None:
+    """Editing one file sends a delta with that file's entry and content only."""
+    c = tree.collector()
+    first = tree.run(c)
+    path = tree.etc / "manager_custom.conf"
+    path.write_text("; manager_custom.conf\n[ops]\nsecret = N3wOpsPw\n")
+    bodies = tree.run(c)
+    assert len(bodies) == 1 and bodies[0]["mode"] == "delta"
+    assert bodies[0]["base"] == first[0]["snapshot"]
+    assert [e["path"] for e in bodies[0]["manifest"]] == [str(path)]
+    sent = contents(bodies)
+    assert list(sent) == [str(path)] and "N3wOpsPw" not in sent[str(path)]
+
+
+def test_secret_change_changes_the_fingerprint_only(tree: Tree) -> None:
+    """A new password shows as a new marker; the NOC sees that, not the value."""
+    c = tree.collector()
+    tree.run(c)
+    path = tree.etc / "manager_additional.conf"
+    old = contents(tree.sent)[str(path)]
+    path.write_text(path.read_text().replace("F0p2M4nagerKey", "Ch4ngedKey"))
+    new = contents(tree.run(c))[str(path)]
+    assert old != new and "Ch4ngedKey" not in new
+    assert old.replace(old.split("secret = ")[1].split("\n")[0], "") == new.replace(
+        new.split("secret = ")[1].split("\n")[0], ""
+    )
+
+
+def test_removed_file_is_listed(tree: Tree) -> None:
+    """A deleted file appears in the delta's removed list."""
+    c = tree.collector()
+    tree.run(c)
+    (tree.etc / "globals_custom.conf").unlink()
+    bodies = tree.run(c)
+    assert bodies[0]["removed"] == [str(tree.etc / "globals_custom.conf")]
+
+
+def test_refused_snapshot_is_not_remembered(tree: Tree) -> None:
+    """When the gate refuses, the next run sends the change again."""
+    c = tree.collector()
+    tree.run(c)
+    (tree.etc / "extensions_custom.conf").write_text("; changed\n")
+    tree.accept = False
+    assert tree.run(c) == []
+    assert c.status()["refused"] == 1
+    tree.accept = True
+    again = tree.run(c)
+    assert [e["path"] for e in again[0]["manifest"]] == [str(tree.etc / "extensions_custom.conf")]
+
+
+def test_command_sends_a_full_snapshot(tree: Tree) -> None:
+    """The NOC's collect command gets a full snapshot even when nothing changed."""
+    c = tree.collector()
+    tree.run(c)
+    bodies = tree.run(c, reason="command")
+    assert bodies and bodies[0]["mode"] == "full"
+    assert len(bodies[0]["manifest"]) == bodies[0]["summary"]["entries"]
+
+
+def test_weekly_full_snapshot(tree: Tree) -> None:
+    """Once full_every has passed, a scheduled run is full again."""
+    c = tree.collector()
+    tree.run(c)
+    db = snapshot.Store(tree.state / snapshot.STATE_DB)
+    with db._tx() as conn:  # age the last full snapshot by eight days
+        conn.execute("UPDATE meta SET v = ? WHERE k = 'full_at'", (str(1.0),))
+    db.close()
+    assert tree.run(c)[0]["mode"] == "full"
+
+
+def test_state_survives_a_new_collector(tree: Tree) -> None:
+    """A restarted agent (new collector object) knows what was sent."""
+    tree.run(tree.collector())
+    assert tree.run(tree.collector()) == []
+
+
+def test_big_snapshot_is_split_into_parts(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot over the part limit is split; every part names the snapshot and its place."""
+    monkeypatch.setattr(snapshot, "MAX_PART_CONTENT", 2000)
+    monkeypatch.setattr(snapshot, "_CHUNK_RAW", 1500)
+    bodies = tree.run(tree.collector())
+    assert len(bodies) > 1
+    assert {b["snapshot"] for b in bodies} == {bodies[0]["snapshot"]}
+    assert [b["part"] for b in bodies] == list(range(1, len(bodies) + 1))
+    assert all(b["parts"] == len(bodies) for b in bodies)
+    assert all(len(b["content"]["data"]) <= 2000 for b in bodies if "content" in b)
+    names = {e["path"] for e in bodies[0]["manifest"] if e["status"] == "ok"}
+    assert set(contents(bodies)) == names
+
+
+def test_key_file_is_private_and_stable(tree: Tree) -> None:
+    """The fingerprint key is 32 bytes, mode 0600, made once and never sent."""
+    c = tree.collector()
+    bodies = tree.run(c)
+    key_path = tree.state / snapshot.KEY_FILE
+    key = key_path.read_bytes()
+    assert len(key) == 32 and stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    tree.run(tree.collector(), reason="command")
+    assert key_path.read_bytes() == key
+    wire = json.dumps(tree.sent)
+    assert key.hex() not in wire and base64.b64encode(key).decode() not in wire
+    assert bodies
+
+
+def test_bad_input_is_reported_never_fatal(tree: Tree) -> None:
+    """Too large, undecodable, binary, FIFO, broken include and loop: reported, run goes on."""
+    (tree.etc / "huge.conf").write_text("x=1\n" * 400_000)
+    (tree.etc / "latin1.conf").write_bytes(b"[a]\nname=Caf\xe9\nsecret=S\xe9cret1\n")
+    (tree.etc / "blob.conf").write_bytes(b"\x00\x01binary")
+    os.mkfifo(tree.etc / "pipe.conf")
+    (tree.etc / "broken.conf").write_text("#include nosuch.conf\n")
+    (tree.etc / "loop_a.conf").write_text("#include loop_b.conf\n")
+    (tree.etc / "loop_b.conf").write_text("#include loop_a.conf\n")
+    c = tree.collector(max_file=1024 * 1024)
+    bodies = tree.run(c)
+    manifest = {e["path"]: e for e in bodies[0]["manifest"]}
+    assert manifest[str(tree.etc / "huge.conf")]["reason"] == "too-large"
+    assert manifest[str(tree.etc / "blob.conf")]["reason"] == "binary"
+    assert manifest[str(tree.etc / "pipe.conf")]["reason"] == "not-regular"
+    latin = manifest[str(tree.etc / "latin1.conf")]
+    assert latin["status"] == "ok" and "undecodable" in latin["problems"][0]
+    text = contents(bodies)[str(tree.etc / "latin1.conf")]
+    assert "Caf\ufffd" in text and "cret1" not in text
+    problems = " | ".join(p["problem"] for p in bodies[0]["summary"]["problems"])
+    assert "nosuch.conf: no such file" in problems
+    assert "include loop" in problems
+    status = c.status()
+    assert status["skipped"]["too-large"] == 1 and status["problems"] >= 3
+    assert status["last_error"]
+
+
+def test_total_cap_skips_the_rest(tree: Tree) -> None:
+    """Past max_total, further files are skipped with reason total-cap."""
+    c = tree.collector(max_total=2000)
+    bodies = tree.run(c)
+    reasons = [e.get("reason") for e in bodies[0]["manifest"]]
+    assert "total-cap" in reasons
+    assert c.status()["skipped"]["total-cap"] >= 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file_is_reported(tree: Tree) -> None:
+    """A file the agent may not read is reported as unreadable."""
+    p = tree.etc / "secretive.conf"
+    p.write_text("[a]\n")
+    p.chmod(0)
+    bodies = tree.run(tree.collector())
+    manifest = {e["path"]: e for e in bodies[0]["manifest"]}
+    assert manifest[str(p)]["reason"] == "unreadable"
+
+
+def _write_config(tree: Tree) -> Path:
+    cfg = tree.base / "agent.yaml"
+    roots = [str(r) for r in tree.settings.roots]
+    never = [str(tree.spool)]
+    cfg.write_text(
+        "device_id: pbx-test-1\n"
+        f"paths: {{state_dir: {tree.state}, runtime_dir: /tmp/pbxagent-rt}}\n"
+        f"collectors:\n  config: {{roots: {json.dumps(roots)}, exclude: [], "
+        f"never_read: {json.dumps(never)}}}\n"
+    )
+    return cfg
+
+
+def _agentctl(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "-c", str(cfg), "snapshot", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_dry_run_prints_what_would_be_sent_and_changes_nothing(tree: Tree) -> None:
+    """'agentctl snapshot --dry-run' shows bodies and decoded content; state is untouched."""
+    cfg = _write_config(tree)
+    c = tree.collector()
+    tree.run(c)
+    db = tree.state / snapshot.STATE_DB
+    before = {p.name: p.read_bytes() for p in tree.state.iterdir() if p.is_file()}
+    (tree.etc / "extensions_custom.conf").write_text("; changed\n[x]\nsecret = Cl1Pw\n")
+    r = _agentctl(cfg, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "delta snapshot" in r.stdout
+    assert "decoded content of " + str(tree.etc / "extensions_custom.conf") in r.stdout
+    assert "Cl1Pw" not in r.stdout
+    body = json.loads(r.stdout.split("bytes)\n", 1)[1].split("\n", 1)[0])
+    assert body["mode"] == "delta"
+    after = {p.name: p.read_bytes() for p in tree.state.iterdir() if p.is_file()}
+    assert after.keys() == before.keys() and after[db.name] == before[db.name]
+    # the daemon's next run still sees the change: the CLI did not mark it sent
+    assert tree.run(c)[0]["mode"] == "delta"
+
+
+def test_cli_diff_shows_changes_since_last_sent(tree: Tree) -> None:
+    """'agentctl snapshot --diff' lists changed files with a diff of the redacted text."""
+    cfg = _write_config(tree)
+    tree.run(tree.collector())
+    p = tree.etc / "http.conf"
+    p.write_text(p.read_text().replace("bindport=8088", "bindport=8089"))
+    r = _agentctl(cfg, "--diff")
+    assert r.returncode == 0, r.stderr
+    assert f"changed  {p}" in r.stdout
+    assert "-bindport=8088" in r.stdout and "+bindport=8089" in r.stdout
+
+
+def test_cli_without_state_uses_a_throwaway_key(tree: Tree) -> None:
+    """Before the daemon ever ran, --dry-run works and says markers are provisional."""
+    cfg = _write_config(tree)
+    r = _agentctl(cfg, "--dry-run", "--no-content")
+    assert r.returncode == 0, r.stderr
+    assert "full snapshot" in r.stdout and "throwaway key" in r.stderr
+    assert not (tree.state / snapshot.KEY_FILE).exists()
+
+
+# -- property test: no generated secret leaves, in any form -------------------------
+
+SECRET = st.text(
+    alphabet="ABCDEFGHJKMNPQRSTUVWXYZabcdefghjkmnpqrstuvwxyz23456789!#%&*+-_.",
+    min_size=8,
+    max_size=24,
+).map(lambda s: f"Zx{s}Q7")
+# (the fixed ends keep a shrunk secret from being a word of the envelope, e.g. "taken_at")
+FORMS = [
+    "[peer]\nsecret = {s}\n",
+    "[peer]\nmd5secret={s}\n",
+    "[auth]\ntype=auth\npassword={s}\n",
+    "[w]\noutbound_auth/password = {s}\n",
+    "[general]\nregister => user1:{s}@sip.example.com/100\n",
+    "[authentication]\nauth = bob:{s}@realm.example\n",
+    "[ctx]\nexten => 1,1,Dial(IAX2/bob:{s}@host.example/1)\n",
+    "[db]\ndsn = mysql://u:{s}@db.local/x\n",
+    "[admin]\n;secret={s}\n",
+    "[g]\nTRUNK_PASS = {s}\n",
+    "[g]\npassword {s}\n",
+    "[g]\nsecret = a;-- c --;{s}\n",
+]
+VM_FORM = "[default]\n1000 => {s},Name {s},{s}@mail.example\n"
+PHP_FORM = "<?php\n$amp_conf['AMPDBPASS'] = '{s}';\n"
+SHELL_FORM = "AMPMGRPASS={s}\n"
+
+
+def _escape(s: str) -> str:
+    return s.replace(";", "\\;")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(secrets_=st.lists(SECRET, min_size=len(FORMS) + 3, max_size=len(FORMS) + 3, unique=True))
+def test_property_no_secret_in_any_envelope(secrets_: list[str]) -> None:
+    """Random secrets in every supported form: no bytes, base64 or hex of them are sent."""
+    with tempfile.TemporaryDirectory() as d:
+        base = Path(d)
+        etc = base / "etc" / "asterisk"
+        etc.mkdir(parents=True)
+        for i, form in enumerate(FORMS):
+            (etc / f"f{i}.conf").write_text(form.format(s=_escape(secrets_[i])))
+        n = len(FORMS)
+        (etc / "voicemail.conf").write_text(VM_FORM.format(s=secrets_[n]))
+        (base / "etc" / "freepbx.conf").write_text(PHP_FORM.format(s=secrets_[n + 1]))
+        (base / "etc" / "amportal.conf").write_text(SHELL_FORM.format(s=secrets_[n + 2]))
+        s = SnapshotSettings(
+            roots=(etc, base / "etc" / "freepbx.conf", base / "etc" / "amportal.conf"),
+            exclude=(),
+        )
+        got: list[dict[str, Any]] = []
+        c = SnapshotCollector(s, base / "state")
+
+        def emit(r: Record) -> bool:
+            got.append(dict(r.body))
+            return True
+
+        asyncio.run(c.collect(emit, reason="command"))
+        assert got
+        wire = json.dumps(got)
+        decoded = json.dumps(contents(got))
+        for secret in secrets_:
+            raw = secret.encode()
+            for form in (secret, base64.b64encode(raw).decode(), raw.hex()):
+                assert form not in wire, f"{form!r} in an envelope"
+                assert form not in decoded, f"{form!r} in decoded content"
