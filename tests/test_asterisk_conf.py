@@ -205,7 +205,20 @@ def test_lex_round_trips_any_text(text: str) -> None:
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
-        st.sampled_from([*"abs=>[]();-\\#@:/ \n", "secret", "IAX2/", "register", "pin", "://"]),
+        st.sampled_from(
+            [
+                *"abs=>[]();-\\#@:/ \n",
+                "secret",
+                "IAX2/",
+                "register",
+                "pin",
+                "://",
+                "auth",
+                "mwi",
+                "PASS",
+                "#",
+            ]
+        ),
         max_size=80,
     ).map("".join)
 )

@@ -15,7 +15,6 @@ the gate's last line of defence over every envelope, whatever its source.
 from __future__ import annotations
 
 import functools
-import hashlib
 import hmac
 import re
 from collections import Counter
@@ -107,7 +106,6 @@ SECRET_KEYS: frozenset[str] = frozenset(
         "md5_cred",
         "password_digest",
         "oauth_secret",
-        "oauth_clientid",
         "refresh_token",
         "access_token",
         "client_secret",
@@ -249,7 +247,7 @@ class Redactor:
     def fingerprint(self, value: str) -> str:
         """The keyed fingerprint of a secret: 12 hex digits of HMAC-SHA256."""
         raw = value.encode("utf-8", "surrogateescape")
-        return hmac.new(self._key, raw, hashlib.sha256).hexdigest()[:12]
+        return hmac.digest(self._key, raw, "sha256")[:6].hex()
 
     def marker(self, rule: str, value: str) -> str:
         """The text that replaces ``value``; counts ``rule`` as fired."""

@@ -450,11 +450,17 @@ def directives(text: str) -> list[Line]:
     if ";--" in text:
         return [ln for ln in lex(text) if ln.kind is Kind.DIRECTIVE]
     found: list[Line] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if raw.lstrip().startswith("#"):
+    pos = text.find("#")
+    while pos >= 0:
+        start = text.rfind("\n", 0, pos) + 1
+        end = text.find("\n", pos)
+        end = len(text) if end < 0 else end
+        raw = text[start:end].rstrip("\r")
+        if not text[start:pos].strip():
             segs, _ = split_comments(raw, 0)
-            line = Line(number=number, raw=raw, segments=segs)
+            line = Line(number=text.count("\n", 0, start) + 1, raw=raw, segments=segs)
             classify(line)
             if line.kind is Kind.DIRECTIVE:
                 found.append(line)
+        pos = text.find("#", end)
     return found

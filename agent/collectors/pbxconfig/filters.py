@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -31,10 +32,11 @@ TEXT = "text"
 #: Sections of voicemail.conf that hold settings; every other section holds mailboxes.
 VOICEMAIL_SETTINGS_SECTIONS = frozenset({"general", "zonemessages"})
 
-_TRIGGER_LINE = re.compile(
-    r"^[^\n]*?(?:pass|secret|pwd|token|cred|key|pin|auth|regist|@|-----BEGIN)[^\n]*",
-    re.IGNORECASE | re.MULTILINE,
-)
+#: A line can only change if it holds one of these words (lower case) ...
+_SECRET_WORDS = ("pass", "secret", "pwd", "token", "cred", "key", "pin")
+#: ... or a '@' with a ':' (credentials embedded in a dial string, URL or registration) ...
+#: ... or is an auth/register/mwi line with a ':' or '#' (user:secret, user#md5secret).
+_CRED_WORDS = ("auth", "regist", "mwi")
 _SECRET_WORD = re.compile(r"(?i)pass|secret|pwd|token|cred|key|pin(?:code)?(?![a-z])")
 _WORDLIKE = re.compile(r"[\w./@-]+")
 
@@ -74,12 +76,59 @@ def redact_text(text: str, kind: str, key: bytes) -> Redacted:
     elif kind == SHELL_VARS:
         out = freepbx.redact_shell(text, redactor)
     elif kind == TEXT:
-        out = _TRIGGER_LINE.sub(lambda m: _text_line(m.group(0), redactor), text)
+        out = _on_trigger_lines(text, lambda line: _text_line(line, redactor))
     elif kind == ASTERISK and ";--" not in text:
-        out = _TRIGGER_LINE.sub(lambda m: _fast_asterisk_line(m.group(0), redactor), text)
+        out = _on_trigger_lines(text, lambda line: _fast_asterisk_line(line, redactor))
     else:
         out = redact_asterisk(text, redactor, voicemail=kind == VOICEMAIL)
     return Redacted(out, Counter(redactor.fired))
+
+
+def _candidate_starts(text: str) -> list[int]:
+    """Starts of the lines any rule could change (a superset; see the words above)."""
+    low = text.lower()
+    starts: set[int] = set()
+
+    def scan(word: str, needs: str) -> None:
+        pos = low.find(word)
+        while pos >= 0:
+            start = low.rfind("\n", 0, pos) + 1
+            end = low.find("\n", pos)
+            stop = len(low) if end < 0 else end
+            if start not in starts and (
+                not needs
+                or low.find(needs[0], start, stop) >= 0
+                or (len(needs) > 1 and low.find(needs[1], start, stop) >= 0)
+            ):
+                starts.add(start)
+            if end < 0:
+                break
+            pos = low.find(word, end)
+
+    for word in _SECRET_WORDS:
+        scan(word, "")
+    scan("@", ":")
+    for word in _CRED_WORDS:
+        scan(word, ":#")
+    return sorted(starts)
+
+
+def _on_trigger_lines(text: str, fix: Callable[[str], str]) -> str:
+    """Apply ``fix`` to each candidate line; other lines are copied as they are."""
+    starts = _candidate_starts(text)
+    if not starts:
+        return text
+    out: list[str] = []
+    last = 0
+    for start in starts:
+        end = text.find("\n", start)
+        if end < 0:
+            end = len(text)
+        out.append(text[last:start])
+        out.append(fix(text[start:end]))
+        last = end
+    out.append(text[last:])
+    return "".join(out)
 
 
 def _text_line(line: str, redactor: Redactor) -> str:
@@ -93,6 +142,26 @@ def _text_line(line: str, redactor: Redactor) -> str:
 
 def _fast_asterisk_line(raw: str, redactor: Redactor) -> str:
     body = raw.rstrip("\r")
+    if ";" not in body and "\\" not in body and "=" in body:
+        # The common generated line "key=value": no comment, no escape, no block.
+        head = body.lstrip()
+        if head and head[0] not in "[#":
+            eq = body.find("=")
+            start = eq + 1
+            key = body[:eq].strip()
+            if body.startswith(">", start):
+                start += 1
+            elif key.endswith("+"):
+                key = key[:-1].rstrip()
+            end = len(body)
+            while start < end and body[start].isspace():
+                start += 1
+            while end > start and body[end - 1].isspace():
+                end -= 1
+            new = redactor.assignment(key, body[start:end])
+            if new is None:
+                return raw
+            return body[:start] + new + body[end:] + raw[len(body) :]
     segs, _ = split_comments(body, 0)
     line = Line(number=0, raw=body, segments=segs)
     classify(line)

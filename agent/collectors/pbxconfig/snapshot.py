@@ -124,6 +124,9 @@ class Store:
         self.path = path
         self.readonly = readonly
         self._db: sqlite3.Connection | None = None
+        # Kept in memory between runs of one collector: a rescan reads no state.
+        self._cache: dict[str, CacheRow] | None = None
+        self._sent: dict[str, dict[str, Any]] | None = None
         try:
             if readonly:
                 if path.exists():
@@ -168,6 +171,8 @@ class Store:
 
     def cache(self) -> dict[str, CacheRow]:
         """Every cached file result (content left in the database)."""
+        if self._cache is not None:
+            return self._cache
         out: dict[str, CacheRow] = {}
         for path, stamp, kid, entry, fired, includes in self._rows(
             "SELECT path, stamp, key_id, entry, fired, includes FROM cache"
@@ -179,6 +184,8 @@ class Store:
                 json.loads(fired),
                 json.loads(includes),
             )
+        if not self.readonly:
+            self._cache = out
         return out
 
     def cached_text(self, path: str) -> str | None:
@@ -188,7 +195,12 @@ class Store:
 
     def sent(self) -> dict[str, dict[str, Any]]:
         """The manifest of the last delivered snapshot."""
-        return {p: json.loads(e) for p, e in self._rows("SELECT path, entry FROM sent")}
+        if self._sent is not None:
+            return self._sent
+        sent = {p: json.loads(e) for p, e in self._rows("SELECT path, entry FROM sent")}
+        if not self.readonly:
+            self._sent = sent
+        return sent
 
     def sent_text(self, path: str) -> str | None:
         """The redacted content of ``path`` as last delivered."""
@@ -230,6 +242,11 @@ class Store:
             )
             gone = [(p,) for p in plan.cache_paths - set(plan.results)]
             db.executemany("DELETE FROM cache WHERE path = ?", gone)
+        if self._cache is not None:
+            for r in plan.fresh.values():
+                self._cache[r.path] = CacheRow(r.stamp, plan.key_id, r.entry, r.fired, r.includes)
+            for (p,) in gone:
+                self._cache.pop(p, None)
 
     def commit_sent(self, plan: Plan, *, now: float) -> None:
         """The gate accepted every part of ``plan``: it is now the last snapshot sent."""
@@ -247,6 +264,12 @@ class Store:
             if plan.mode == "full":
                 meta["full_at"] = str(now)
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
+        if self._sent is not None:
+            if plan.mode == "full":
+                self._sent = {}
+            for p in plan.removed:
+                self._sent.pop(p, None)
+            self._sent.update((p, plan.manifest[p]) for p in plan.changed)
 
 
 def _pack(text: str) -> bytes:
@@ -429,7 +452,9 @@ def _check_includes(
     """Resolve every include without opening anything; report refusals, misses and loops."""
     problems: list[dict[str, Any]] = []
     edges: dict[str, list[str]] = {}
-    by_real = {os.path.realpath(p): p for p in results}
+    if not any(r.includes for r in results.values()):
+        return problems
+    by_real = {os.path.realpath(p): p for p, r in results.items() if r.entry["status"] == "ok"}
     for path, r in results.items():
         if not r.includes:
             continue
@@ -564,7 +589,10 @@ def decide(plan: Plan, store: Store, settings: SnapshotSettings, *, full: bool, 
 
 
 def _b64z(text: str) -> str:
-    return base64.b64encode(zlib.compress(text.encode("utf-8"), 6)).decode("ascii")
+    # Deltas are small: squeeze them. Big full snapshots: favour speed (level 1).
+    raw = text.encode("utf-8")
+    level = 9 if len(raw) < 1024 * 1024 else 1
+    return base64.b64encode(zlib.compress(raw, level)).decode("ascii")
 
 
 def _pack_chunks(items: list[tuple[str, str]]) -> list[tuple[list[str], str]]:

@@ -163,7 +163,9 @@ class PathPolicy:
                 forb.add(os.path.join(str(r), "keys"))
                 forb.add(os.path.join(real, "keys"))
         self.forbidden = sorted(forb)
+        include = tuple(include)
         self._include = [glob_regex(p) for p in include]
+        self._include_all = "**" in include
         self._exclude = [glob_regex(p) for p in exclude]
 
     @staticmethod
@@ -172,7 +174,9 @@ class PathPolicy:
 
     def is_forbidden(self, path: str) -> bool:
         """Whether ``path`` (lexically or really) lies in a forbidden tree."""
-        return self._under(os.path.abspath(path), self.forbidden)
+        if "/." in path or "//" in path or not path.startswith("/"):
+            path = os.path.abspath(path)
+        return self._under(path, self.forbidden)
 
     def in_roots(self, real: str) -> bool:
         """Whether a real path lies inside a configured root."""
@@ -193,14 +197,24 @@ class PathPolicy:
             return "outside-roots"
         return None
 
+    @staticmethod
+    def _rel(path: str, root: str) -> str:
+        if path.startswith(root + "/"):
+            return path[len(root) + 1 :]
+        return os.path.basename(path.rstrip("/"))
+
     def excluded(self, path: str, root: str) -> bool:
         """Whether the user's exclude globs drop ``path`` (absolute or root-relative)."""
-        rel = os.path.relpath(path, root) if path != root else os.path.basename(path)
+        if not self._exclude:
+            return False
+        rel = self._rel(path, root)
         return any(rx.match(path) or rx.match(rel) for rx in self._exclude)
 
     def included(self, path: str, root: str) -> bool:
         """Whether the user's include globs keep ``path``."""
-        rel = os.path.relpath(path, root) if path != root else os.path.basename(path)
+        if self._include_all:
+            return True
+        rel = self._rel(path, root)
         return any(rx.match(path) or rx.match(rel) for rx in self._include)
 
 
