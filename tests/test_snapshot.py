@@ -380,3 +380,19 @@ def test_property_no_secret_in_any_envelope(secrets_: list[str]) -> None:
             for form in (secret, base64.b64encode(raw).decode(), raw.hex()):
                 assert form not in wire, f"{form!r} in an envelope"
                 assert form not in decoded, f"{form!r} in decoded content"
+
+
+def test_logs_never_hold_a_secret(tree: Tree) -> None:
+    """Nothing the collector logs, on success or refusal, holds a planted secret."""
+    from structlog.testing import capture_logs
+
+    c = tree.collector()
+    with capture_logs() as logs:
+        tree.run(c)
+        (tree.etc / "manager_custom.conf").write_text("[x]\nsecret = L0gLeak\n")
+        tree.accept = False
+        tree.run(c)
+    text = json.dumps(logs, default=str) + json.dumps(c.status(), default=str)
+    assert logs  # the runs were logged
+    for planted in ("L0gLeak", "Fx9!kTq2vLw8Rz", "aMgRp4ss2a7c1e", "8152"):
+        assert planted not in text
