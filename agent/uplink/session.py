@@ -16,6 +16,7 @@ the connection and returns only when the socket is closed.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
