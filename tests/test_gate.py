@@ -294,11 +294,6 @@ def test_outbox_put_accepts_only_envelopes(db: sqlite3.Connection) -> None:
     assert outbox.count == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/policy/gate.py Envelope: attributes stay writable after approval, so a "
-    "caller can swap the payload of an approved envelope and the outbox stores it",
-)
 def test_approved_envelope_cannot_be_altered(db: sqlite3.Connection) -> None:
     """An approved envelope's payload cannot be replaced before it reaches the outbox."""
     outbox = Outbox(db, Ledger(db), max_bytes=1 << 20)

@@ -55,17 +55,30 @@ class Envelope:
     """An approved record, ready to send. Only :class:`Gate` can make one."""
 
     __slots__ = ("data_class", "id", "payload", "seq", "ts")
+    id: str
+    ts: str
+    data_class: DataClass
+    seq: int
+    payload: bytes
 
     def __init__(
         self, key: object, *, id: str, ts: str, data_class: DataClass, seq: int, payload: bytes
     ) -> None:
         if key is not _GATE_KEY:
             raise TypeError("an Envelope can only be made by the policy gate")
-        self.id = id
-        self.ts = ts
-        self.data_class = data_class
-        self.seq = seq
-        self.payload = payload
+        set_ = object.__setattr__
+        set_(self, "id", id)
+        set_(self, "ts", ts)
+        set_(self, "data_class", data_class)
+        set_(self, "seq", seq)
+        set_(self, "payload", payload)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # What the gate approved is what the outbox stores: no swapping the payload after.
+        raise AttributeError(f"an approved Envelope cannot be changed ({name})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"an approved Envelope cannot be changed ({name})")
 
     def __repr__(self) -> str:
         return f"<Envelope {self.data_class} seq={self.seq} id={self.id} {len(self.payload)}B>"

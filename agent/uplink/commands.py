@@ -11,6 +11,7 @@ an error reply and a ledger entry, and changes nothing.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Callable
@@ -72,6 +73,8 @@ def _parse_ts(value: object) -> float:
     if isinstance(value, bool):
         raise Refused('"ts" must be a time')
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise Refused('"ts" must be a finite time')
         return float(value)
     if isinstance(value, str):
         try:
@@ -116,6 +119,9 @@ class CommandHandler:
                 msg = json.loads(payload)
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise Refused(f"command is not JSON: {exc}") from None
+            except (ValueError, RecursionError) as exc:
+                # Integers past int_max_str_digits, or nesting deeper than the stack.
+                raise Refused(f"command is not acceptable JSON: {type(exc).__name__}") from None
             if not isinstance(msg, dict):
                 raise Refused("command must be a JSON object")
             raw_id = msg.get("id")
@@ -123,7 +129,8 @@ class CommandHandler:
                 cmd_id = raw_id
             else:
                 raise Refused(f'"id" must be a string of 1 to {MAX_ID_LENGTH} characters')
-            if msg.get("v") != 1:
+            version = msg.get("v")
+            if type(version) is not int or version != 1:  # JSON true == 1 in Python
                 raise Refused('unsupported protocol version (expected "v": 1)')
             raw_cmd = msg.get("cmd")
             if not isinstance(raw_cmd, str):
