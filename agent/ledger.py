@@ -1,6 +1,6 @@
 """The egress ledger: an append-only, hash-chained account of everything that leaves.
 
-Each entry holds its kind (``delivered``, ``switch``, ``command``, ``reply``,
+Each entry holds its kind (``delivered``, ``switch``, ``command``,
 ``dropped``, ``reset``), a small JSON body (never the content sent, only its
 size and SHA-256), the hash of the entry before it and its own hash::
 

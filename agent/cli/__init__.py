@@ -18,7 +18,17 @@ from pathlib import Path
 
 from agent.errors import EX_USAGE, AgentError
 
-COMMANDS = ("run", "status", "uplink", "config", "audit", "snapshot", "callstats", "version")
+COMMANDS = (
+    "run",
+    "status",
+    "uplink",
+    "collect",
+    "config",
+    "audit",
+    "snapshot",
+    "callstats",
+    "version",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
