@@ -88,8 +88,9 @@ class Noc(threading.Thread):
         ctx = client_context(self.ca, self.cert, self.key)
         while True:
             try:
-                async with aiomqtt.Client("localhost", self.port, tls_context=ctx,
-                                          identifier="noc-demo") as client:
+                async with aiomqtt.Client(
+                    "localhost", self.port, tls_context=ctx, identifier="noc-demo"
+                ) as client:
                     await client.subscribe("pbx/#", qos=1)
                     self.ready.set()
                     async for m in client.messages:
@@ -105,8 +106,10 @@ def describe(topic: str, payload: Any) -> str:
     data = payload if isinstance(payload, bytes) else b""
     if "/up/" in topic:
         env = json.loads(data)
-        return (f"{topic:<32} v{env['v']} class={env['class']:<9} seq={env['seq']:<4} "
-                f"{len(data):>6} B  id={env['id']}")
+        return (
+            f"{topic:<32} v{env['v']} class={env['class']:<9} seq={env['seq']:<4} "
+            f"{len(data):>6} B  id={env['id']}"
+        )
     return f"{topic:<32} {data.decode(errors='replace')}"
 
 
@@ -120,26 +123,37 @@ def make_pki() -> dict[str, Path]:
     cert = ca.sign_csr(csr.read_bytes(), box / "device.crt", device_id=DEVICE)
     shutil.copy(ca.cert_path, box / "vendor-ca.pem")
     print(f"  vendor CA        {ca.cert_path}")
-    print(f"  box key (0{key.stat().st_mode & 0o777:o})   {key}   made on the box; only the CSR "
-          f"went to the CA")
+    print(
+        f"  box key (0{key.stat().st_mode & 0o777:o})   {key}   made on the box; only the CSR "
+        f"went to the CA"
+    )
     print(f"  box certificate  {cert}  CN={DEVICE}")
-    return {"ca": ca.cert_path, "broker_cert": broker_cert, "broker_key": broker_key,
-            "noc_cert": noc_cert, "noc_key": noc_key, "cert": cert, "key": key,
-            "box_ca": box / "vendor-ca.pem"}
+    return {
+        "ca": ca.cert_path,
+        "broker_cert": broker_cert,
+        "broker_key": broker_key,
+        "noc_cert": noc_cert,
+        "noc_key": noc_key,
+        "cert": cert,
+        "key": key,
+        "box_ca": box / "vendor-ca.pem",
+    }
 
 
 def start_broker(files: dict[str, Path], port: int) -> subprocess.Popen[bytes]:
     """mosquitto with mutual TLS and the per-device ACL, in the foreground."""
     acl = RUN / "acl"
-    acl.write_text("user noc\ntopic read pbx/#\ntopic write pbx/+/cmd\n\n"
-                   "pattern readwrite pbx/%u/#\n")
+    acl.write_text(
+        "user noc\ntopic read pbx/#\ntopic write pbx/+/cmd\n\npattern readwrite pbx/%u/#\n"
+    )
     conf = RUN / "mosquitto.conf"
     conf.write_text(
         f"per_listener_settings false\nlistener {port} 127.0.0.1\n"
         f"cafile {files['ca']}\ncertfile {files['broker_cert']}\nkeyfile {files['broker_key']}\n"
         "require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n"
         f"acl_file {acl}\npersistence false\nset_tcp_nodelay true\n"
-        "max_queued_messages 100000\nlog_dest stderr\n")
+        "max_queued_messages 100000\nlog_dest stderr\n"
+    )
     if os.geteuid() == 0:
         # mosquitto started as root drops to the mosquitto user, who must read its files.
         try:
@@ -166,18 +180,32 @@ def agent_config(files: dict[str, Path], port: int) -> dict[str, Any]:
         "control": {"read_group": False, "admin_group": False},
         "collectors": {
             "health": {"interval": "5s"},
-            "config": {"interval": "1m",
-                       "roots": [str(etc / "asterisk"), str(etc / "freepbx.conf"),
-                                 str(etc / "amportal.conf")],
-                       "exclude": [str(etc / "asterisk" / "keys") + "/**"],
-                       "never_read": [str(SAMPLE / "var" / "spool" / "asterisk")]},
+            "config": {
+                "interval": "1m",
+                "roots": [
+                    str(etc / "asterisk"),
+                    str(etc / "freepbx.conf"),
+                    str(etc / "amportal.conf"),
+                ],
+                "exclude": [str(etc / "asterisk" / "keys") + "/**"],
+                "never_read": [str(SAMPLE / "var" / "spool" / "asterisk")],
+            },
             # The sample CDRs are from March 2026: let the demo count them.
-            "callstats": {"interval": "5s", "bucket": "5m", "max_age": "3650d",
-                          "source": {"csv": str(SAMPLE / "var/log/asterisk/cdr-csv/Master.csv")}},
+            "callstats": {
+                "interval": "5s",
+                "bucket": "1h",
+                "max_age": "3650d",
+                "source": {"csv": str(SAMPLE / "var/log/asterisk/cdr-csv/Master.csv")},
+            },
         },
-        "uplink": {"broker": f"mqtts://localhost:{port}", "ca_file": str(files["box_ca"]),
-                   "cert_file": str(files["cert"]), "key_file": str(files["key"]),
-                   "heartbeat": "10s", "reconnect_max": "5s"},
+        "uplink": {
+            "broker": f"mqtts://localhost:{port}",
+            "ca_file": str(files["box_ca"]),
+            "cert_file": str(files["cert"]),
+            "key_file": str(files["key"]),
+            "heartbeat": "10s",
+            "reconnect_max": "5s",
+        },
     }
 
 
@@ -193,7 +221,9 @@ def wait_status(pred: Any, timeout: float = 15) -> dict[str, Any]:
         if st.get("running") and pred(st):
             return st
         if time.monotonic() > deadline:
-            raise SystemExit(f"the agent did not reach the expected state; log: {RUN / 'agent.log'}")
+            raise SystemExit(
+                f"the agent did not reach the expected state; log: {RUN / 'agent.log'}"
+            )
         time.sleep(0.2)
 
 
@@ -221,9 +251,14 @@ def main() -> int:
         log = (RUN / "agent.log").open("wb")
         agent = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "-c", str(RUN / "agent.yaml"), "run"],
-            stdout=log, stderr=log, cwd=REPO, env={**os.environ, "PBX_AGENT_LOG_FORMAT": "json"})
-        wait_status(lambda s: s["uplink"].get("state") == "connected"
-                    and s["outbox"]["delivered"] >= 3)
+            stdout=log,
+            stderr=log,
+            cwd=REPO,
+            env={**os.environ, "PBX_AGENT_LOG_FORMAT": "json"},
+        )
+        wait_status(
+            lambda s: s["uplink"].get("state") == "connected" and s["outbox"]["delivered"] >= 3
+        )
         time.sleep(2)
         say("4. What the customer sees: agentctl status")
         agentctl("status")
@@ -246,15 +281,14 @@ def main() -> int:
         wait_status(lambda s: s["uplink"].get("state") == "connected")
         time.sleep(1.5)
         noc.quiet = True
-        say("8. What would a configuration snapshot send? agentctl snapshot --dry-run (excerpt)")
-        out = agentctl("snapshot", "--dry-run", show=False)
-        print("$ agentctl snapshot --dry-run | grep -i -m8 'secret\\|password\\|redacted'")
-        shown = [ln for ln in out.stdout.splitlines()
-                 if any(w in ln.lower() for w in ("secret", "password", "redacted"))][:8]
+        say("8. What a full configuration snapshot sends: agentctl snapshot --dry-run --full")
+        out = agentctl("snapshot", "--dry-run", "--full", show=False)
+        print("$ agentctl snapshot --dry-run --full | grep -m10 redacted")
+        shown = [ln for ln in out.stdout.splitlines() if "<redacted:" in ln][:10]
         print(textwrap.indent("\n".join(shown) or "(nothing)", "  "))
         say("9. Call statistics the vendor receives: agentctl callstats (excerpt)")
         out = agentctl("callstats", "--since", "3650d", show=False)
-        print(textwrap.indent("\n".join(out.stdout.splitlines()[:16]), "  "))
+        print(textwrap.indent("\n".join(out.stdout.splitlines()[:14]), "  "))
         print(f"\nDone: the NOC received {noc.received} messages. Files: {RUN}")
     finally:
         if agent is not None:
