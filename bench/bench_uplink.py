@@ -22,6 +22,7 @@ import asyncio
 import cProfile
 import logging
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -36,6 +37,7 @@ import structlog
 from agent import control
 from agent.collectors.base import Record
 from agent.config import AgentConfig, PolicyConfig, loads
+from agent.errors import ControlError
 from agent.ledger import Ledger
 from agent.outbox import Outbox, Stored
 from agent.policy.classes import DataClass
@@ -52,6 +54,7 @@ DEVICE = "pbx-test-1"
 FLOOR_RATE = 5000.0
 FLOOR_RATIO = 0.6
 FLOOR_SWITCH_P99 = 0.5
+SETTLE = 0.1  # seconds connected before a flip
 
 
 class _Host:
@@ -176,8 +179,12 @@ def daemon_config(root: Path, pki: PKI, port: int, health: str) -> dict[str, Any
     return cfg
 
 
-def _connected(sock: Path) -> bool:
-    return bool(control.request(sock, "uplink-status")["uplink"]["state"] == "connected")
+def _connected(sock: Path, settled: float = 0.0) -> bool:
+    """Connected, and for at least ``settled`` seconds."""
+    up = control.request(sock, "uplink-status")["uplink"]
+    if up["state"] != "connected" or up["connected_since"] is None:
+        return False
+    return bool(time.time() - up["connected_since"] >= settled)
 
 
 def idle_rss_connected(pki: PKI, broker: Mosquitto, settle: float) -> float:
@@ -206,11 +213,20 @@ def switch_latency(pki: PKI, broker: Mosquitto, flips: int) -> tuple[list[float]
             agent.start()
             sock = agent.socket_path
             for i in range(flips):
-                wait_for(lambda: _connected(sock), timeout=15, interval=0.005, what=f"flip {i}")
+                # Settled for 100 ms: an `off` in the first milliseconds after connecting can
+                # hang forever (see _report_hang and the report); that is a finding, not a
+                # latency, so the latency runs keep clear of it.
+                wait_for(
+                    lambda: _connected(sock, SETTLE), timeout=15, interval=0.005, what=f"flip {i}"
+                )
                 if not relay.wait_connections(1, 5):
                     raise RuntimeError(f"flip {i}: the relay sees no connection")
                 t0 = time.perf_counter()
-                control.request(sock, "uplink", state="off")
+                try:
+                    control.request(sock, "uplink", state="off")
+                except ControlError:
+                    _report_hang(agent, i, time.perf_counter() - t0)
+                    raise
                 t1 = time.perf_counter()
                 if not relay.wait_closed(5):
                     raise RuntimeError(f"flip {i}: connection still open 5 s after off")
@@ -222,6 +238,16 @@ def switch_latency(pki: PKI, broker: Mosquitto, flips: int) -> tuple[list[float]
             agent.close()
             shutil.rmtree(root, ignore_errors=True)
     return replies, closed
+
+
+def _report_hang(agent: AgentProcess, flip: int, waited: float) -> None:
+    """Print what the daemon was doing when `uplink off` got no answer (a finding, not noise)."""
+    print(f"flip {flip}: no reply to `uplink off` within {waited:.1f} s", file=sys.stderr)
+    if agent.proc is not None and agent.proc.poll() is None:
+        agent.proc.send_signal(signal.SIGUSR1)  # faulthandler: every thread's stack
+        time.sleep(0.5)  # give it a moment to write the dump; a diagnostic, not a wait
+    print("daemon log (last 60 lines):", file=sys.stderr)
+    print("\n".join(agent.log().splitlines()[-60:]), file=sys.stderr)
 
 
 def pct(values: list[float], p: float) -> float:
