@@ -439,7 +439,7 @@ ts_values = (
 arbitrary_commands = st.fixed_dictionaries(
     {},
     optional={
-        "v": st.sampled_from([1, 2, 0, "1", None]) | json_value,
+        "v": st.sampled_from([1, 2, 0, 1.0, "1", None, True]) | json_value,
         "id": st.text(min_size=0, max_size=MAX_ID_LENGTH + 2) | json_value,
         "ts": ts_values,
         "cmd": st.sampled_from([*ALLOWED, "uplink", "switch", ""]) | json_value,
@@ -497,7 +497,7 @@ def _passes_checks(msg: dict[str, Any]) -> bool:
     if not (isinstance(ident, str) and 1 <= len(ident) <= MAX_ID_LENGTH):
         return False
     version = msg.get("v")
-    if isinstance(version, bool) or version != 1:
+    if type(version) is not int or version != 1:  # an integer 1: not true, not 1.0
         return False
     if msg.get("cmd") not in ALLOWED:
         return False

@@ -161,6 +161,23 @@ def test_put_failure_stores_nothing(box: Box) -> None:
     assert box.conn.execute("SELECT MAX(seq) FROM outbox").fetchone()[0] == 2
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="agent/outbox.py Outbox.put/delivered: the except branch calls ledger.reload(), which "
+    "raises sqlite3.ProgrammingError again on an unusable connection and masks the StateError",
+)
+def test_unusable_database_raises_state_error(box: Box) -> None:
+    """With the connection gone, put() and delivered() raise StateError, not sqlite3 errors."""
+    env = box.approve(1)
+    box.outbox.put(env)
+    items = box.outbox.pending(1)
+    box.conn.close()
+    with pytest.raises(StateError):
+        box.outbox.put(box.approve(2))
+    with pytest.raises(StateError):
+        box.outbox.delivered(items)
+
+
 def test_size_bound_drops_oldest_and_counts(tmp_path: Path) -> None:
     """Over max_bytes the oldest envelopes go, are counted, and leave "dropped" ledger entries."""
     b = Box(tmp_path / "state", max_bytes=10_000)
