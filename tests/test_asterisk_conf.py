@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path, PurePosixPath
 
 from hypothesis import given, settings
@@ -246,3 +247,68 @@ def test_fast_path_agrees_on_the_sample_corpus() -> None:
         ), f.name
         checked += 1
     assert checked >= 10
+
+
+_ORACLE_STRONG = re.compile(r"(?i)pass|secret|pwd|token|cred|key|pin")
+_ORACLE_CRED = re.compile(r"(?i)auth|regist|mwi")
+_CANDIDATE_TOKENS = st.sampled_from(
+    [
+        *"ab=:#@ \n",
+        "pass",
+        "PaSs",
+        "secret",
+        "pwd",
+        "token",
+        "cred",
+        "key",
+        "pin",
+        "auth",
+        "AUTH",
+        "regist",
+        "mwi",
+        "pa",
+        "ss",
+        "İ",
+        "ı",
+        "ſ",
+        "\u212a",
+        "é",
+        "ß",
+    ]
+)
+
+
+def _oracle_starts(text: str) -> list[int]:
+    """Line by line, with the rules' own case-insensitive regexes: the lines to look at."""
+    starts, pos = [], 0
+    for line in text.split("\n"):
+        marked = ":" in line or "#" in line
+        if (
+            _ORACLE_STRONG.search(line)
+            or ("@" in line and ":" in line)
+            or (marked and _ORACLE_CRED.search(line))
+        ):
+            starts.append(pos)
+        pos += len(line) + 1
+    return starts
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_CANDIDATE_TOKENS, max_size=80).map("".join), st.booleans())
+def test_fast_path_picks_the_lines_the_rules_would(text: str, padded: bool) -> None:
+    """The fast path's candidate lines are exactly those a line-by-line regex check picks."""
+    from agent.collectors.pbxconfig.filters import _candidate_starts
+
+    if padded:  # long text with few marks: the loop runs over the marks
+        text = "; padding line\n" * 80 + text
+    assert _candidate_starts(text) == _oracle_starts(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_CANDIDATE_TOKENS | st.sampled_from([";", "=>", "[", "]", "IAX2/"])).map("".join))
+def test_fast_path_agrees_with_line_by_line_beyond_ascii(text: str) -> None:
+    """With letters whose case rules are odd (İ ı ſ K), both paths still mask the same."""
+    text = text.replace(";--", "; -")
+    fast = redact_text(text, "asterisk", KEY).text
+    slow = redact_asterisk(text, Redactor(KEY), voicemail=False)
+    assert fast == slow

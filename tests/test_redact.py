@@ -323,3 +323,30 @@ def test_corpus_no_value_of_a_secret_key_survives() -> None:
                     assert cand.value not in rest, f"{name}:{i + 1}: {k} survived"
                     checked += 1
     assert checked > 40
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 65, 200])
+def test_fingerprint_is_hmac_sha256(size: int) -> None:
+    """The fingerprint is the first 12 hex digits of HMAC-SHA256 of the value, for any key size."""
+    import hmac
+
+    key = bytes((i * 7 + 1) % 256 for i in range(size))
+    r = Redactor(key)
+    for value in ("", "pw", "é\udcff", "x" * 300):
+        raw = value.encode("utf-8", "surrogateescape")
+        assert r.fingerprint(value) == hmac.digest(key, raw, "sha256")[:6].hex()
+
+
+@pytest.mark.parametrize("letter", ["İ", "ı", "ſ", "\u212a", "ß", "é"])
+@pytest.mark.parametrize("name", ["test.conf", "notes.txt", "voicemail.conf"])
+def test_non_ascii_letters_before_a_secret_leave_it_masked(letter: str, name: str) -> None:
+    """A letter whose lower case is longer ("İ") or folds to ASCII leaves no secret in clear."""
+    text = (
+        f"[general]\ncallerid = {letter * 5} <100>\n; {letter}{letter}\n"
+        "password=Hunter2secret\nsecret = Zq7Value ; note\n"
+        f"{letter * 3}=1\nregister => 100:R3gSecret@pbx.example.com\n"
+    )
+    out, _ = red(text, name)
+    for secret in ("Hunter2secret", "Zq7Value", "R3gSecret"):
+        assert secret not in out, (name, letter, secret)
+    assert out.count("\n") == text.count("\n")

@@ -29,6 +29,12 @@ FREEPBX_PHP = "freepbx-php"
 SHELL_VARS = "shell-vars"
 TEXT = "text"
 
+#: Bump on any change that can alter the redacted text of some input: results
+#: cached by an older version are then redacted again (see snapshot.key_id).
+#: 2: positions of trigger lines no longer shift after a "İ" (its lower case is
+#: two characters long), which let the line after it through unmasked.
+REDACTION_VERSION = 2
+
 #: Sections of voicemail.conf that hold settings; every other section holds mailboxes.
 VOICEMAIL_SETTINGS_SECTIONS = frozenset({"general", "zonemessages"})
 
@@ -76,58 +82,98 @@ def redact_text(text: str, kind: str, key: bytes) -> Redacted:
     elif kind == SHELL_VARS:
         out = freepbx.redact_shell(text, redactor)
     elif kind == TEXT:
-        out = _on_trigger_lines(text, lambda line: _text_line(line, redactor))
+        out = _on_trigger_lines(text, _text_line, redactor)
     elif kind == ASTERISK and ";--" not in text:
-        out = _on_trigger_lines(text, lambda line: _fast_asterisk_line(line, redactor))
+        out = _on_trigger_lines(text, _fast_asterisk_line, redactor)
     else:
         out = redact_asterisk(text, redactor, voicemail=kind == VOICEMAIL)
     return Redacted(out, Counter(redactor.fired))
 
 
+#: Lower case for the trigger words, one character for one. ``str.lower`` is not
+#: enough: it turns "İ" into two characters, which would shift every later position
+#: and point the fast path at the wrong lines (a secret line would then pass
+#: unmasked). The rules' regexes are Unicode case-insensitive, so the four
+#: non-ASCII letters they equate with ASCII ones (ı İ ſ K) are folded too.
+_FOLD: dict[int, int] = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)} | {
+    0x130: ord("i"),
+    0x131: ord("i"),
+    0x17F: ord("s"),
+    0x212A: ord("k"),
+}
+
+
+def _fold(text: str) -> str:
+    """``text`` lower-cased for matching ASCII words; ``fold(t)[i]`` stands for ``t[i]``."""
+    if text.isascii():
+        return text.lower()
+    return text.translate(_FOLD)
+
+
+def _lines_holding(low: str, needle: str, also: tuple[str, ...], starts: set[int]) -> None:
+    """Add to ``starts`` the start of each line of ``low`` holding ``needle``
+    and, when ``also`` is not empty, one of the strings in ``also``."""
+    find = low.find
+    pos = find(needle)
+    while pos >= 0:
+        start = low.rfind("\n", 0, pos) + 1
+        end = find("\n", pos)
+        stop = len(low) if end < 0 else end
+        if not also or any(find(a, start, stop) >= 0 for a in also):
+            starts.add(start)
+        if end < 0:
+            return
+        pos = find(needle, end)
+
+
+#: Words that count only on a line that also holds one of the marks.
+_WORDS_WITH_MARKS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("@",), (":",)),
+    (_CRED_WORDS, (":", "#")),
+)
+
+
 def _candidate_starts(text: str) -> list[int]:
-    """Starts of the lines any rule could change (a superset; see the words above)."""
-    low = text.lower()
+    """Starts of the lines any rule could change (a superset; see the words above).
+
+    Python pays per occurrence found, so for the words that count only next to a
+    mark the loop runs over whichever is rarer in this file, the words or the
+    marks: both find the same lines.
+    """
+    low = _fold(text)
     starts: set[int] = set()
-
-    def scan(word: str, needs: str) -> None:
-        pos = low.find(word)
-        while pos >= 0:
-            start = low.rfind("\n", 0, pos) + 1
-            end = low.find("\n", pos)
-            stop = len(low) if end < 0 else end
-            if start not in starts and (
-                not needs
-                or low.find(needs[0], start, stop) >= 0
-                or (len(needs) > 1 and low.find(needs[1], start, stop) >= 0)
-            ):
-                starts.add(start)
-            if end < 0:
-                break
-            pos = low.find(word, end)
-
     for word in _SECRET_WORDS:
-        scan(word, "")
-    scan("@", ":")
-    for word in _CRED_WORDS:
-        scan(word, ":#")
+        _lines_holding(low, word, (), starts)
+    for words, marks in _WORDS_WITH_MARKS:
+        n_marks = sum(low.count(m) for m in marks)
+        if n_marks == 0:
+            continue
+        # Few marks (at most one per KiB): looping over them is cheaper than
+        # counting the words, which costs a pass over the text per word.
+        by_marks = n_marks * 1024 <= len(low) or n_marks < sum(low.count(w) for w in words)
+        pairs = [(m, words) for m in marks] if by_marks else [(w, marks) for w in words]
+        for needle, also in pairs:
+            _lines_holding(low, needle, also, starts)
     return sorted(starts)
 
 
-def _on_trigger_lines(text: str, fix: Callable[[str], str]) -> str:
+def _on_trigger_lines(text: str, fix: Callable[[str, Redactor], str], redactor: Redactor) -> str:
     """Apply ``fix`` to each candidate line; other lines are copied as they are."""
     starts = _candidate_starts(text)
     if not starts:
         return text
     out: list[str] = []
+    append = out.append
+    find = text.find
     last = 0
     for start in starts:
-        end = text.find("\n", start)
+        end = find("\n", start)
         if end < 0:
             end = len(text)
-        out.append(text[last:start])
-        out.append(fix(text[start:end]))
+        append(text[last:start])
+        append(fix(text[start:end], redactor))
         last = end
-    out.append(text[last:])
+    append(text[last:])
     return "".join(out)
 
 
