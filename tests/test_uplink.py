@@ -241,3 +241,21 @@ def test_commands(agent: AgentProcess, noc: NocListener) -> None:
     assert status["switch"]["state"] == "on"
     audit = agent.ctl("audit", "--kind", "command", "--json")
     assert len(audit.stdout.splitlines()) == 7
+
+
+def test_off_right_after_connect_never_hangs(tmp_path: Path, pki: PKI, broker: Mosquitto) -> None:
+    """`uplink off` the instant the link comes up still closes it promptly, every time."""
+    with Relay(broker.host, broker.port) as relay:
+        a = AgentProcess(tmp_path, uplink_config(tmp_path, pki, "localhost", relay.port))
+        try:
+            a.start()
+            sock = a.socket_path
+            for i in range(20):
+                relay.wait_connections(1, timeout=10)
+                t0 = time.monotonic()
+                control.request(sock, "uplink", state="off", timeout=5)
+                assert time.monotonic() - t0 < 3, f"flip {i}: off took too long"
+                assert relay.wait_closed(0.25), f"flip {i}: connection still open"
+                control.request(sock, "uplink", state="on")
+        finally:
+            a.close()

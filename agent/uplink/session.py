@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -139,11 +140,44 @@ class UplinkSession:
                     await client.publish(f"{self.prefix}/status", b"severed", qos=1, retain=True)
             except (TimeoutError, aiomqtt.MqttError):
                 pass  # the customer's word wins over telling the NOC why
-        session.cancel()
-        await asyncio.wait({session})
+        if client is not None:
+            await self._disconnect_now(client)
+        # Python 3.11's asyncio.wait_for (which aiomqtt uses) can swallow a cancellation
+        # that lands just as its future completes: cancel until the session has ended.
+        while not session.done():
+            session.cancel()
+            await asyncio.wait({session}, timeout=0.1)
         await self._closed.wait()
         self.state = "severed"
         log.warning("uplink_severed_by_customer")
+
+    async def _abandon(self, client: aiomqtt.Client, connect_done: threading.Event) -> None:
+        """After a failed or cancelled connect: wait for paho's thread, close what it opened."""
+        deadline = time.monotonic() + self.cfg.connect_timeout
+        cancelled = False
+        # paho offers nothing to await here; poll briefly (a loopback handshake takes ms).
+        while not connect_done.is_set() and time.monotonic() < deadline:
+            try:
+                await asyncio.sleep(0.005)
+            except asyncio.CancelledError:
+                cancelled = True  # sever() cancels repeatedly; finish closing first
+        paho = client._client
+        if paho.socket() is not None:
+            paho._sock_close()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _disconnect_now(self, client: aiomqtt.Client) -> None:
+        """Send DISCONNECT (so the broker keeps ``severed``, not the will) and close the socket."""
+        paho = client._client
+        if paho.socket() is not None:
+            paho.disconnect()  # queued; paho closes the socket once it is written
+            deadline = time.monotonic() + DISCONNECT_TIMEOUT
+            # paho offers nothing to await for "written and closed": poll briefly.
+            while paho.socket() is not None and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        if paho.socket() is not None:
+            paho._sock_close()  # the broker did not take it in time: close regardless
 
     async def run(self) -> None:
         """Connect, deliver and reconnect with capped, jittered backoff, until cancelled."""
@@ -164,7 +198,7 @@ class UplinkSession:
                 raise
             exc = None if self._session.cancelled() else self._session.exception()
             self._session = None
-            if exc is None:
+            if exc is None or not self.switch_on():
                 continue  # severed by the customer: the loop waits for the switch
             if not isinstance(exc, AgentError):
                 raise exc  # a bug: the supervisor logs it and restarts us
@@ -200,10 +234,25 @@ class UplinkSession:
             will=aiomqtt.Will(f"{self.prefix}/status", b"offline", qos=1, retain=True),
             max_inflight_messages=cfg.max_inflight,
             timeout=cfg.connect_timeout,
+            # Without it, pipelined QoS 1 publishes wait on Nagle's algorithm for their turn.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         client.pending_calls_threshold = 1_000_000
         self.state = "connecting"
         self._closed.clear()
+        # paho's blocking connect (TCP and TLS handshake) runs in a worker thread that a
+        # cancellation cannot stop; knowing when it ends lets an abandoned attempt close
+        # the socket it opened instead of leaving it to finish behind the switch's back.
+        connect_done = threading.Event()
+        raw_connect = client._client_connect
+
+        def connect_then_flag() -> None:
+            try:
+                raw_connect()
+            finally:
+                connect_done.set()
+
+        client._client_connect = connect_then_flag  # type: ignore[method-assign]
         try:
             await tls.connect_client(
                 client,
@@ -213,18 +262,21 @@ class UplinkSession:
                 connect_timeout=cfg.connect_timeout,
             )
         except BaseException:
-            self._closed.set()
+            try:
+                await self._abandon(client, connect_done)
+            finally:
+                self._closed.set()
             raise
         self._client = client
         self.connects += 1
-        self.connected_since = time.time()
-        self.state = "connected"
-        self.last_error = None
-        log.info("uplink_connected", broker=cfg.broker, device_id=self.device_id)
         try:
             acks = _Acks(client._client)  # aiomqtt has no public PUBACK reason codes
             await client.publish(f"{self.prefix}/status", b"online", qos=1, retain=True)
             await client.subscribe(f"{self.prefix}/cmd", qos=1)
+            self.connected_since = time.time()
+            self.state = "connected"
+            self.last_error = None
+            log.info("uplink_connected", broker=cfg.broker, device_id=self.device_id)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._deliver(client, acks), name="uplink-deliver")
                 tg.create_task(self._heartbeat(client), name="uplink-heartbeat")
@@ -236,8 +288,10 @@ class UplinkSession:
         finally:
             self._client = None
             self.connected_since = None
-            await self._close(client, offline=not self.switch_on())
-            self._closed.set()
+            try:
+                await self._close(client, offline=not self.switch_on())
+            finally:
+                self._closed.set()  # even when a second cancellation lands inside _close
 
     async def _close(self, client: aiomqtt.Client, *, offline: bool) -> None:
         """Disconnect cleanly if we can, and close the socket whatever happens."""
