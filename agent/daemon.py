@@ -146,7 +146,6 @@ class Daemon:
             policy=config.policy,
             switch_on=lambda: self.switch.on,
             last_seq=self.outbox.last_seq,
-            secret_check=_secret_check(),
         )
         self.runs: dict[str, CollectorRun] = {}
         self.uplink: Uplink | None = None
@@ -457,18 +456,6 @@ def _with(config: AgentConfig, **changes: Any) -> AgentConfig:
     import dataclasses
 
     return dataclasses.replace(config, **changes)
-
-
-def _secret_check() -> Callable[[str], str | None] | None:
-    try:
-        from agent.policy.redact import find_secret_material
-    except ImportError:
-        return _pem_check
-    return find_secret_material
-
-
-def _pem_check(text: str) -> str | None:
-    return "a PEM private key block" if "PRIVATE KEY-----" in text else None
 
 
 def run(config_path: Path, log_level: str | None = None) -> int:

@@ -56,6 +56,7 @@ class Verdict:
     entries: int
     broken_at: int | None = None
     reason: str | None = None
+    head: str | None = None  # hash of the last entry checked
 
 
 class Ledger:
@@ -81,6 +82,25 @@ class Ledger:
         self._last_n, self._last_hash = n, digest
         return entry
 
+    def append_many(self, kind: str, datas: list[dict[str, Any]]) -> None:
+        """Append several entries of one kind in one statement (inside the caller's transaction)."""
+        rows = []
+        n, prev = self._last_n, self._last_hash
+        ts = time.time()
+        for data in datas:
+            n += 1
+            text = canonical(data)
+            digest = entry_hash(prev, n, ts, kind, text)
+            rows.append((n, ts, kind, text, prev, digest))
+            prev = digest
+        self.conn.executemany("INSERT INTO ledger VALUES (?, ?, ?, ?, ?, ?)", rows)
+        self._last_n, self._last_hash = n, prev
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """The last entry's number and hash: what a customer can note to detect a rewrite."""
+        return self._last_n, self._last_hash
+
     def record(self, kind: str, data: dict[str, Any]) -> Entry:
         """Append one entry in a transaction of its own."""
         with Transaction(self.conn):
@@ -91,8 +111,11 @@ class Ledger:
                 raise
 
     def reload(self) -> None:
-        """Re-read the head after a rolled-back transaction."""
-        row = self.conn.execute("SELECT n, hash FROM ledger ORDER BY n DESC LIMIT 1").fetchone()
+        """Re-read the head after a rolled-back transaction (quietly, if the database is gone)."""
+        try:
+            row = self.conn.execute("SELECT n, hash FROM ledger ORDER BY n DESC LIMIT 1").fetchone()
+        except sqlite3.Error:
+            return  # the caller is already reporting why; nothing more to learn here
         self._last_n = int(row[0]) if row else 0
         self._last_hash = str(row[1]) if row else GENESIS
 
@@ -158,4 +181,4 @@ def verify(conn: sqlite3.Connection) -> Verdict:
         if entry_hash(prev, n, ts, kind, data) != digest:
             return Verdict(False, count, n, "its content does not match its hash (edited)")
         prev, expected_n, count = digest, n + 1, count + 1
-    return Verdict(True, count)
+    return Verdict(True, count, head=prev if count else None)

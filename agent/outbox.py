@@ -19,7 +19,7 @@ import structlog
 
 from agent.errors import StateError
 from agent.ledger import Ledger, Transaction
-from agent.policy.gate import Envelope
+from agent.policy.gate import Envelope, approved
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +58,7 @@ class Outbox:
 
     def put(self, envelope: Envelope) -> None:
         """Store an approved envelope durably; drops the oldest if over the bound."""
-        if type(envelope) is not Envelope:
+        if not approved(envelope):
             raise TypeError("the outbox accepts only envelopes approved by the policy gate")
         size = len(envelope.payload)
         try:
@@ -129,25 +129,33 @@ class Outbox:
         """Delete acknowledged envelopes and write their ledger entries in one transaction."""
         if not items:
             return
-        freed, removed = 0, 0
+        seqs = [(item.seq,) for item in items]
         try:
             with Transaction(self.conn) as c:
-                for item in items:
-                    cur = c.execute("DELETE FROM outbox WHERE seq = ?", (item.seq,))
-                    if cur.rowcount == 0:
-                        continue  # already dropped by the size bound while in flight
-                    removed += 1
-                    freed += len(item.payload)
-                    self.ledger.append(
-                        "delivered",
+                # Only those still queued count: the size bound may have dropped some in flight.
+                present: set[int] = set()
+                for start in range(0, len(seqs), 500):  # under SQLite's bound-variable limit
+                    chunk = [s for (s,) in seqs[start : start + 500]]
+                    marks = ",".join("?" * len(chunk))
+                    query = f"SELECT seq FROM outbox WHERE seq IN ({marks})"  # noqa: S608 -- only ? marks
+                    present.update(row[0] for row in c.execute(query, chunk))
+                gone = [item for item in items if item.seq in present]
+                c.executemany("DELETE FROM outbox WHERE seq = ?", ((i.seq,) for i in gone))
+                self.ledger.append_many(
+                    "delivered",
+                    [
                         {
-                            "id": item.id,
-                            "class": item.data_class,
-                            "seq": item.seq,
-                            "size": len(item.payload),
-                            "sha256": hashlib.sha256(item.payload).hexdigest(),
-                        },
-                    )
+                            "id": i.id,
+                            "class": i.data_class,
+                            "seq": i.seq,
+                            "size": len(i.payload),
+                            "sha256": hashlib.sha256(i.payload).hexdigest(),
+                        }
+                        for i in gone
+                    ],
+                )
+                removed = len(gone)
+                freed = sum(len(i.payload) for i in gone)
                 c.execute(
                     "INSERT OR REPLACE INTO meta VALUES ('delivered', ?)",
                     (self.delivered_total + removed,),

@@ -161,11 +161,6 @@ def test_put_failure_stores_nothing(box: Box) -> None:
     assert box.conn.execute("SELECT MAX(seq) FROM outbox").fetchone()[0] == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/outbox.py Outbox.put/delivered: the except branch calls ledger.reload(), which "
-    "raises sqlite3.ProgrammingError again on an unusable connection and masks the StateError",
-)
 def test_unusable_database_raises_state_error(box: Box) -> None:
     """With the connection gone, put() and delivered() raise StateError, not sqlite3 errors."""
     env = box.approve(1)

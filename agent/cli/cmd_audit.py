@@ -46,11 +46,15 @@ def run(args: argparse.Namespace) -> int:
                             "entries": verdict.entries,
                             "broken_at": verdict.broken_at,
                             "reason": verdict.reason,
+                        "head": verdict.head,
                         }
                     )
                 )
             elif verdict.ok:
                 print(f"ledger ok: {verdict.entries} entries, chain intact")
+                if verdict.head:
+                    # Noting this lets a customer detect a later rewrite of the whole chain.
+                    print(f"head: entry {verdict.entries} {verdict.head}")
             else:
                 print(
                     f"ledger BROKEN at entry {verdict.broken_at}: {verdict.reason} "

@@ -54,7 +54,7 @@ def iso_now(now: float) -> str:
 class Envelope:
     """An approved record, ready to send. Only :class:`Gate` can make one."""
 
-    __slots__ = ("data_class", "id", "payload", "seq", "ts")
+    __slots__ = ("_seal", "data_class", "id", "payload", "seq", "ts")
     id: str
     ts: str
     data_class: DataClass
@@ -72,6 +72,7 @@ class Envelope:
         set_(self, "data_class", data_class)
         set_(self, "seq", seq)
         set_(self, "payload", payload)
+        set_(self, "_seal", _GATE_KEY)  # absent on an instance made by __new__ alone
 
     def __setattr__(self, name: str, value: object) -> None:
         # What the gate approved is what the outbox stores: no swapping the payload after.
@@ -84,6 +85,11 @@ class Envelope:
         return f"<Envelope {self.data_class} seq={self.seq} id={self.id} {len(self.payload)}B>"
 
 
+def approved(envelope: object) -> bool:
+    """Whether ``envelope`` is an Envelope that went through the gate's constructor."""
+    return type(envelope) is Envelope and getattr(envelope, "_seal", None) is _GATE_KEY
+
+
 class Gate:
     """Approves records against the policy, the switch and NOC narrowing."""
 
@@ -93,7 +99,7 @@ class Gate:
         policy: PolicyConfig,
         switch_on: Callable[[], bool],
         last_seq: int,
-        secret_check: Callable[[str], str | None] | None = None,
+        secret_check: Callable[[str], str | None] | None = None,  # None: redact's own check
     ) -> None:
         self.policy = policy
         self._switch_on = switch_on
@@ -101,6 +107,10 @@ class Gate:
         self.narrowed: set[DataClass] = set()
         self.refused: Counter[tuple[str, str]] = Counter()
         self.approved: Counter[str] = Counter()
+        if secret_check is None:
+            from agent.policy.redact import find_secret_material
+
+            secret_check = find_secret_material
         self._secret_check = secret_check
 
     def set_policy(self, policy: PolicyConfig) -> None:
@@ -128,14 +138,13 @@ class Gate:
         body_text = json.dumps(
             record.body, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         )
-        if self._secret_check is not None:
-            found = self._secret_check(body_text)
-            if found is not None:
-                self.refused[(str(record.data_class), "secret-material")] += 1
-                log.error(
-                    "gate_refused_secret_material", data_class=str(record.data_class), reason=found
-                )
-                raise PolicyError(f"{record.data_class}: body holds secret material ({found})")
+        found = self._secret_check(body_text)
+        if found is not None:
+            self.refused[(str(record.data_class), "secret-material")] += 1
+            log.error(
+                "gate_refused_secret_material", data_class=str(record.data_class), reason=found
+            )
+            raise PolicyError(f"{record.data_class}: body holds secret material ({found})")
         seq = self._seq + 1
         payload = (
             f'{{"v":{SCHEMA_VERSION},"id":"{envelope_id}","ts":"{ts}",'
