@@ -337,3 +337,42 @@ def test_unreadable_source_is_reported(tmp_path: Path) -> None:
     c = collector(csv, tmp_path / "state")
     with pytest.raises(CollectorError, match="permission denied"):
         run(c, Sink())
+
+
+def test_hot_loop_equals_aggregator_add_row_by_row() -> None:
+    """ingest_chunk's inlined counting leaves exactly the bucket state Aggregator.add leaves."""
+    from agent.collectors.callstats.aggregate import Aggregator
+    from agent.collectors.callstats.cdr import DateParser
+    from agent.collectors.callstats.csv_source import ingest_chunk
+    from agent.collectors.callstats.directions import Classifier
+
+    calls = make_calls(800, start=T0, span=2 * 3600, seed=11)
+    # Zero-length calls, calls ending on a bucket boundary and calls spanning many buckets.
+    calls += [
+        Call(T0 + 7, 0, 0, "FAILED", "outbound", "provider-a", "1001", "5551"),
+        Call(T0 + 20, BUCKET - 20, 250, "ANSWERED", "inbound", "provider-b", "1002", "5552"),
+        Call(T0 + 40, 5 * BUCKET, 1400, "ANSWERED", "internal", None, "1003", "5553"),
+    ]
+    settings = CallstatsSettings(csv=Path("Master.csv"))
+    fast = Aggregator(BUCKET, lambda start: None)
+    skipped: dict[str, int] = {}
+    rows, _ = ingest_chunk(
+        csv_bytes(calls),
+        fast,
+        Classifier(settings),
+        DateParser(utc=False),
+        cutoff=0,
+        skipped=skipped,
+    )
+    assert rows == len(calls) and skipped == {}
+    slow = Aggregator(BUCKET, lambda start: None)
+    classify = Classifier(settings)
+    for seq, c in enumerate(calls, 1):
+        f = fields(c, seq)
+        direction, trunk = classify.classify(str(f[3]), str(f[5]), str(f[6]))
+        hour = time.strftime("%H", time.localtime(c.start))
+        slow.add(c.start, c.end, c.duration, c.billsec, c.disposition, direction, trunk, hour, 0)
+    assert fast.buckets.keys() == slow.buckets.keys()
+    for start, b in fast.buckets.items():
+        assert b.to_state() == slow.buckets[start].to_state()
+        assert b.peak() == slow.buckets[start].peak()

@@ -52,7 +52,8 @@ from agent.collectors.callstats.cdr import ANSWERED, DISPOSITIONS
 from agent.collectors.callstats.directions import OTHER
 
 SCHEMA: Final = "callstats/1"
-_KNOWN_DISPOSITIONS: Final = frozenset(DISPOSITIONS)
+#: Dispositions counted by name (the CSV hot loop uses it too); others count as OTHER.
+KNOWN_DISPOSITIONS: Final = frozenset(DISPOSITIONS)
 #: A call longer than this adds to the peak of at most this many later buckets.
 MAX_SPAN_SECONDS: Final = 86400
 
@@ -207,7 +208,7 @@ class Aggregator:
             self.touched.add(b0)
             b.duration += duration
             b.billsec += billsec
-            if disposition not in _KNOWN_DISPOSITIONS:
+            if disposition not in KNOWN_DISPOSITIONS:
                 disposition = OTHER
             key = (direction, trunk, disposition, hour)
             c = b.combos

@@ -56,6 +56,9 @@ I_DURATION: Final = 12
 I_BILLSEC: Final = 13
 I_DISPOSITION: Final = 14
 
+#: The seconds field of a ``%T`` time (60: a leap second) → its value; nothing else.
+SECONDS: Final = {f"{i:02d}": i for i in range(61)}
+
 #: ast_cdr_disp2str's values; anything else is counted as OTHER.
 DISPOSITIONS: Final = ("ANSWERED", "NO ANSWER", "BUSY", "FAILED", "CONGESTION")
 ANSWERED: Final = "ANSWERED"
