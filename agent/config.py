@@ -17,12 +17,10 @@ from agent.collectors.callstats.settings import parse_settings as parse_callstat
 from agent.collectors.pbxconfig.settings import SnapshotSettings
 from agent.collectors.pbxconfig.settings import parse_settings as parse_snapshot
 from agent.confreader import LineMap, Problems, Section, load_yaml, parse_yaml
+from agent.paths import CONTROL_SOCKET_NAME, DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR
 from agent.policy.classes import HARD_DENIED, DataClass
 
 DEFAULT_CONFIG_PATH = Path("/etc/pbx-agent/agent.yaml")
-DEFAULT_STATE_DIR = Path("/var/lib/pbx-agent")
-DEFAULT_RUNTIME_DIR = Path("/run/pbx-agent")
-CONTROL_SOCKET_NAME = "control.sock"
 
 # An MQTT topic level and a certificate CN both have to hold it: keep it plain.
 DEVICE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"

@@ -20,9 +20,8 @@ import pwd
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from agent.errors import ControlError, DaemonNotRunning, PermissionDenied
 
@@ -33,8 +32,7 @@ PROTOCOL_VERSION = 1
 CLIENT_TIMEOUT = 10.0
 
 
-@dataclass(frozen=True, slots=True)
-class Peer:
+class Peer(NamedTuple):
     """The process at the other end of the socket, as the kernel reports it."""
 
     pid: int
@@ -72,8 +70,7 @@ def group_id(name: str | None) -> int | None:
 Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):
     """A control command: its handler and whether it changes anything."""
 
     handler: Handler

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 
@@ -13,6 +12,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o640) -> None:
     Write to a temporary file in the same folder, fsync it, rename it over the
     target, then fsync the folder so the rename itself survives power loss.
     """
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, mode)

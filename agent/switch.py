@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.errors import StateError
 from agent.fsutil import atomic_write
@@ -23,8 +22,7 @@ SWITCH_FILE = "uplink-switch.json"
 HISTORY_KEPT = 50
 
 
-@dataclass(frozen=True, slots=True)
-class Flip:
+class Flip(NamedTuple):
     """One change of the switch."""
 
     state: str  # "on" or "off"
@@ -33,12 +31,11 @@ class Flip:
     via: str  # "agentctl" (direct file write) or "daemon" (over the control socket)
 
 
-@dataclass(frozen=True, slots=True)
-class SwitchState:
+class SwitchState(NamedTuple):
     """The switch as read from disk."""
 
     on: bool
-    history: tuple[Flip, ...] = field(default=())
+    history: tuple[Flip, ...] = ()
     error: str | None = None  # why the file could not be trusted (then on is False)
 
     @property
@@ -54,7 +51,7 @@ class SwitchState:
             "changed_at": last.at if last else None,
             "changed_by_uid": last.uid if last else None,
             "error": self.error,
-            "history": [asdict(f) for f in self.history[-10:]],
+            "history": [f._asdict() for f in self.history[-10:]],
         }
 
 
@@ -91,7 +88,7 @@ def write_switch(state_dir: Path, on: bool, *, uid: int, via: str) -> SwitchStat
     current = read_switch(state_dir)
     flip = Flip(state="on" if on else "off", at=time.time(), uid=uid, via=via)
     history = (*current.history, flip)[-HISTORY_KEPT:]
-    payload = {"state": flip.state, "history": [asdict(f) for f in history]}
+    payload = {"state": flip.state, "history": [f._asdict() for f in history]}
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(switch_path(state_dir), json.dumps(payload, indent=1).encode(), 0o644)

@@ -10,7 +10,6 @@ when no fingerprint key exists yet a throwaway one is used (and said so).
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import sys
 import time
@@ -98,6 +97,8 @@ def _print_dry_run(plan: Any, *, show_content: bool) -> int:
 
 
 def _print_diff(plan: Any, store: Any) -> int:
+    import difflib
+
     out = sys.stdout
     if plan.base is None:
         out.write("no snapshot has been sent yet: the next one is full\n")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
-from importlib import metadata
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -15,6 +13,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def versions() -> dict[str, str]:
     """The agent's version and those of the libraries that shape its behaviour."""
+    import platform
+    from importlib import metadata  # 30+ ms to import: only when versions are asked for
+
     from agent import __version__
 
     out = {"pbx-agent": __version__, "python": platform.python_version()}

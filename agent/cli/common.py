@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.errors import EX_USAGE, AgentError
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig, PathsConfig
+    from agent.config import AgentConfig
+    from agent.paths import Paths
 
 
 class UsageError(AgentError):
@@ -27,44 +27,20 @@ def load_config(args: argparse.Namespace) -> AgentConfig:
     return load(args.config)
 
 
-def load_paths(args: argparse.Namespace) -> PathsConfig:
+def load_paths(args: argparse.Namespace) -> Paths:
     """The state and runtime folders, even when the rest of the configuration is broken.
 
     ``agentctl status`` and ``uplink off`` must work while an administrator is
-    in the middle of editing the file: if it does not validate, warn, and take
-    the two paths from it as best we can (or the defaults).
+    in the middle of editing the file; ``agentctl config check`` reports the rest.
     """
     import sys
 
-    from agent.config import PathsConfig, load
-    from agent.errors import ConfigError
+    from agent.paths import read_paths
 
-    try:
-        return load(args.config).paths
-    except ConfigError as exc:
-        print(
-            f"agentctl: warning: the configuration has problems (agentctl config check "
-            f"shows them): {exc.problems[0]}",
-            file=sys.stderr,
-        )
-    from agent.confreader import Problems, Section, load_yaml
-
-    try:
-        data = load_yaml(args.config)
-    except ConfigError:
-        return PathsConfig()
-    paths = Section(data, "", Problems(args.config)).section("paths")
-    defaults = PathsConfig()
-    state = paths.raw("state_dir")
-    runtime = paths.raw("runtime_dir")
-    return PathsConfig(
-        state_dir=Path(state)
-        if isinstance(state, str) and state.startswith("/")
-        else defaults.state_dir,
-        runtime_dir=Path(runtime)
-        if isinstance(runtime, str) and runtime.startswith("/")
-        else defaults.runtime_dir,
-    )
+    paths, warning = read_paths(args.config)
+    if warning is not None:
+        print(f"agentctl: warning: {warning}", file=sys.stderr)
+    return paths
 
 
 def parse_since(text: str) -> float:
