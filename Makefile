@@ -66,6 +66,8 @@ install: ## (root) install the agent as a systemd service
 	getent group pbx-agent-admin >/dev/null || groupadd --system pbx-agent-admin
 	getent passwd pbx-agent >/dev/null || useradd --system --gid pbx-agent --home-dir $(STATEDIR) \
 	  --no-create-home --shell /usr/sbin/nologin pbx-agent
+	@# The CDR files and /etc/asterisk belong to group asterisk on FreePBX: read access only.
+	@if getent group asterisk >/dev/null; then usermod -a -G asterisk pbx-agent; fi
 	$(PYTHON) -m venv $(PREFIX)/venv
 	$(PREFIX)/venv/bin/pip install -q .
 	install -m 0644 README.md $(PREFIX)/README.md
@@ -77,15 +79,15 @@ install: ## (root) install the agent as a systemd service
 	install -d -m 0750 -o pbx-agent -g pbx-agent $(STATEDIR)
 	install -m 0644 systemd/pbx-agent.service $(UNITDIR)/pbx-agent.service
 	ln -sf $(PREFIX)/venv/bin/agentctl /usr/local/bin/agentctl
-	-systemctl daemon-reload
+	@systemctl daemon-reload 2>/dev/null || echo "(systemd is not running here: the unit is installed for the next boot)"
 	@echo "installed; edit $(CONFDIR)/agent.yaml, then: systemctl enable --now pbx-agent"
 
 .PHONY: uninstall
 uninstall: ## (root) remove the service; PURGE=1 also removes configuration and state
-	-systemctl disable --now pbx-agent 2>/dev/null
+	@systemctl disable --now pbx-agent 2>/dev/null || true
 	rm -f $(UNITDIR)/pbx-agent.service /usr/local/bin/agentctl
 	rm -rf $(PREFIX)
-	-systemctl daemon-reload
+	@systemctl daemon-reload 2>/dev/null || true
 	@if [ "$(PURGE)" = 1 ]; then rm -rf $(CONFDIR) $(STATEDIR); \
 	  userdel pbx-agent 2>/dev/null; groupdel pbx-agent-admin 2>/dev/null; groupdel pbx-agent 2>/dev/null; \
 	  echo "removed configuration, state, user and groups"; \
