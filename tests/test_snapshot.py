@@ -396,3 +396,103 @@ def test_logs_never_hold_a_secret(tree: Tree) -> None:
     assert logs  # the runs were logged
     for planted in ("L0gLeak", "Fx9!kTq2vLw8Rz", "aMgRp4ss2a7c1e", "8152"):
         assert planted not in text
+
+
+def _ok_paths(bodies: list[dict[str, Any]]) -> set[str]:
+    return {e["path"] for b in bodies for e in b.get("manifest", []) if e["status"] == "ok"}
+
+
+def test_first_rescan_after_a_restart_reads_no_file(tree: Tree) -> None:
+    """A new collector over an unchanged tree takes every result from the state file."""
+    tree.run(tree.collector())
+    c = tree.collector()
+    assert tree.run(c) == []
+    assert c.status()["files_read"] == 0 and c.status()["files_scanned"] > 10
+
+
+def test_change_right_after_a_restart_is_sent(tree: Tree) -> None:
+    """The cache read back after a restart still notices an edited file (stamp differs)."""
+    tree.run(tree.collector())
+    path = tree.etc / "globals_custom.conf"
+    path.write_text(path.read_text() + "NEWVAR = 1\n")
+    bodies = tree.run(tree.collector())
+    assert [e["path"] for e in bodies[0]["manifest"]] == [str(path)]
+    assert "NEWVAR = 1" in contents(bodies)[str(path)]
+
+
+def test_forced_full_after_a_restart_takes_content_from_the_cache(tree: Tree) -> None:
+    """A full snapshot right after a restart reads no file and sends the same texts."""
+    first = contents(tree.run(tree.collector()))
+    c = tree.collector()
+    again = tree.run(c, reason="command")
+    assert c.status()["files_read"] == 0
+    assert contents(again) == first
+
+
+def _age_cache_rows(tree: Tree, sql: str = "", args: tuple[Any, ...] = ()) -> None:
+    """Make the state look written by the version before REDACTION_VERSION 2."""
+    db = snapshot.Store(tree.state / snapshot.STATE_DB)
+    with db._tx() as conn:
+        conn.execute("UPDATE cache SET key_id = substr(key_id, 1, 16)")
+        if sql:
+            conn.execute(sql, args)
+    db.close()
+
+
+def test_upgrade_redacts_again_and_resends_nothing_unchanged(tree: Tree) -> None:
+    """State from an older redaction version: every file is read again, nothing is resent."""
+    first = tree.run(tree.collector())
+    _age_cache_rows(tree)
+    c = tree.collector()
+    assert tree.run(c) == []
+    assert c.status()["files_read"] == len(_ok_paths(first))
+    assert tree.run(c) == [] and c.status()["files_read"] == 0  # and cached anew
+
+
+def test_upgrade_replaces_what_an_older_version_got_wrong(tree: Tree) -> None:
+    """A result cached (and sent) by an older version is redone; the corrected file is sent."""
+    tree.run(tree.collector())
+    path = str(tree.etc / "pjsip.auth.conf")
+    bad = "password=Fx9!kTq2vLw8Rz\n"  # what a faulty older version might have cached and sent
+    db = snapshot.Store(tree.state / snapshot.STATE_DB)
+    row = json.loads(db._rows("SELECT entry FROM cache WHERE path = ?", (path,))[0][0])
+    db.close()
+    bad_entry = {**row, "digest": "sha256:0"}
+    _age_cache_rows(
+        tree,
+        "UPDATE cache SET entry = ?, content = ? WHERE path = ?",
+        (json.dumps(bad_entry), snapshot._pack(bad), path),
+    )
+    db = snapshot.Store(tree.state / snapshot.STATE_DB)
+    with db._tx() as conn:
+        conn.execute("UPDATE sent SET entry = ? WHERE path = ?", (json.dumps(bad_entry), path))
+    db.close()
+    bodies = tree.run(tree.collector())
+    assert [e["path"] for e in bodies[0]["manifest"]] == [path]
+    assert "Fx9!kTq2vLw8Rz" not in contents(bodies)[path]
+
+
+def test_damaged_cache_is_reported_with_the_way_out(tree: Tree) -> None:
+    """A cache row that is not JSON stops the run with an error naming the file and the fix."""
+    from agent.errors import CollectorError
+
+    tree.run(tree.collector())
+    db = snapshot.Store(tree.state / snapshot.STATE_DB)
+    with db._tx() as conn:
+        conn.execute("UPDATE cache SET fired = '{not json' WHERE rowid = 1")
+    db.close()
+    with pytest.raises(CollectorError, match=r"config-snapshot\.sqlite.*damaged.*remove the file"):
+        tree.run(tree.collector())
+
+
+def test_include_by_real_path_under_a_linked_root_resolves(tree: Tree) -> None:
+    """With the root reached through a link, an #include of a file's real path is found."""
+    link = tree.base / "etc-link"
+    link.symlink_to(tree.etc)
+    real_target = tree.etc.resolve() / "globals_custom.conf"
+    (tree.etc / "uses_real.conf").write_text(f"[x]\n#include {real_target}\n")
+    c = tree.collector(roots=(link,))
+    bodies = tree.run(c)
+    entry = {e["path"]: e for e in bodies[0]["manifest"]}[str(link / "uses_real.conf")]
+    assert [i["status"] for i in entry["includes"]] == ["ok"]
+    assert not [p for p in bodies[0]["summary"]["problems"] if "uses_real" in p["path"]]

@@ -214,3 +214,48 @@ def test_built_in_spool_cannot_be_configured_away() -> None:
     assert policy.is_forbidden("/etc/asterisk/keys/asterisk.key")
     assert policy.check("/var/spool/asterisk/monitor/x.wav") == "forbidden"
     assert not policy.is_forbidden("/etc/asterisk/sip.conf")
+
+
+@pytest.mark.parametrize("spelling", ["plain", "dotdot", "trailing-slash", "via-link"])
+def test_forbidden_tree_deep_inside_a_root_is_refused_unopened(
+    tmp_path: Path, audit: OpenAudit, spelling: str
+) -> None:
+    """A spool several folders below a root, however its path is spelt, is met and not opened."""
+    _, spool, _ = build(tmp_path)
+    named = {
+        "plain": spool,
+        "dotdot": tmp_path / "var" / "spool" / ".." / "spool" / "asterisk",
+        "trailing-slash": Path(str(spool) + "/"),
+        "via-link": tmp_path / "spool-link",
+    }[spelling]
+    (tmp_path / "spool-link").symlink_to(spool)
+    audit.watch_tree(spool)
+    s = SnapshotSettings(roots=(tmp_path / "var",), exclude=())
+    got: list[dict[str, Any]] = []
+
+    def emit(r: Record) -> bool:
+        got.append(dict(r.body))
+        return True
+
+    collector = SnapshotCollector(s, tmp_path / "state", forbidden=[named])
+    asyncio.run(collector.collect(emit, reason="command"))
+    m = manifest_of(got)
+    assert m[str(spool)]["reason"] == "forbidden"
+    assert not [p for p in m if p.startswith(str(spool) + "/")]
+    assert audit.events() == []
+    assert not [c for c in CANARIES if c in everything_sent(got)]
+
+
+def test_suffix_of_is_splitext() -> None:
+    """The walker's cheap suffix is os.path.splitext's, so key names are still caught by name."""
+    import itertools
+
+    from agent.collectors.pbxconfig.sources import classify_name, suffix_of
+
+    pieces = ["", ".", "..", "a", "key", "pem", ".pem", "x.y", "é"]
+    for parts in itertools.product(pieces, repeat=3):
+        name = "".join(parts)
+        if name:
+            assert suffix_of(name) == os.path.splitext(name)[1], name
+    assert classify_name("Server.PEM") == "key-material"
+    assert classify_name(".pem") is None  # a dot file named ".pem" has no suffix, as in splitext

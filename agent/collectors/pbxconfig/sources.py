@@ -218,10 +218,21 @@ class PathPolicy:
         return any(rx.match(path) or rx.match(rel) for rx in self._include)
 
 
+def suffix_of(name: str) -> str:
+    """``os.path.splitext(name)[1]`` for a bare name, without its cost per call.
+
+    From the last dot, unless only dots come before it (".pem" has no suffix).
+    """
+    dot = name.rfind(".")
+    if dot <= 0 or not name[:dot].lstrip("."):
+        return ""
+    return name[dot:]
+
+
 def classify_name(name: str) -> str | None:
     """``key-material`` or ``binary`` from a file name alone (such files are never opened)."""
     lower = name.lower()
-    suffix = os.path.splitext(lower)[1]
+    suffix = suffix_of(lower)
     if suffix in KEY_SUFFIXES or "private" in lower or lower.startswith("id_"):
         return "key-material"
     if suffix in BINARY_SUFFIXES:
@@ -235,228 +246,207 @@ Want = Callable[[Candidate], bool]
 
 def walk(policy: PathPolicy, *, max_file: int, max_total: int, want: Want = lambda c: True) -> Walk:
     """Find every file under the roots, reading those ``want`` asks for."""
-    out = Walk()
-    state = {"total": 0}
-    for root, real_root in zip(policy.roots, policy.real_roots, strict=True):
-        root_s = str(root)
-        if policy.is_forbidden(root_s) or policy.is_forbidden(real_root):
-            out.skipped.append(Skipped(root_s, "forbidden", "the root is a forbidden tree"))
-            continue
+    return _Walker(policy, max_file, max_total, want).run()
+
+
+class _Walker:
+    """One walk of the roots (the state a walk carries from folder to folder)."""
+
+    def __init__(self, policy: PathPolicy, max_file: int, max_total: int, want: Want) -> None:
+        self.policy = policy
+        self.max_file = max_file
+        self.max_total = max_total
+        self.want = want
+        self.total = 0
+        self.out = Walk()
+        # Below a folder that is itself outside every forbidden tree, a path lies
+        # in one only if it *is* a forbidden path (a forbidden tree strictly
+        # below the folder starts exactly at one of its entries), so the check
+        # per entry is one set lookup.
+        self.forbidden_set = frozenset(policy.forbidden)
+
+    def skip(
+        self, path: str, reason: str, detail: str, size: int | None = None, mode: int | None = None
+    ) -> None:
+        """Report a path that is not sent, and why."""
+        self.out.skipped.append(Skipped(path, reason, detail, size, mode))
+
+    def run(self) -> Walk:
+        """Walk every root in turn."""
+        policy = self.policy
+        for root, real_root in zip(policy.roots, policy.real_roots, strict=True):
+            root_s = str(root)
+            if policy.is_forbidden(root_s) or policy.is_forbidden(real_root):
+                self.skip(root_s, "forbidden", "the root is a forbidden tree")
+                continue
+            try:
+                st = os.stat(root_s)
+            except FileNotFoundError:
+                self.skip(root_s, "missing", "configured root does not exist")
+                continue
+            except OSError as exc:
+                self.skip(root_s, "unreadable", exc.strerror or str(exc))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                try:
+                    dfd = os.open(root_s, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except OSError as exc:
+                    self.skip(root_s, "unreadable", exc.strerror or str(exc))
+                    continue
+                try:
+                    self.folder(dfd, root_s, real_root, root_s, 0, frozenset())
+                finally:
+                    os.close(dfd)
+            else:
+                parent, name = os.path.split(root_s)
+                try:
+                    dfd = os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except OSError as exc:
+                    self.skip(root_s, "unreadable", exc.strerror or str(exc))
+                    continue
+                try:
+                    real_parent = os.path.realpath(parent or "/")
+                    real = os.path.join(real_parent, name)
+                    # The parent folder was never checked: the full check, not the lookup.
+                    if policy.is_forbidden(root_s) or policy.is_forbidden(real):
+                        self.skip(root_s, "forbidden", "spool or key material: never opened")
+                    else:
+                        self.entry(dfd, name, root_s, real, root_s, 0, frozenset())
+                finally:
+                    os.close(dfd)
+        return self.out
+
+    def folder(
+        self,
+        dfd: int,
+        shown: str,
+        real: str,
+        root: str,
+        depth: int,
+        seen: frozenset[tuple[int, int]],
+    ) -> None:
+        """Every entry of an allowed folder, in name order."""
         try:
-            st = os.stat(root_s)
-        except FileNotFoundError:
-            out.skipped.append(Skipped(root_s, "missing", "configured root does not exist"))
-            continue
+            with os.scandir(dfd) as it:
+                names = sorted(e.name for e in it)
         except OSError as exc:
-            out.skipped.append(Skipped(root_s, "unreadable", exc.strerror or str(exc)))
-            continue
+            self.skip(shown, "unreadable", exc.strerror or str(exc))
+            return
+        shown_dir = shown if shown.endswith("/") else shown + "/"
+        real_dir = real if real.endswith("/") else real + "/"
+        forbidden = self.forbidden_set
+        for name in names:
+            child, real_child = shown_dir + name, real_dir + name
+            if child in forbidden or real_child in forbidden:
+                self.skip(child, "forbidden", "spool or key material: never opened")
+                continue
+            self.entry(dfd, name, child, real_child, root, depth, seen)
+
+    def entry(
+        self,
+        dfd: int,
+        name: str,
+        shown: str,
+        real: str,
+        root: str,
+        depth: int,
+        seen: frozenset[tuple[int, int]],
+    ) -> None:
+        """One entry whose path the caller checked is outside every forbidden tree."""
+        policy = self.policy
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except OSError as exc:
+            self.skip(shown, "unreadable", exc.strerror or str(exc))
+            return
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                target = os.readlink(name, dir_fd=dfd)
+            except OSError as exc:
+                self.skip(shown, "unreadable", exc.strerror or str(exc))
+                return
+            joined = os.path.normpath(os.path.join(os.path.dirname(real), target))
+            why = policy.check(joined)
+            if why is not None:
+                self.skip(shown, why, f"symbolic link to {target}")
+                return
+            # Inside the roots: the target is sent where the walk finds it, not twice.
+            self.out.links[shown] = os.path.realpath(joined)
+            return
         if stat.S_ISDIR(st.st_mode):
-            try:
-                dfd = os.open(root_s, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError as exc:
-                out.skipped.append(Skipped(root_s, "unreadable", exc.strerror or str(exc)))
-                continue
-            try:
-                _walk_dir(
-                    policy,
-                    out,
-                    state,
-                    dfd,
-                    root_s,
-                    real_root,
-                    root_s,
-                    0,
-                    max_file,
-                    max_total,
-                    want,
-                    set(),
-                )
-            finally:
-                os.close(dfd)
-        else:
-            parent, name = os.path.split(root_s)
-            try:
-                dfd = os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError as exc:
-                out.skipped.append(Skipped(root_s, "unreadable", exc.strerror or str(exc)))
-                continue
-            try:
-                real_parent = os.path.realpath(parent or "/")
-                _entry(
-                    policy,
-                    out,
-                    state,
-                    dfd,
-                    name,
-                    root_s,
-                    os.path.join(real_parent, name),
-                    root_s,
-                    0,
-                    max_file,
-                    max_total,
-                    want,
-                    set(),
-                )
-            finally:
-                os.close(dfd)
-    return out
-
-
-def _walk_dir(
-    policy: PathPolicy,
-    out: Walk,
-    state: dict[str, int],
-    dfd: int,
-    shown: str,
-    real: str,
-    root: str,
-    depth: int,
-    max_file: int,
-    max_total: int,
-    want: Want,
-    seen: set[tuple[int, int]],
-) -> None:
-    try:
-        with os.scandir(dfd) as it:
-            names = sorted(e.name for e in it)
-    except OSError as exc:
-        out.skipped.append(Skipped(shown, "unreadable", exc.strerror or str(exc)))
-        return
-    for name in names:
-        _entry(
-            policy,
-            out,
-            state,
-            dfd,
-            name,
-            os.path.join(shown, name),
-            os.path.join(real, name),
-            root,
-            depth,
-            max_file,
-            max_total,
-            want,
-            seen,
+            self.subfolder(dfd, name, st, shown, real, root, depth, seen)
+            return
+        mode = stat.S_IMODE(st.st_mode)
+        if not stat.S_ISREG(st.st_mode):
+            self.skip(shown, "not-regular", "device, pipe or socket", None, mode)
+            return
+        size = st.st_size
+        if policy.excluded(shown, root):
+            self.skip(shown, "excluded", "matches an exclude glob", size, mode)
+            return
+        if not policy.included(shown, root):
+            self.skip(shown, "not-included", "matches no include glob", size, mode)
+            return
+        by_name = classify_name(name)
+        if by_name is not None:
+            self.skip(shown, by_name, "by its name; never opened", size, mode)
+            return
+        if size > self.max_file:
+            self.skip(shown, "too-large", f"{size} bytes > max_file {self.max_file}", size, mode)
+            return
+        if self.total + size > self.max_total:
+            self.skip(shown, "total-cap", f"max_total {self.max_total} reached", size, mode)
+            return
+        self.total += size
+        cand = Candidate(
+            shown, real, root, size, mode, st.st_mtime_ns, st.st_ctime_ns, st.st_dev, st.st_ino
         )
+        if self.want(cand):
+            data = _read(dfd, name, st, self.max_file)
+            if isinstance(data, Skipped):
+                self.skip(shown, data.reason, data.detail, size, mode)
+                self.total -= size
+                return
+            if b"\0" in data[:_BINARY_SNIFF]:
+                self.skip(shown, "binary", "holds NUL bytes", size, mode)
+                self.total -= size
+                return
+            cand.data = data
+        self.out.files.append(cand)
 
-
-def _entry(
-    policy: PathPolicy,
-    out: Walk,
-    state: dict[str, int],
-    dfd: int,
-    name: str,
-    shown: str,
-    real: str,
-    root: str,
-    depth: int,
-    max_file: int,
-    max_total: int,
-    want: Want,
-    seen: set[tuple[int, int]],
-) -> None:
-    if policy.is_forbidden(shown) or policy.is_forbidden(real):
-        out.skipped.append(Skipped(shown, "forbidden", "spool or key material: never opened"))
-        return
-    try:
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-    except OSError as exc:
-        out.skipped.append(Skipped(shown, "unreadable", exc.strerror or str(exc)))
-        return
-    if stat.S_ISLNK(st.st_mode):
-        try:
-            target = os.readlink(name, dir_fd=dfd)
-        except OSError as exc:
-            out.skipped.append(Skipped(shown, "unreadable", exc.strerror or str(exc)))
-            return
-        joined = os.path.normpath(os.path.join(os.path.dirname(real), target))
-        why = policy.check(joined)
-        if why is not None:
-            out.skipped.append(Skipped(shown, why, f"symbolic link to {target}"))
-            return
-        # Inside the roots: the target is sent where the walk finds it, not twice.
-        out.links[shown] = os.path.realpath(joined)
-        return
-    if stat.S_ISDIR(st.st_mode):
+    def subfolder(
+        self,
+        dfd: int,
+        name: str,
+        st: os.stat_result,
+        shown: str,
+        real: str,
+        root: str,
+        depth: int,
+        seen: frozenset[tuple[int, int]],
+    ) -> None:
+        """Descend into a folder, opened without following links and checked to be the one seen."""
         if depth >= MAX_DEPTH or (st.st_dev, st.st_ino) in seen:
-            out.skipped.append(Skipped(shown, "too-deep", "folder nesting or a loop"))
+            self.skip(shown, "too-deep", "folder nesting or a loop")
             return
-        if policy.excluded(shown + "/", root) or policy.excluded(shown, root):
-            out.skipped.append(Skipped(shown, "excluded", "matches an exclude glob"))
+        if self.policy.excluded(shown + "/", root) or self.policy.excluded(shown, root):
+            self.skip(shown, "excluded", "matches an exclude glob")
             return
         try:
             sub = os.open(
                 name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd
             )
         except OSError as exc:
-            out.skipped.append(Skipped(shown, "unreadable", exc.strerror or str(exc)))
+            self.skip(shown, "unreadable", exc.strerror or str(exc))
             return
         try:
             sst = os.fstat(sub)
             if (sst.st_dev, sst.st_ino) != (st.st_dev, st.st_ino):
-                out.skipped.append(Skipped(shown, "changed", "replaced while reading"))
+                self.skip(shown, "changed", "replaced while reading")
                 return
-            _walk_dir(
-                policy,
-                out,
-                state,
-                sub,
-                shown,
-                real,
-                root,
-                depth + 1,
-                max_file,
-                max_total,
-                want,
-                seen | {(st.st_dev, st.st_ino)},
-            )
+            self.folder(sub, shown, real, root, depth + 1, seen | {(st.st_dev, st.st_ino)})
         finally:
             os.close(sub)
-        return
-    mode = stat.S_IMODE(st.st_mode)
-    if not stat.S_ISREG(st.st_mode):
-        out.skipped.append(Skipped(shown, "not-regular", "device, pipe or socket", None, mode))
-        return
-    if policy.excluded(shown, root):
-        out.skipped.append(Skipped(shown, "excluded", "matches an exclude glob", st.st_size, mode))
-        return
-    if not policy.included(shown, root):
-        out.skipped.append(
-            Skipped(shown, "not-included", "matches no include glob", st.st_size, mode)
-        )
-        return
-    by_name = classify_name(name)
-    if by_name is not None:
-        out.skipped.append(Skipped(shown, by_name, "by its name; never opened", st.st_size, mode))
-        return
-    if st.st_size > max_file:
-        out.skipped.append(
-            Skipped(
-                shown, "too-large", f"{st.st_size} bytes > max_file {max_file}", st.st_size, mode
-            )
-        )
-        return
-    if state["total"] + st.st_size > max_total:
-        out.skipped.append(
-            Skipped(shown, "total-cap", f"max_total {max_total} reached", st.st_size, mode)
-        )
-        return
-    state["total"] += st.st_size
-    cand = Candidate(
-        shown, real, root, st.st_size, mode, st.st_mtime_ns, st.st_ctime_ns, st.st_dev, st.st_ino
-    )
-    if want(cand):
-        data = _read(dfd, name, st, max_file)
-        if isinstance(data, Skipped):
-            out.skipped.append(Skipped(shown, data.reason, data.detail, st.st_size, mode))
-            state["total"] -= st.st_size
-            return
-        if b"\0" in data[:_BINARY_SNIFF]:
-            out.skipped.append(Skipped(shown, "binary", "holds NUL bytes", st.st_size, mode))
-            state["total"] -= st.st_size
-            return
-        cand.data = data
-    out.files.append(cand)
 
 
 def _read(dfd: int, name: str, st: os.stat_result, max_file: int) -> bytes | Skipped:
@@ -476,8 +466,13 @@ def _read(dfd: int, name: str, st: os.stat_result, max_file: int) -> bytes | Ski
             return Skipped(name, "changed", "replaced while reading")
         chunks: list[bytes] = []
         left = max_file + 1
+        # First ask for the size lstat saw (plus one, to notice growth): os.read
+        # allocates what is asked for, and a 1 MiB buffer per small file costs
+        # more than reading it.
+        ask = st.st_size + 1
         while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
+            chunk = os.read(fd, min(left, ask))
+            ask = 1 << 16
             if not chunk:
                 break
             chunks.append(chunk)
