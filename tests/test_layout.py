@@ -1,0 +1,91 @@
+"""Each line of code knows its room: collectors never touch the network, only uplink/ connects out.
+
+Checked on the imports of every module, so that a shortcut (a collector that
+posts somewhere, a second MQTT client) fails here before review.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+AGENT = Path(__file__).resolve().parents[1] / "agent"
+NETWORK = {
+    "socket",
+    "ssl",
+    "aiomqtt",
+    "paho",
+    "paramiko",
+    "http",
+    "urllib",
+    "requests",
+    "httpx",
+    "aiohttp",
+    "smtplib",
+    "ftplib",
+    "asyncssh",
+}
+# The CDR database is a local data source (FreePBX's MariaDB), read through its driver.
+DB_DRIVERS = {"pymysql"}
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module ``path`` imports (at any depth in the file), with each parent package.
+
+    ``urllib.parse`` yields ``urllib`` and ``urllib.parse``: the checks name the
+    exact modules that reach the network (``urllib.request``), not whole packages.
+    """
+    tree = ast.parse(path.read_text(), str(path))
+    full: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            full.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            full.add(node.module)
+    names: set[str] = set()
+    for name in full:
+        parts = name.split(".")
+        names.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+    return names
+
+
+def modules(folder: Path) -> list[Path]:
+    """Python files under ``folder``."""
+    return sorted(p for p in folder.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_collectors_never_touch_the_network() -> None:
+    """No collector imports a network library (the MariaDB driver reads a local source)."""
+    offenders = {
+        str(p.relative_to(AGENT)): sorted(imports_of(p) & NETWORK)
+        for p in modules(AGENT / "collectors")
+        if imports_of(p) & NETWORK
+    }
+    assert offenders == {}
+    users = {p.name for p in modules(AGENT / "collectors") if imports_of(p) & DB_DRIVERS}
+    assert users <= {"mariadb_source.py"}
+
+
+def test_only_uplink_connects_out() -> None:
+    """MQTT, TLS and SSH libraries appear only under agent/uplink/."""
+    outbound = {"aiomqtt", "paho", "paramiko", "ssl", "asyncssh"}
+    offenders = sorted(
+        str(p.relative_to(AGENT))
+        for p in modules(AGENT)
+        if "uplink" not in p.relative_to(AGENT).parts and imports_of(p) & outbound
+    )
+    assert offenders == []
+
+
+def test_only_the_gate_makes_envelopes() -> None:
+    """Envelope is constructed in agent/policy/gate.py and nowhere else in the agent."""
+    makers = []
+    for p in modules(AGENT):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "Envelope"
+            ):
+                makers.append(str(p.relative_to(AGENT)))
+    assert set(makers) == {"policy/gate.py"}
