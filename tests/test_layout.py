@@ -17,7 +17,7 @@ NETWORK = {
     "paho",
     "paramiko",
     "http",
-    "urllib",
+    "urllib.request",
     "requests",
     "httpx",
     "aiohttp",
