@@ -496,3 +496,22 @@ def test_include_by_real_path_under_a_linked_root_resolves(tree: Tree) -> None:
     entry = {e["path"]: e for e in bodies[0]["manifest"]}[str(link / "uses_real.conf")]
     assert [i["status"] for i in entry["includes"]] == ["ok"]
     assert not [p for p in bodies[0]["summary"]["problems"] if "uses_real" in p["path"]]
+
+
+def test_unchanged_rescan_writes_nothing_to_the_state(tree: Tree) -> None:
+    """A rescan that finds nothing new neither reads files nor writes the state file."""
+    c = tree.collector()
+    tree.run(c)
+    db = tree.state / snapshot.STATE_DB
+
+    def stamps() -> list[tuple[int, int]]:
+        out = []
+        for p in (db, db.with_name(db.name + "-wal")):
+            st = p.stat() if p.exists() else None
+            out.append((st.st_size, st.st_mtime_ns) if st else (0, 0))
+        return out
+
+    before = stamps()
+    assert tree.run(c) == [] and tree.run(c) == []
+    assert stamps() == before
+    assert c.status()["files_read"] == 0
