@@ -259,10 +259,11 @@ class _Walker:
         self.want = want
         self.total = 0
         self.out = Walk()
-        # Below a folder that is itself outside every forbidden tree, a path lies
-        # in one only if it *is* a forbidden path (a forbidden tree strictly
-        # below the folder starts exactly at one of its entries), so the check
-        # per entry is one set lookup.
+        # An entry of a folder that is itself outside every forbidden tree lies in
+        # one only if it *is* a forbidden path (one that starts deeper is met when
+        # the walk gets there), so the check per entry is a set lookup, on the
+        # path as shown and on its real location. Paths in policy.forbidden are
+        # absolute and normalised, as are those the walk builds.
         self.forbidden_set = frozenset(policy.forbidden)
 
     def skip(
