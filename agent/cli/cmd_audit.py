@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                             "entries": verdict.entries,
                             "broken_at": verdict.broken_at,
                             "reason": verdict.reason,
-                        "head": verdict.head,
+                            "head": verdict.head,
                         }
                     )
                 )
