@@ -46,6 +46,13 @@ from agent.policy.classes import DataClass
 
 log = structlog.get_logger(__name__)
 
+#: While a backlog is read, chunks are committed together, up to this many ...
+BATCH_CHUNKS = 4
+#: ... or this many seconds of work, whichever comes first: fewer transactions and
+#: fewer rewrites of a bucket that spans two chunks, and still a commit (and the
+#: offers that follow it) at least twice a second.
+BATCH_SECONDS = 0.5
+
 
 class CallstatsCollector:
     """Implements :class:`agent.collectors.base.Collector` for CDR call statistics."""
@@ -67,6 +74,8 @@ class CallstatsCollector:
         self._parse = DateParser(utc=settings.usegmtime)
         self._agg = Aggregator(self._size, self._load)
         self._status_of: dict[int, tuple[str, int]] = {}
+        # No bucket after this one is stored: a backlog's new buckets need no look-up.
+        self._stored_max = self._store.max_start()
         for row in self._store.pending():
             self._agg.buckets[row.start] = row.bucket
             self._status_of[row.start] = (row.status, row.revision)
@@ -164,6 +173,8 @@ class CallstatsCollector:
     # -- reading (runs in a worker thread) ----------------------------------------------
 
     def _load(self, start: int) -> Bucket | bool | None:
+        if self._stored_max is None or start > self._stored_max:
+            return None
         row = self._store.bucket(start)
         if row is None:
             return None
@@ -179,19 +190,25 @@ class CallstatsCollector:
         """Read and commit one batch; True when the source has nothing more right now."""
         now = self._clock()
         if self._tail is not None:
-            data, drained = self._tail.read()
-            rows, latest = (
-                ingest_chunk(
-                    data,
-                    self._agg,
-                    self._classifier,
-                    self._parse,
-                    cutoff=self._cutoff(now),
-                    skipped=self._skipped,
-                )
-                if data
-                else (0, 0)
-            )
+            rows = latest = 0
+            deadline = time.monotonic() + BATCH_SECONDS
+            for _ in range(BATCH_CHUNKS):
+                data, drained = self._tail.read()
+                if data:
+                    n, end = ingest_chunk(
+                        data,
+                        self._agg,
+                        self._classifier,
+                        self._parse,
+                        cutoff=self._cutoff(now),
+                        skipped=self._skipped,
+                    )
+                    rows += n
+                    latest = max(latest, end)
+                if drained or time.monotonic() >= deadline:
+                    break
+            # One transaction for all of them, checkpoint included: a crash loses the
+            # whole batch and the checkpoint with it, so the rows are read again, once.
             self._commit(now, rows, latest, checkpoint=self._tail.checkpoint)
             return drained
         return self._db_step(now)
@@ -263,8 +280,13 @@ class CallstatsCollector:
             CallstatsStore.put_meta(db, "rows_read", self._rows)
             CallstatsStore.put_meta(db, "watermark", self._watermark)
             CallstatsStore.prune(db, self._cutoff(now) - self._size)
-        for start, (status, rev) in [(b.start, (st, rv)) for b, st, rv in touched]:
-            self._status_of[start] = (status, rev)
+        status_of = self._status_of
+        for b, status, rev in touched:
+            status_of[b.start] = (status, rev)
+        if touched:
+            top = max(b.start for b, _st, _rv in touched)
+            if self._stored_max is None or top > self._stored_max:
+                self._stored_max = top
         self._agg.touched.clear()
 
     def _next_status(self, start: int) -> tuple[str, int]:

@@ -11,6 +11,11 @@ skipped.
 Bucket states: ``open`` (never offered), ``sent`` (offered and approved at
 ``revision``), ``revise`` (sent, then late rows changed it), ``refused`` (the
 gate said no: never offered again, late rows are not counted into it).
+
+The counters are stored in :data:`.aggregate.STATE_FORMAT` (recorded in
+``meta.state_format``). A file written by an older agent is converted on open,
+in one transaction with the format mark, before anything is read or counted:
+the checkpoint is not touched, so an upgrade neither skips nor repeats a row.
 """
 
 from __future__ import annotations
@@ -23,8 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.collectors.callstats.aggregate import Bucket
+import structlog
+
+from agent.collectors.callstats.aggregate import STATE_FORMAT, Bucket
 from agent.errors import StateError
+
+log = structlog.get_logger(__name__)
+
+#: Offered bodies as stored (readers parse them; key order carries no meaning).
+_BODY = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 STATE_FILE = "callstats.sqlite3"
 _SCHEMA = """
@@ -75,6 +87,42 @@ class CallstatsStore:
             self._db.execute("PRAGMA busy_timeout=5000")
         except sqlite3.Error as exc:
             raise StateError(f"{path}: cannot open the call-statistics state file: {exc}") from exc
+        if not readonly:
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring the stored counters to :data:`STATE_FORMAT` (one transaction, idempotent)."""
+        found = self.get_meta("state_format")
+        if found == STATE_FORMAT:
+            return
+        if isinstance(found, int) and found > STATE_FORMAT:
+            raise StateError(
+                f"{self.path}: call-statistics state format {found} is newer than this agent "
+                f"reads ({STATE_FORMAT}); upgrade the agent or move the file aside"
+            )
+        with self.transaction() as db:
+            rows = db.execute("SELECT start, state FROM buckets").fetchall()
+            db.executemany(
+                "UPDATE buckets SET state = ? WHERE start = ?",
+                [(self._decode(start, text).encode(), start) for start, text in rows],
+            )
+            self.put_meta(db, "state_format", STATE_FORMAT)
+        if rows:
+            log.info(
+                "callstats.state_migrated",
+                path=str(self.path),
+                buckets=len(rows),
+                from_format=found or 1,
+                to_format=STATE_FORMAT,
+            )
+
+    def _decode(self, start: int, text: str) -> Bucket:
+        try:
+            return Bucket.decode(start, text)
+        except ValueError as exc:
+            raise StateError(
+                f"{self.path}: {exc}; move the file aside to start counting afresh"
+            ) from None
 
     def close(self) -> None:
         """Close the database."""
@@ -117,7 +165,7 @@ class CallstatsStore:
     def _row(self, r: tuple[Any, ...]) -> BucketRow:
         return BucketRow(
             start=r[0],
-            bucket=Bucket.from_state(r[0], json.loads(r[1])),
+            bucket=self._decode(r[0], r[1]),
             status=r[2],
             revision=r[3],
             body=json.loads(r[4]) if r[4] else None,
@@ -156,16 +204,21 @@ class CallstatsStore:
             raise StateError(f"{self.path}: cannot read the state file: {exc}") from exc
         return [self._row(r) for r in rows]
 
+    def max_start(self) -> int | None:
+        """The latest bucket start stored, or None: no later bucket needs a look-up."""
+        try:
+            row = self._db.execute("SELECT MAX(start) FROM buckets").fetchone()
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: cannot read the state file: {exc}") from exc
+        return None if row is None or row[0] is None else int(row[0])
+
     @staticmethod
     def save_buckets(db: sqlite3.Connection, items: Iterable[tuple[Bucket, str, int]]) -> None:
         """Write the counters of changed buckets (with their new status) in a transaction."""
         db.executemany(
             "INSERT INTO buckets (start, state, status, revision) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (start) DO UPDATE SET state = excluded.state, status = excluded.status",
-            [
-                (b.start, json.dumps(b.to_state(), separators=(",", ":")), status, revision)
-                for b, status, revision in items
-            ],
+            [(b.start, b.encode(), status, revision) for b, status, revision in items],
         )
 
     def mark_offered(
@@ -181,7 +234,7 @@ class CallstatsStore:
                 "UPDATE buckets SET status = ?, revision = ?, body = ?, offered_at = ? "
                 "WHERE start = ?",
                 [
-                    ("sent" if ok else "refused", rev, json.dumps(body, sort_keys=True), at, start)
+                    ("sent" if ok else "refused", rev, _BODY(body), at, start)
                     for start, rev, body, ok, at in offers
                 ],
             )

@@ -1,0 +1,270 @@
+"""The stored bucket counters: compact format 2, migration from format 1, fast render."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.collectors.base import Record
+from agent.collectors.callstats.aggregate import STATE_FORMAT, Aggregator, Bucket, render
+from agent.collectors.callstats.collector import CallstatsCollector
+from agent.collectors.callstats.settings import CallstatsSettings
+from agent.collectors.callstats.store import STATE_FILE, CallstatsStore
+from agent.errors import StateError
+from tests.fixtures.cdr.cdrgen import csv_bytes, make_calls, recount, stored_counters
+
+BUCKET = 300
+T0 = 1_790_000_000 - 1_790_000_000 % 86400  # a midnight UTC, on a bucket boundary
+
+_combo = st.tuples(
+    st.sampled_from(["inbound", "outbound", "internal", "other"]),
+    st.one_of(st.none(), st.sampled_from(["provider-a", "sip-carrier", "ünï-trunk", 'q"t'])),
+    st.sampled_from(["ANSWERED", "NO ANSWER", "BUSY", "other"]),
+    st.sampled_from([f"{h:02d}" for h in range(24)]),
+)
+
+
+@st.composite
+def buckets(draw: st.DrawFn) -> Bucket:
+    """Any bucket the aggregator can build, including offsets and counts past int16."""
+    b = Bucket(draw(st.integers(0, 2**33)) * BUCKET)
+    b.duration = draw(st.integers(0, 2**40))
+    b.billsec = draw(st.integers(0, 2**40))
+    b.carry = draw(st.integers(0, 10**6))
+    b.combos = draw(st.dictionaries(_combo, st.integers(1, 10**6), max_size=30))
+    wide = draw(st.booleans())
+    b.deltas = draw(
+        st.dictionaries(
+            st.integers(0, 86399 if wide else 299),
+            st.integers(-(10**5) if wide else -40, 10**5 if wide else 40),
+            max_size=200,
+        )
+    )
+    return b
+
+
+@given(buckets())
+def test_format_2_round_trips_exactly(b: Bucket) -> None:
+    """decode(encode(b)) has the same counters and peak as b (zero deltas may be dropped)."""
+    again = Bucket.decode(b.start, b.encode())
+    assert again.to_state() == b.to_state()
+    assert again.peak() == b.peak()
+    assert (again.start, again.duration, again.billsec, again.carry) == (
+        b.start,
+        b.duration,
+        b.billsec,
+        b.carry,
+    )
+
+
+@given(buckets())
+def test_format_1_text_still_decodes(b: Bucket) -> None:
+    """The JSON an older agent stored (to_state) decodes to the same counters."""
+    again = Bucket.decode(b.start, json.dumps(b.to_state()))
+    assert again.to_state() == b.to_state() and again.peak() == b.peak()
+
+
+def _fold_ref(counts: dict[str, int], k: int) -> dict[str, int]:
+    kept = {c: v for c, v in counts.items() if v >= k and c != "other"}
+    other = sum(counts.values()) - sum(kept.values())
+    while 0 < other < k and kept:
+        smallest = min(kept, key=lambda c: (kept[c], c))
+        other += kept.pop(smallest)
+    out = dict(sorted(kept.items()))
+    if other >= k:
+        out["other"] = other
+    return out
+
+
+def _render_ref(b: Bucket, revision: int, k: int) -> dict[str, Any]:
+    """The body computed the plain way: per-dimension sums, strftime, a second-by-second peak."""
+    s = b.to_state()
+    body: dict[str, Any] = {
+        "schema": "callstats/1",
+        "bucket_start": dt.datetime.fromtimestamp(b.start, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "bucket_seconds": BUCKET,
+        "revision": revision,
+        "min_count": k,
+        "folded": s["calls"] < k,
+    }
+    if s["calls"] < k:
+        return body
+    small = 0 < s["answered"] < k
+    running = peak = b.carry
+    for t in range(min(b.deltas, default=0), max(b.deltas, default=0) + 1):
+        running += b.deltas.get(t, 0)
+        peak = max(peak, running)
+    body.update(
+        calls=s["calls"],
+        answered=None if small else s["answered"],
+        duration_sum=b.duration,
+        billsec_sum=None if small else b.billsec,
+        asr=None if small else round(s["answered"] / s["calls"], 4),
+        acd=None if small or not s["answered"] else round(b.billsec / s["answered"], 1),
+        peak_concurrent=peak,
+        by_direction=_fold_ref(s["dir"], k),
+        by_disposition=_fold_ref(s["disp"], k),
+        by_trunk=_fold_ref(s["trunk"], k),
+        by_hour=_fold_ref(s["hour"], k),
+    )
+    return body
+
+
+@given(buckets(), st.integers(1, 6), st.integers(0, 5))
+def test_render_equals_the_plain_computation(b: Bucket, k: int, revision: int) -> None:
+    """The one-pass render gives exactly the body of the plain per-dimension computation."""
+    got = render(b, bucket_seconds=BUCKET, revision=revision, min_count=k)
+    assert got == _render_ref(b, revision, k)
+    assert list(got) == list(_render_ref(b, revision, k))  # same key order too
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Sink:
+    """Records offered bodies and approves them."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+
+    def __call__(self, record: Record) -> bool:
+        self.bodies.append(dict(record.body))
+        return True
+
+    def final(self) -> dict[str, dict[str, Any]]:
+        """The last revision offered per bucket."""
+        out: dict[str, dict[str, Any]] = {}
+        for body in self.bodies:
+            out[body["bucket_start"]] = body
+        return out
+
+
+_OPEN: list[CallstatsCollector] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_collectors() -> Iterator[None]:
+    yield
+    while _OPEN:
+        asyncio.run(_OPEN.pop().aclose())
+
+
+def _collector(csv: Path, state: Path, clock: Clock) -> CallstatsCollector:
+    s = CallstatsSettings(csv=csv, settle=60, max_age=3650 * 86400)
+    c = CallstatsCollector(s, state, clock=clock, read_chunk=4096)
+    _OPEN.append(c)
+    return c
+
+
+def _downgrade_to_format_1(state_file: Path) -> int:
+    """Rewrite the state file as an agent before format 2 left it; returns the buckets."""
+    db = sqlite3.connect(state_file)
+    try:
+        rows = db.execute("SELECT start, state FROM buckets").fetchall()
+        with db:
+            for start, data in rows:
+                old = json.dumps(Bucket.decode(start, data).to_state(), separators=(",", ":"))
+                db.execute("UPDATE buckets SET state = ? WHERE start = ?", (old, start))
+            db.execute("DELETE FROM meta WHERE key = 'state_format'")
+    finally:
+        db.close()
+    return len(rows)
+
+
+def test_upgrade_from_format_1_neither_skips_nor_double_counts(tmp_path: Path) -> None:
+    """A format-1 state file (sent and open buckets) is migrated on open; no row lost or doubled."""
+    calls = make_calls(1500, start=T0, span=4 * 3600, seed=21)
+    data = csv_bytes(calls)
+    cut = data.index(b"\n", len(data) // 2) + 1
+    csv = tmp_path / "Master.csv"
+    csv.write_bytes(data[:cut])
+    clock = Clock(T0 + 2 * 3600)
+    state = tmp_path / "state"
+    sink = Sink()
+    c = _collector(csv, state, clock)
+    asyncio.run(c.collect(sink, reason="schedule"))
+    asyncio.run(c.aclose())
+    _OPEN.remove(c)
+    sent_before = len(sink.bodies)
+    assert sent_before > 0
+    with sqlite3.connect(state / STATE_FILE) as db:
+        statuses = {s for (s,) in db.execute("SELECT status FROM buckets")}
+    db.close()
+    assert statuses == {"open", "sent"}  # both kinds are migrated
+    migrated = _downgrade_to_format_1(state / STATE_FILE)
+    assert migrated > 0
+
+    # The old file reads as it is (agentctl may look before the daemon restarts).
+    before = stored_counters(state / STATE_FILE)
+
+    with csv.open("ab") as f:
+        f.write(data[cut:])
+    c2 = _collector(csv, state, clock)
+    ro = CallstatsStore(state / STATE_FILE, readonly=True)
+    try:
+        assert ro.get_meta("state_format") == STATE_FORMAT
+    finally:
+        ro.close()
+    with sqlite3.connect(state / STATE_FILE) as db:
+        kinds = {type(s) for (s,) in db.execute("SELECT state FROM buckets")}
+    db.close()
+    assert kinds == {bytes}
+    assert {k: v for k, v in stored_counters(state / STATE_FILE).items() if k in before} == before
+    clock.now = T0 + 6 * 3600
+    asyncio.run(c2.collect(sink, reason="schedule"))
+    assert stored_counters(state / STATE_FILE) == recount(calls, BUCKET)
+
+    # Offered the same as a collector that never stopped.
+    ref = Sink()
+    clock.now = T0 + 2 * 3600
+    plain = tmp_path / "plain.csv"
+    plain.write_bytes(data[:cut])
+    r = _collector(plain, tmp_path / "ref", clock)
+    asyncio.run(r.collect(ref, reason="schedule"))
+    with plain.open("ab") as f:
+        f.write(data[cut:])
+    clock.now = T0 + 6 * 3600
+    asyncio.run(r.collect(ref, reason="schedule"))
+    assert len(sink.bodies) == len(ref.bodies)
+    assert sink.final() == ref.final()
+
+
+def test_newer_state_format_is_refused_with_the_file_named(tmp_path: Path) -> None:
+    """A state file from a newer agent is not guessed at: StateError names the file."""
+    path = tmp_path / STATE_FILE
+    CallstatsStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'state_format'")
+    db.close()
+    with pytest.raises(StateError, match=str(path)):
+        CallstatsStore(path)
+
+
+def test_corrupt_counters_raise_state_error_naming_the_file(tmp_path: Path) -> None:
+    """Garbage in the counters column is reported with the file, not as a bare ValueError."""
+    path = tmp_path / STATE_FILE
+    store = CallstatsStore(path)
+    agg = Aggregator(BUCKET, lambda start: None)
+    agg.add(T0 + 5, T0 + 50, 45, 40, "ANSWERED", "inbound", "provider-a", "00", 0)
+    with store.transaction() as db:
+        CallstatsStore.save_buckets(db, [(agg.buckets[T0], "open", -1)])
+        db.execute("UPDATE buckets SET state = ? WHERE start = ?", (b"CS\x02h-garbage", T0))
+    with pytest.raises(StateError, match=str(path)):
+        store.bucket(T0)
+    store.close()
