@@ -1,10 +1,16 @@
 """The call-statistics collector: CDR rows in, one aggregated record per closed bucket out.
 
-Each poll reads what the source has appended since the checkpoint, adds it to
-the bucket counters and commits checkpoint and counters in one transaction per
-batch (see :mod:`.store`). Then every bucket that has closed is rendered
-(:func:`.aggregate.render`: counters only, small counts folded into ``other``)
-and offered to the gate once.
+Each poll reads what the source has appended since the checkpoint (in
+batches of a few chunks) and adds it to the bucket counters. Then every bucket
+that has closed is rendered (:func:`.aggregate.render`: counters only, small
+counts folded into ``other``) and offered to the gate, and only then is the batch
+committed: checkpoint, the counters of every touched bucket and what was offered
+(revision, body, approved or refused), all in one transaction (see :mod:`.store`).
+So a crash (kill -9 included) loses the batch and its checkpoint together: the
+rows are read again, once. A crash between an offer and the commit offers that
+same revision again after the restart, with the same body, exactly as a crash
+between a commit and the record of its offers did when these were two
+transactions; one transaction writes each closing bucket once instead of twice.
 
 A bucket has closed when ``settle`` has passed since its end, by the clock and,
 while a backlog is being read, by the data as well (the latest call end seen),
@@ -23,6 +29,7 @@ import asyncio
 import datetime as dt
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +48,7 @@ from agent.collectors.callstats.directions import Classifier
 from agent.collectors.callstats.mariadb_source import MariaDbSource, ingest_rows
 from agent.collectors.callstats.settings import CallstatsSettings
 from agent.collectors.callstats.store import STATE_FILE, CallstatsStore
-from agent.errors import CollectorError
+from agent.errors import CollectorError, StateError
 from agent.policy.classes import DataClass
 
 log = structlog.get_logger(__name__)
@@ -52,6 +59,23 @@ BATCH_CHUNKS = 4
 #: fewer rewrites of a bucket that spans two chunks, and still a commit (and the
 #: offers that follow it) at least twice a second.
 BATCH_SECONDS = 0.5
+
+#: (bucket start, revision, body, approved, time) of one bucket offered to the gate.
+Offer = tuple[int, int, dict[str, Any], bool, float]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What one read added, to be committed together with the offers that follow it."""
+
+    now: float
+    rows: int = 0
+    latest: int = 0
+    drained: bool = True
+    #: Position after the last chunk counted; None: no read succeeded, keep the stored one.
+    checkpoint: CsvCheckpoint | None = None
+    seen: tuple[list[tuple[int, int]], int] | None = None
+    error: CollectorError | None = None
 
 
 class CallstatsCollector:
@@ -76,6 +100,8 @@ class CallstatsCollector:
         self._status_of: dict[int, tuple[str, int]] = {}
         # No bucket after this one is stored: a backlog's new buckets need no look-up.
         self._stored_max = self._store.max_start()
+        #: Offers made whose commit failed, with their buckets: the next commit records them.
+        self._unrecorded: list[tuple[Bucket, str, int, dict[str, Any], float]] = []
         for row in self._store.pending():
             self._agg.buckets[row.start] = row.bucket
             self._status_of[row.start] = (row.status, row.revision)
@@ -118,23 +144,23 @@ class CallstatsCollector:
         return self._s.interval
 
     async def collect(self, emit: Emit, *, reason: str) -> None:
-        """Read new rows, commit them, offer every bucket that has closed."""
+        """Read new rows, offer every bucket that has closed, commit both together."""
         if not self._s.enabled:
             return
         self._last_poll = self._clock()
-        try:
-            while True:
-                drained = await asyncio.to_thread(self._step)
-                await self._offer_closed(emit, drained=drained)
-                if drained:
-                    break
-        except CollectorError as exc:
-            if self._error != exc.message:
-                log.warning("callstats.source_error", source=self._label, error=exc.message)
-            self._error = exc.message
-            # The clock still closes buckets while the source is away.
-            await self._offer_closed(emit, drained=True)
-            raise
+        while True:
+            batch = await asyncio.to_thread(self._read)
+            # Even when the source failed: the clock still closes buckets while it is away.
+            ready, offers = self._offer_ready(emit, drained=batch.drained)
+            await asyncio.to_thread(self._commit, batch, ready, offers)
+            if batch.error is not None:
+                exc = batch.error
+                if self._error != exc.message:
+                    log.warning("callstats.source_error", source=self._label, error=exc.message)
+                self._error = exc.message
+                raise exc
+            if batch.drained:
+                break
         self._error = None
 
     def status(self) -> dict[str, Any]:
@@ -186,36 +212,47 @@ class CallstatsCollector:
     def _cutoff(self, now: float) -> int:
         return int(now - self._s.max_age)
 
-    def _step(self) -> bool:
-        """Read and commit one batch; True when the source has nothing more right now."""
-        now = self._clock()
-        if self._tail is not None:
-            rows = latest = 0
-            deadline = time.monotonic() + BATCH_SECONDS
-            for _ in range(BATCH_CHUNKS):
-                data, drained = self._tail.read()
-                if data:
-                    n, end = ingest_chunk(
-                        data,
-                        self._agg,
-                        self._classifier,
-                        self._parse,
-                        cutoff=self._cutoff(now),
-                        skipped=self._skipped,
-                    )
-                    rows += n
-                    latest = max(latest, end)
-                if drained or time.monotonic() >= deadline:
-                    break
-            # One transaction for all of them, checkpoint included: a crash loses the
-            # whole batch and the checkpoint with it, so the rows are read again, once.
-            self._commit(now, rows, latest, checkpoint=self._tail.checkpoint)
-            return drained
-        return self._db_step(now)
+    def _read(self) -> _Batch:
+        """Count the next batch of rows (not committed yet); a source error ends the batch."""
+        batch = _Batch(self._clock())
+        try:
+            if self._tail is not None:
+                self._read_csv(batch)
+            else:
+                self._read_db(batch)
+        except CollectorError as exc:
+            batch.error = exc
+            batch.drained = True
+        self._watermark = max(self._watermark, batch.latest)
+        return batch
 
-    def _db_step(self, now: float) -> bool:
+    def _read_csv(self, batch: _Batch) -> None:
+        assert self._tail is not None
+        cutoff = self._cutoff(batch.now)
+        deadline = time.monotonic() + BATCH_SECONDS
+        for _ in range(BATCH_CHUNKS):
+            data, batch.drained = self._tail.read()
+            if data:
+                n, end = ingest_chunk(
+                    data,
+                    self._agg,
+                    self._classifier,
+                    self._parse,
+                    cutoff=cutoff,
+                    skipped=self._skipped,
+                )
+                batch.rows += n
+                batch.latest = max(batch.latest, end)
+            # Taken after each chunk: a read that fails later (a rotated file gone, say)
+            # leaves this one, which matches exactly the rows counted.
+            batch.checkpoint = self._tail.checkpoint
+            if batch.drained or time.monotonic() >= deadline:
+                return
+
+    def _read_db(self, batch: _Batch) -> None:
         if self._db is None:
-            return True
+            return
+        now = batch.now
         if self._batches is None:
             low = max(self._high - int(self._s.lookback), self._cutoff(now))
             since = (
@@ -225,16 +262,16 @@ class CallstatsCollector:
             )
             self._batches = self._db.rows(since)
         try:
-            batch = next(self._batches)
+            rows = next(self._batches)
         except StopIteration:
             self._batches = None
-            return True
+            return
         except CollectorError:
             self._batches = None
             raise
         new_seen: list[tuple[int, int]] = []
-        rows, latest = ingest_rows(
-            batch,
+        batch.rows, batch.latest = ingest_rows(
+            rows,
             self._agg,
             self._classifier,
             self._parse,
@@ -244,50 +281,99 @@ class CallstatsCollector:
             new_seen=new_seen,
             now=int(now),
         )
-        self._high = max(self._high, latest)
+        batch.drained = False
+        self._high = max(self._high, batch.latest)
         prune = self._high - int(self._s.lookback)
         if len(self._seen) > 4 * max(len(new_seen), 1000):
             self._seen = {k: c for k, c in self._seen.items() if c >= prune}
-        self._commit(now, rows, latest, seen=(new_seen, prune))
-        return False
+        batch.seen = (new_seen, prune)
 
-    def _commit(
-        self,
-        now: float,
-        rows: int,
-        latest: int,
-        *,
-        checkpoint: CsvCheckpoint | None = None,
-        seen: tuple[list[tuple[int, int]], int] | None = None,
-    ) -> None:
-        """Checkpoint, touched buckets and counters in one transaction."""
-        self._rows += rows
-        self._watermark = max(self._watermark, latest)
+    def _commit(self, batch: _Batch, ready: list[int], offers: list[Offer]) -> None:
+        """Checkpoint, touched buckets' counters and the offers just made: one transaction.
+
+        If it fails, the rows stay counted in memory and the next commit writes them.
+        The offers have been made, though: they are remembered as made (a later change
+        is the next revision, never a second body under the same one) and recorded by
+        the next commit that gets through.
+        """
+        self._rows += batch.rows
+        agg = self._agg
+        buckets = agg.buckets
+        offered = {o[0] for o in offers}
         touched = [
-            (self._agg.buckets[s], *self._next_status(s))
-            for s in self._agg.touched
-            if s in self._agg.buckets
+            (buckets[s], *self._next_status(s))
+            for s in agg.touched
+            if s in buckets and s not in offered
         ]
-        with self._store.transaction() as db:
-            CallstatsStore.save_buckets(db, touched)
-            if checkpoint is not None:
-                CallstatsStore.put_meta(db, "checkpoint", checkpoint.to_json())
-            if seen is not None:
-                CallstatsStore.add_seen(db, seen[0], seen[1])
-                CallstatsStore.put_meta(db, "db_high", self._high)
-            CallstatsStore.put_meta(db, "source", self._label)
-            CallstatsStore.put_meta(db, "skipped", self._skipped)
-            CallstatsStore.put_meta(db, "rows_read", self._rows)
-            CallstatsStore.put_meta(db, "watermark", self._watermark)
-            CallstatsStore.prune(db, self._cutoff(now) - self._size)
+        with_state = self._unrecorded
+        status_only: list[tuple[int, str, int, dict[str, Any], float]] = []
+        new_state: list[tuple[Bucket, str, int, dict[str, Any], float]] = []
+        for start, rev, body, ok, at in offers:
+            if ok:
+                self._last_sent = {"bucket_start": body["bucket_start"], "revision": rev}
+            else:
+                self._refused_total += 1
+            status = "sent" if ok else "refused"
+            if start in agg.touched:
+                new_state.append((buckets[start], status, rev, body, at))
+            else:
+                status_only.append((start, status, rev, body, at))
+        try:
+            with self._store.transaction() as db:
+                CallstatsStore.save_offered(db, with_state + new_state, status_only)
+                CallstatsStore.save_buckets(db, touched)
+                if batch.checkpoint is not None:
+                    CallstatsStore.put_meta(db, "checkpoint", batch.checkpoint.to_json())
+                if batch.seen is not None:
+                    CallstatsStore.add_seen(db, batch.seen[0], batch.seen[1])
+                    CallstatsStore.put_meta(db, "db_high", self._high)
+                CallstatsStore.put_meta(db, "source", self._label)
+                CallstatsStore.put_meta(db, "skipped", self._skipped)
+                CallstatsStore.put_meta(db, "rows_read", self._rows)
+                CallstatsStore.put_meta(db, "watermark", self._watermark)
+                if offers or with_state:
+                    CallstatsStore.put_meta(db, "last_sent", self._last_sent)
+                    CallstatsStore.put_meta(db, "refused_total", self._refused_total)
+                CallstatsStore.prune(db, self._cutoff(batch.now) - self._size)
+        except StateError:
+            self._offers_unrecorded(offers)
+            raise
+        self._unrecorded = []
         status_of = self._status_of
         for b, status, rev in touched:
             status_of[b.start] = (status, rev)
-        if touched:
-            top = max(b.start for b, _st, _rv in touched)
-            if self._stored_max is None or top > self._stored_max:
-                self._stored_max = top
-        self._agg.touched.clear()
+        top = max(agg.touched, default=None)
+        if top is not None and (self._stored_max is None or top > self._stored_max):
+            self._stored_max = top
+        agg.touched.clear()
+        for start, _rev, _body, ok, _at in offers:
+            if not ok:
+                agg.refused.add(start)
+        for start in ready:
+            buckets.pop(start, None)
+            status_of.pop(start, None)
+        if offers:
+            floor = self._cutoff(batch.now)
+            agg.refused = {s for s in agg.refused if s >= floor}
+            log.debug(
+                "callstats.offered",
+                buckets=len(offers),
+                refused=sum(1 for o in offers if not o[3]),
+            )
+
+    def _offers_unrecorded(self, offers: list[Offer]) -> None:
+        """Offers whose commit failed: treat them as made, record them with the next commit."""
+        agg = self._agg
+        for start, rev, body, ok, at in offers:
+            b = agg.buckets[start]
+            status = "sent" if ok else "refused"
+            self._unrecorded.append((b, status, rev, body, at))
+            # Its counters as offered go with that record; only later rows make it change.
+            agg.touched.discard(start)
+            self._status_of[start] = (status, rev)
+            if not ok:
+                agg.buckets.pop(start)
+                agg.refused.add(start)
 
     def _next_status(self, start: int) -> tuple[str, int]:
         status, rev = self._status_of.get(start, ("open", -1))
@@ -295,43 +381,30 @@ class CallstatsCollector:
 
     # -- offering (event loop) ----------------------------------------------------------
 
-    async def _offer_closed(self, emit: Emit, *, drained: bool) -> None:
+    def _offer_ready(self, emit: Emit, *, drained: bool) -> tuple[list[int], list[Offer]]:
+        """Render and offer every closed bucket; (closed bucket starts, offers made)."""
         now = self._clock()
         size, settle = self._size, self._s.settle
+        watermark = self._watermark
         ready = sorted(
             s
             for s in self._agg.buckets
-            if now >= s + size + settle and (drained or self._watermark >= s + size + settle)
+            if now >= s + size + settle and (drained or watermark >= s + size + settle)
         )
-        if not ready:
-            return
-        offers: list[tuple[int, int, dict[str, Any], bool, float]] = []
+        offers: list[Offer] = []
+        touched = self._agg.touched
+        min_count = self._s.min_count
         for start in ready:
             status, rev = self._status_of.get(start, ("open", -1))
-            bucket = self._agg.buckets[start]
+            if status == "sent" and start in touched:
+                status = "revise"  # late rows in this very batch, not committed yet
             if status in ("open", "revise"):
                 body = render(
-                    bucket, bucket_seconds=size, revision=rev + 1, min_count=self._s.min_count
+                    self._agg.buckets[start],
+                    bucket_seconds=size,
+                    revision=rev + 1,
+                    min_count=min_count,
                 )
                 ok = emit(Record(DataClass.CALLSTATS, body))
                 offers.append((start, rev + 1, body, ok, now))
-        for start, rev, _body, ok, _at in offers:
-            if ok:
-                self._last_sent = {"bucket_start": iso_utc(start), "revision": rev}
-            else:
-                self._refused_total += 1
-                self._agg.refused.add(start)
-        for start in ready:
-            self._agg.buckets.pop(start, None)
-            self._status_of.pop(start, None)
-        floor = self._cutoff(now)
-        self._agg.refused = {s for s in self._agg.refused if s >= floor}
-        if offers:
-            await asyncio.to_thread(
-                self._store.mark_offered,
-                offers,
-                {"last_sent": self._last_sent, "refused_total": self._refused_total},
-            )
-        log.debug(
-            "callstats.offered", buckets=len(offers), refused=sum(1 for o in offers if not o[3])
-        )
+        return ready, offers

@@ -221,23 +221,32 @@ class CallstatsStore:
             [(b.start, b.encode(), status, revision) for b, status, revision in items],
         )
 
-    def mark_offered(
-        self,
-        offers: Iterable[tuple[int, int, dict[str, Any], bool, float]],
-        meta: dict[str, Any] | None = None,
+    @staticmethod
+    def save_offered(
+        db: sqlite3.Connection,
+        with_state: Iterable[tuple[Bucket, str, int, dict[str, Any], float]],
+        status_only: Iterable[tuple[int, str, int, dict[str, Any], float]],
     ) -> None:
-        """Record (start, revision, body, approved, time) of buckets just offered to the gate."""
-        with self.transaction() as db:
-            for key, value in (meta or {}).items():
-                self.put_meta(db, key, value)
-            db.executemany(
-                "UPDATE buckets SET status = ?, revision = ?, body = ?, offered_at = ? "
-                "WHERE start = ?",
-                [
-                    ("sent" if ok else "refused", rev, _BODY(body), at, start)
-                    for start, rev, body, ok, at in offers
-                ],
-            )
+        """Record buckets just offered (status ``sent`` or ``refused``, revision, body, time).
+
+        ``with_state``: buckets whose counters changed in this transaction's batch,
+        written with them (one row write per closing bucket); ``status_only``: buckets
+        whose stored counters are already current.
+        """
+        db.executemany(
+            "INSERT INTO buckets (start, state, status, revision, body, offered_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (start) DO UPDATE SET "
+            "state = excluded.state, status = excluded.status, revision = excluded.revision, "
+            "body = excluded.body, offered_at = excluded.offered_at",
+            [
+                (b.start, b.encode(), status, rev, _BODY(body), at)
+                for b, status, rev, body, at in with_state
+            ],
+        )
+        db.executemany(
+            "UPDATE buckets SET status = ?, revision = ?, body = ?, offered_at = ? WHERE start = ?",
+            [(status, rev, _BODY(body), at, start) for start, status, rev, body, at in status_only],
+        )
 
     @staticmethod
     def prune(db: sqlite3.Connection, before: int) -> None:
