@@ -47,8 +47,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import struct
-import sys
-from array import array
 from collections.abc import Callable, Mapping
 from itertools import accumulate
 from typing import Any, Final
@@ -185,29 +183,23 @@ class Bucket:
 
         ``b"CS" 2 typecode``, then little-endian int64 duration, billsec, carry, the
         length of the combinations' JSON and the number of deltas (uint32 each), the
-        JSON ``[keys, counts]``, the delta offsets and the delta values as arrays of
-        ``typecode`` (int16 when they fit, else int32). Every touched bucket is
-        written at each commit, and the deltas (two per call) are most of a bucket:
-        as arrays they are built by C-level copies and take 2 to 4 bytes each.
+        JSON ``[keys, counts]``, the delta offsets and the delta values as little-endian
+        ``typecode`` (``h`` int16 when they fit, else ``i`` int32). Every touched bucket
+        is written at each commit, and the deltas (up to two per call) are most of a
+        bucket: one ``struct.pack`` turns them into 2 to 4 bytes each.
         """
         c = self.combos
         dd = self.deltas
         combos = _ENCODE((list(c), list(c.values()))).encode()
+        n = len(dd)
         try:
             code = b"h"
-            offs = array("h", dd)
-            vals = array("h", dd.values())
-        except OverflowError:  # buckets over 9 hours, or 32768 calls at one second
+            deltas = struct.pack(f"<{2 * n}h", *dd, *dd.values())
+        except struct.error:  # buckets over 9 hours, or 32768 calls at one second
             code = b"i"
-            offs = array("i", dd)
-            vals = array("i", dd.values())
-        if _BIG_ENDIAN:
-            offs.byteswap()
-            vals.byteswap()
-        head = _HEAD.pack(
-            _MAGIC + code, self.duration, self.billsec, self.carry, len(combos), len(dd)
-        )
-        return b"".join((head, combos, offs.tobytes(), vals.tobytes()))
+            deltas = struct.pack(f"<{2 * n}i", *dd, *dd.values())
+        head = _HEAD.pack(_MAGIC + code, self.duration, self.billsec, self.carry, len(combos), n)
+        return b"".join((head, combos, deltas))
 
     @classmethod
     def decode(cls, start: int, data: str | bytes) -> Bucket:
@@ -230,16 +222,11 @@ class Bucket:
             pos = _HEAD.size
             keys, counts = json.loads(data[pos : pos + n_combos])
             pos += n_combos
-            offs = array(code)
-            vals = array(code)
-            width = offs.itemsize * n_deltas
-            offs.frombytes(data[pos : pos + width])
-            vals.frombytes(data[pos + width : pos + 2 * width])
+            width = struct.calcsize("<" + code) * n_deltas
             if pos + 2 * width != len(data) or len(keys) != len(counts):
                 raise ValueError("lengths do not add up")
-            if _BIG_ENDIAN:
-                offs.byteswap()
-                vals.byteswap()
+            both = struct.unpack_from(f"<{2 * n_deltas}{code}", data, pos)
+            offs, vals = both[:n_deltas], both[n_deltas:]
             b = cls(start)
             b.duration = duration
             b.billsec = billsec
@@ -260,7 +247,6 @@ class Bucket:
 #: Format 2 header: magic and array typecode, duration, billsec, carry, JSON length, deltas.
 _HEAD: Final = struct.Struct("<4sqqqII")
 _MAGIC: Final = b"CS" + bytes([STATE_FORMAT])
-_BIG_ENDIAN: Final = sys.byteorder == "big"
 
 _ENCODE: Final = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
