@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from agent.store import transaction
+
 GENESIS = "0" * 64
 
 
@@ -103,7 +105,7 @@ class Ledger:
 
     def record(self, kind: str, data: dict[str, Any]) -> Entry:
         """Append one entry in a transaction of its own."""
-        with Transaction(self.conn):
+        with transaction(self.conn):
             try:
                 return self.append(kind, data)
             except BaseException:
@@ -118,23 +120,6 @@ class Ledger:
             return  # the caller is already reporting why; nothing more to learn here
         self._last_n = int(row[0]) if row else 0
         self._last_hash = str(row[1]) if row else GENESIS
-
-
-class Transaction:
-    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.conn.execute("COMMIT")
-        else:
-            self.conn.execute("ROLLBACK")
 
 
 def read(

@@ -18,8 +18,9 @@ from typing import Any
 import structlog
 
 from agent.errors import StateError
-from agent.ledger import Ledger, Transaction
+from agent.ledger import Ledger
 from agent.policy.gate import Envelope, approved
+from agent.store import transaction
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +63,7 @@ class Outbox:
             raise TypeError("the outbox accepts only envelopes approved by the policy gate")
         size = len(envelope.payload)
         try:
-            with Transaction(self.conn) as c:
+            with transaction(self.conn) as c:
                 c.execute(
                     "INSERT INTO outbox VALUES (?, ?, ?, ?, ?)",
                     (
@@ -131,7 +132,7 @@ class Outbox:
             return
         seqs = [(item.seq,) for item in items]
         try:
-            with Transaction(self.conn) as c:
+            with transaction(self.conn) as c:
                 # Only those still queued count: the size bound may have dropped some in flight.
                 present: set[int] = set()
                 for start in range(0, len(seqs), 500):  # under SQLite's bound-variable limit

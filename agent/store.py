@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import structlog
@@ -117,3 +119,24 @@ def open_readonly(state_dir: Path) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise StateError(f"cannot read {path}: {exc}") from exc
     return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection, what: str | None = None) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception.
+
+    With ``what``, SQLite's errors leave as :class:`StateError` ("``what``: reason"),
+    so callers above the state layer never see ``sqlite3``.
+    """
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if what is None:
+            raise
+        raise StateError(f"{what}: {exc}") from exc

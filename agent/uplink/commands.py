@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from agent.ledger import Ledger, Transaction
+from agent.ledger import Ledger
 from agent.policy.classes import DataClass
 from agent.policy.gate import Gate
+from agent.store import transaction
 
 MAX_COMMAND_BYTES = 16 * 1024
 MAX_ID_LENGTH = 64
@@ -162,7 +163,7 @@ class CommandHandler:
         return reply
 
     def _remember(self, cmd_id: str, ts: float, now: float) -> None:
-        with Transaction(self.conn) as c:
+        with transaction(self.conn) as c:
             c.execute("DELETE FROM seen_commands WHERE ts < ?", (now - 2 * self.max_age - 60,))
             try:
                 c.execute("INSERT INTO seen_commands VALUES (?, ?)", (cmd_id, now))

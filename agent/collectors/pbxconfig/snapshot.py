@@ -42,6 +42,7 @@ from agent.collectors.pbxconfig.settings import SnapshotSettings
 from agent.collectors.pbxconfig.sources import Candidate, PathPolicy, Skipped, walk
 from agent.errors import StateError
 from agent.policy.redact import find_secret_material
+from agent.store import transaction
 
 SCHEMA = "pbx-config-snapshot/1"
 STATE_DB = "config-snapshot.sqlite"
@@ -266,16 +267,8 @@ class Store:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         if self._db is None or self.readonly:
             raise StateError(f"{self.path}: the snapshot state is open read-only")
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StateError(f"{self.path}: cannot write the snapshot state: {exc}") from exc
+        with transaction(self._db, f"{self.path}: cannot write the snapshot state") as db:
+            yield db
 
     def save_cache(self, plan: Plan) -> None:
         """Remember this scan's results so the next one reads only what changed."""
