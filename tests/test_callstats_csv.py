@@ -376,3 +376,46 @@ def test_hot_loop_equals_aggregator_add_row_by_row() -> None:
     for start, b in fast.buckets.items():
         assert b.to_state() == slow.buckets[start].to_state()
         assert b.peak() == slow.buckets[start].peak()
+
+
+@pytest.mark.parametrize("size", [60, 300, 43200, 86400])
+def test_hot_loop_equals_aggregator_add_at_bucket_edges(size: int) -> None:
+    """Calls ending on, just before and just after one and two bucket ends count as add() does."""
+    import random
+
+    from agent.collectors.callstats.aggregate import Aggregator
+    from agent.collectors.callstats.cdr import DateParser
+    from agent.collectors.callstats.csv_source import ingest_chunk
+    from agent.collectors.callstats.directions import Classifier
+
+    rnd = random.Random(size)
+    t0 = T0 - T0 % 86400
+    calls: list[Call] = []
+    for _ in range(600):
+        b0 = t0 + size * rnd.randrange(4)
+        start = b0 + rnd.choice((0, 1, size // 2, size - 1, rnd.randrange(size)))
+        edge = b0 + size * rnd.choice((1, 2)) + rnd.choice((-1, 0, 1))
+        end = rnd.choice((edge, start, start + 1, start + 86400, start + 86401, edge + 5))
+        duration = max(end - start, 0)
+        calls.append(
+            Call(start, duration, duration // 2, "ANSWERED", "inbound", "provider-a", "1001", "5")
+        )
+    rnd.shuffle(calls)  # late rows too: buckets ahead are often in memory already
+    settings = CallstatsSettings(csv=Path("Master.csv"))
+    fast = Aggregator(size, lambda start: None)
+    rows, _ = ingest_chunk(
+        csv_bytes(calls), fast, Classifier(settings), DateParser(utc=False), cutoff=0, skipped={}
+    )
+    assert rows == len(calls)
+    slow = Aggregator(size, lambda start: None)
+    classify = Classifier(settings)
+    for seq, c in enumerate(calls, 1):
+        f = fields(c, seq)
+        direction, trunk = classify.classify(str(f[3]), str(f[5]), str(f[6]))
+        hour = time.strftime("%H", time.localtime(c.start))
+        slow.add(c.start, c.end, c.duration, c.billsec, c.disposition, direction, trunk, hour, 0)
+    assert fast.buckets.keys() == slow.buckets.keys()
+    for start, b in fast.buckets.items():
+        assert b.to_state() == slow.buckets[start].to_state()
+        assert b.carry == slow.buckets[start].carry
+        assert b.peak() == slow.buckets[start].peak()

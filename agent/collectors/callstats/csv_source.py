@@ -28,7 +28,11 @@ from typing import IO, Any
 
 import structlog
 
-from agent.collectors.callstats.aggregate import KNOWN_DISPOSITIONS, Aggregator
+from agent.collectors.callstats.aggregate import (
+    KNOWN_DISPOSITIONS,
+    MAX_SPAN_SECONDS,
+    Aggregator,
+)
 from agent.collectors.callstats.cdr import (
     I_BILLSEC,
     I_CHANNEL,
@@ -271,6 +275,9 @@ def ingest_chunk(
     bad_cols = bad_date = bad_num = negative = too_old = refused = 0
     add = agg.add
     size = agg.size
+    # Calls ending before this (relative to their bucket's start) take the inlined path;
+    # kept within MAX_SPAN_SECONDS, so that path never has to clamp an end.
+    size2 = min(2 * size, MAX_SPAN_SECONDS + 1)
     floor = cutoff - cutoff % size
     buckets_get = agg.buckets.get
     touch = agg.touched.add
@@ -334,22 +341,46 @@ def ingest_chunk(
                     hit = classify_(dcontext, ch, dch)
                 b0 = start - start % size
                 b = buckets_get(b0)
-                if b is not None and start < end and end - b0 < size:
-                    # Aggregator.add, inlined for its common case: the bucket is in memory
-                    # and the call ends inside it (no carry, no clamping to do).
-                    touch(b0)
-                    b.duration += duration
-                    b.billsec += billsec
-                    disp = row[I_DISPOSITION]
-                    key = (hit[0], hit[1], disp if disp in known else OTHER, s[11:13])
-                    c = b.combos
-                    c[key] = c.get(key, 0) + 1
-                    dd = b.deltas
-                    off = start - b0
-                    dd[off] = dd.get(off, 0) + 1
-                    off = end - b0
-                    dd[off] = dd.get(off, 0) - 1
-                elif not add(
+                slow = True
+                if b is not None and start < end:
+                    # Aggregator.add, inlined for its common cases: the bucket is in memory
+                    # and the call ends inside it or (with that bucket in memory too) inside
+                    # the next one, within MAX_SPAN_SECONDS: no clamping, at most one carry.
+                    rel = end - b0
+                    if rel < size:
+                        touch(b0)
+                        b.duration += duration
+                        b.billsec += billsec
+                        disp = row[I_DISPOSITION]
+                        key = (hit[0], hit[1], disp if disp in known else OTHER, s[11:13])
+                        c = b.combos
+                        c[key] = c.get(key, 0) + 1
+                        dd = b.deltas
+                        off = start - b0
+                        dd[off] = dd.get(off, 0) + 1
+                        dd[rel] = dd.get(rel, 0) - 1
+                        slow = False
+                    elif size < rel < size2:  # ending on the boundary: no carry
+                        nb = buckets_get(b0 + size)
+                        if nb is not None:
+                            touch(b0)
+                            b.duration += duration
+                            b.billsec += billsec
+                            disp = row[I_DISPOSITION]
+                            key = (hit[0], hit[1], disp if disp in known else OTHER, s[11:13])
+                            c = b.combos
+                            c[key] = c.get(key, 0) + 1
+                            dd = b.deltas
+                            off = start - b0
+                            dd[off] = dd.get(off, 0) + 1
+                            # start >= cutoff, so the next bucket is never before ``floor``.
+                            touch(b0 + size)
+                            nb.carry += 1
+                            dd = nb.deltas
+                            off = rel - size
+                            dd[off] = dd.get(off, 0) - 1
+                            slow = False
+                if slow and not add(
                     start,
                     end,
                     duration,
