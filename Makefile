@@ -77,6 +77,8 @@ install: ## (root) install the agent as a systemd service
 	  install -m 0640 -o root -g pbx-agent etc/agent.yaml $(CONFDIR)/agent.yaml.dist; \
 	else install -m 0640 -o root -g pbx-agent etc/agent.yaml $(CONFDIR)/agent.yaml; fi
 	install -d -m 0750 -o pbx-agent -g pbx-agent $(STATEDIR)
+	@# The device key is made here, by the agent's user, and never leaves the box.
+	install -d -m 0700 -o pbx-agent -g pbx-agent $(CONFDIR)/tls
 	install -m 0644 systemd/pbx-agent.service $(UNITDIR)/pbx-agent.service
 	ln -sf $(PREFIX)/venv/bin/agentctl /usr/local/bin/agentctl
 	@systemctl daemon-reload 2>/dev/null || echo "(systemd is not running here: the unit is installed for the next boot)"
