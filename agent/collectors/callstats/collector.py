@@ -1,7 +1,7 @@
 """The call-statistics collector: CDR rows in, one aggregated record per closed bucket out.
 
 Each poll reads what the source has appended since the checkpoint (in
-batches of a few chunks) and adds it to the bucket counters. Then every bucket
+batches of BATCH_CHUNKS chunks) and adds it to the bucket counters. Then every bucket
 that has closed is rendered (:func:`.aggregate.render`: counters only, small
 counts folded into ``other``) and offered to the gate, and only then is the batch
 committed: checkpoint, the counters of every touched bucket and what was offered
