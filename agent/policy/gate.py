@@ -47,8 +47,13 @@ def new_id(now: float | None = None) -> str:
 
 
 def iso_now(now: float) -> str:
-    """UTC ISO 8601 with milliseconds and a Z."""
-    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """UTC ISO 8601 with milliseconds and a Z, truncated to the same millisecond as new_id."""
+    ms = int(now * 1000)
+    # From the integer millisecond, not the float: fromtimestamp rounds microseconds, which
+    # could put ts one millisecond after the id's time part and break "ids sort like ts".
+    return (
+        datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    )
 
 
 class Envelope:
