@@ -32,6 +32,7 @@ import structlog
 
 from agent.collectors.callstats.aggregate import STATE_FORMAT, Bucket
 from agent.errors import StateError
+from agent.store import transaction
 
 log = structlog.get_logger(__name__)
 
@@ -131,16 +132,8 @@ class CallstatsStore:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE … COMMIT, rolled back on any error; sqlite errors become StateError."""
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StateError(f"{self.path}: call-statistics state update failed: {exc}") from exc
+        with transaction(self._db, f"{self.path}: call-statistics state update failed") as db:
+            yield db
 
     # -- meta ---------------------------------------------------------------------------
 
