@@ -11,37 +11,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.collectors.base import Record
 from agent.collectors.callstats.aggregate import Aggregator, Bucket, fold, render
 from agent.collectors.callstats.collector import CallstatsCollector
 from agent.collectors.callstats.directions import Classifier
 from agent.collectors.callstats.settings import CallstatsSettings
 from tests.fixtures.cdr.cdrgen import Call, csv_bytes, make_calls
+from tests.support.callstats import Clock, Sink
 
 BUCKET = 300
 T0 = 1_790_000_000 - 1_790_000_000 % 86400  # a midnight UTC, on a bucket boundary
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Sink:
-    """Records offered bodies; answers True (approved) or False (switch off)."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.approve = True
-
-    def __call__(self, record: Record) -> bool:
-        self.bodies.append(dict(record.body))
-        return self.approve
 
 
 _OPEN: list[CallstatsCollector] = []

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from agent.collectors.base import Record
 from agent.collectors.callstats.collector import CallstatsCollector
 from agent.collectors.callstats.settings import CallstatsSettings
 from agent.collectors.callstats.store import STATE_FILE, CallstatsStore
@@ -29,22 +28,11 @@ from tests.fixtures.cdr.cdrgen import (
     recount,
     stored_counters,
 )
+from tests.support.callstats import Sink
 
 BUCKET = 300
 NOW = int(time.time())
 T0 = NOW - 6 * 3600 - NOW % BUCKET  # six hours ago, on a bucket boundary
-
-
-class Sink:
-    """Collects what the collector offers; answers like the gate (True = approved)."""
-
-    def __init__(self, approve: bool = True) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.approve = approve
-
-    def __call__(self, record: Record) -> bool:
-        self.bodies.append(dict(record.body))
-        return self.approve
 
 
 _OPEN: list[CallstatsCollector] = []

@@ -14,13 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.collectors.base import Record
 from agent.collectors.callstats.aggregate import STATE_FORMAT, Aggregator, Bucket, render
 from agent.collectors.callstats.collector import CallstatsCollector
 from agent.collectors.callstats.settings import CallstatsSettings
 from agent.collectors.callstats.store import STATE_FILE, CallstatsStore
 from agent.errors import StateError
 from tests.fixtures.cdr.cdrgen import csv_bytes, make_calls, recount, stored_counters
+from tests.support.callstats import Clock, Sink
 
 BUCKET = 300
 T0 = 1_790_000_000 - 1_790_000_000 % 86400  # a midnight UTC, on a bucket boundary
@@ -126,34 +126,6 @@ def test_render_equals_the_plain_computation(b: Bucket, k: int, revision: int) -
     got = render(b, bucket_seconds=BUCKET, revision=revision, min_count=k)
     assert got == _render_ref(b, revision, k)
     assert list(got) == list(_render_ref(b, revision, k))  # same key order too
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Sink:
-    """Records offered bodies and approves them."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-
-    def __call__(self, record: Record) -> bool:
-        self.bodies.append(dict(record.body))
-        return True
-
-    def final(self) -> dict[str, dict[str, Any]]:
-        """The last revision offered per bucket."""
-        out: dict[str, dict[str, Any]] = {}
-        for body in self.bodies:
-            out[body["bucket_start"]] = body
-        return out
 
 
 _OPEN: list[CallstatsCollector] = []
