@@ -350,3 +350,14 @@ def test_non_ascii_letters_before_a_secret_leave_it_masked(letter: str, name: st
     for secret in ("Hunter2secret", "Zq7Value", "R3gSecret"):
         assert secret not in out, (name, letter, secret)
     assert out.count("\n") == text.count("\n")
+
+
+def test_mwi_without_host_is_masked_on_both_paths() -> None:
+    """`mwi => user:secret` with no @host: masked by the fast path and the line-by-line path."""
+    from agent.collectors.pbxconfig.filters import redact_asterisk, redact_text
+    from agent.policy.redact import Redactor
+
+    key = b"k" * 32
+    text = "[general]\nmwi => alice:Mw1-S3cret\n"
+    assert "Mw1-S3cret" not in redact_text(text, "asterisk", key).text
+    assert "Mw1-S3cret" not in redact_asterisk(text, Redactor(key), voicemail=False)

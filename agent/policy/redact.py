@@ -190,7 +190,9 @@ _SETTING_VALUE = re.compile(r"[A-Za-z_.]{1,20}|\d{1,3}|[#*0-9]{1,10}|/[\w./-]{1,
 
 #: A superset trigger: a line that matches none of these cannot need redaction,
 #: so the collector may pass it through without parsing (its fast path).
-TRIGGER = re.compile(r"pass|secret|pwd|token|cred|key|pin|auth|regist|@|-----BEGIN", re.IGNORECASE)
+TRIGGER = re.compile(
+    r"pass|secret|pwd|token|cred|key|pin|auth|regist|mwi|@|-----BEGIN", re.IGNORECASE
+)
 
 _DIAL = re.compile(
     r"(?i)\b((?:IAX2?|SIP|PJSIP|H323|OOH323|MGCP|UNISTIM|DAHDI)/[^:/@\s,()|&\"'${}]+:)"

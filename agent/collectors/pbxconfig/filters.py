@@ -33,7 +33,8 @@ TEXT = "text"
 #: cached by an older version are then redacted again (see snapshot.key_id).
 #: 2: positions of trigger lines no longer shift after a "İ" (its lower case is
 #: two characters long), which let the line after it through unmasked.
-REDACTION_VERSION = 2
+# 3: mwi lines without a host are masked on the line-by-line path too
+REDACTION_VERSION = 3
 
 #: Sections of voicemail.conf that hold settings; every other section holds mailboxes.
 VOICEMAIL_SETTINGS_SECTIONS = frozenset({"general", "zonemessages"})
