@@ -407,3 +407,95 @@ def test_hot_loop_equals_aggregator_add_at_bucket_edges(size: int) -> None:
         assert b.to_state() == slow.buckets[start].to_state()
         assert b.carry == slow.buckets[start].carry
         assert b.peak() == slow.buckets[start].peak()
+
+
+def test_hot_loop_equals_aggregator_add_with_refused_buckets() -> None:
+    """A refused bucket counts nothing, yet its long calls still carry into later buckets."""
+    import random
+
+    from agent.collectors.callstats.aggregate import Aggregator
+    from agent.collectors.callstats.cdr import DateParser
+    from agent.collectors.callstats.csv_source import ingest_chunk
+    from agent.collectors.callstats.directions import Classifier
+
+    rnd = random.Random(5)
+    refused = {T0 + BUCKET, T0 + 3 * BUCKET}
+    calls = [
+        Call(
+            T0 + rnd.randrange(5 * BUCKET),
+            rnd.choice((0, 30, 290, 310, 700)),
+            0,
+            "ANSWERED",
+            "inbound",
+            "provider-a",
+            "1001",
+            "5",
+        )
+        for _ in range(400)
+    ]
+
+    def loader(start: int) -> bool | None:
+        return False if start in refused else None
+
+    settings = CallstatsSettings(csv=Path("Master.csv"))
+    fast = Aggregator(BUCKET, loader)
+    skipped: dict[str, int] = {}
+    rows, _ = ingest_chunk(
+        csv_bytes(calls),
+        fast,
+        Classifier(settings),
+        DateParser(utc=False),
+        cutoff=0,
+        skipped=skipped,
+    )
+    slow = Aggregator(BUCKET, loader)
+    classify = Classifier(settings)
+    not_counted = 0
+    for seq, c in enumerate(calls, 1):
+        f = fields(c, seq)
+        direction, trunk = classify.classify(str(f[3]), str(f[5]), str(f[6]))
+        hour = time.strftime("%H", time.localtime(c.start))
+        if not slow.add(
+            c.start, c.end, c.duration, c.billsec, c.disposition, direction, trunk, hour, 0
+        ):
+            not_counted += 1
+    assert rows == len(calls) and not_counted > 0
+    assert skipped == {"bucket_refused": not_counted}
+    assert fast.buckets.keys() == slow.buckets.keys() and not fast.buckets.keys() & refused
+    assert any(b.carry for b in fast.buckets.values())
+    for start, b in fast.buckets.items():
+        assert b.to_state() == slow.buckets[start].to_state()
+        assert b.carry == slow.buckets[start].carry
+
+
+def test_date_parser_agrees_with_mktime_and_refuses_malformed_times() -> None:
+    """Every second of a day (DST included where the zone has it) and the leap second parse
+    as mktime does; anything not exactly ``%Y-%m-%d %T`` is a ValueError."""
+    import random
+
+    from agent.collectors.callstats.cdr import DateParser
+
+    parse = DateParser(utc=False)
+    rnd = random.Random(3)
+    for t in [T0 + rnd.randrange(400 * 86400) - 200 * 86400 for _ in range(5000)]:
+        s = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+        assert parse(s) == int(time.mktime(time.strptime(s, "%Y-%m-%d %H:%M:%S")))
+    assert parse("2026-05-01 10:05:60") == parse("2026-05-01 10:06:00")
+    utc = DateParser(utc=True)
+    assert utc("1970-01-01 00:00:00") == 0 and utc("2026-05-01 10:05:07") == 1777629907
+    for bad in (
+        "2026-05-01 10:60:00",
+        "2026-05-01 10:05:61",
+        "2026-02-30 10:00:00",
+        "2026-13-01 10:00:00",
+        "2026-05-01 24:00:00",
+        "2026-05-01 1:05:07",
+        "2026-05-01T10:05:07",
+        "2026-05-01 10:05:07 ",
+        "2026-05-01 10:05",
+        "\u0662\u0660\u0662\u0666-05-01 10:05:07",  # Arabic-Indic digits: int() takes them
+        "+026-05-01 10:05:07",
+        "",
+    ):
+        with pytest.raises(ValueError):
+            parse(bad)

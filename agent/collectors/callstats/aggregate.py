@@ -265,7 +265,11 @@ class Aggregator:
         self.touched: set[int] = set()
         self._loader = loader
 
-    def _get(self, start: int) -> Bucket | None:
+    def bucket(self, start: int) -> Bucket | None:
+        """The bucket starting at ``start``: in memory, loaded, or new; None when refused."""
+        b = self.buckets.get(start)
+        if b is not None:
+            return b
         if start in self.refused:
             return None
         loaded = self._loader(start)
@@ -295,8 +299,7 @@ class Aggregator:
         """
         size = self.size
         b0 = start - start % size
-        b = self.buckets.get(b0) or self._get(b0)
-        counted = b is not None
+        b = self.bucket(b0)
         if b is not None:
             self.touched.add(b0)
             b.duration += duration
@@ -309,21 +312,25 @@ class Aggregator:
             dd = b.deltas
             off = start - b0
             dd[off] = dd.get(off, 0) + 1
-        if end <= start:
-            end = start + 1
-        elif end - start > MAX_SPAN_SECONDS:
-            end = start + MAX_SPAN_SECONDS
+        end = occupied_end(start, end)
         if end - b0 < size:
             if b is not None:
                 dd = b.deltas
                 off = end - b0
                 dd[off] = dd.get(off, 0) - 1
-            return counted
-        # The call runs past its own bucket: it raises the carry of every later one it reaches.
+        else:
+            self.carry(b0, end, floor)
+        return b is not None
+
+    def carry(self, b0: int, end: int, floor: int) -> None:
+        """A call from bucket ``b0`` running to ``end`` (an :func:`occupied_end`, past
+        ``b0``'s bucket) raises the carry of every later bucket it reaches and ends in
+        the last one."""
+        size = self.size
         bs = b0 + size
         while bs < end:
             if bs >= floor:
-                nb = self.buckets.get(bs) or self._get(bs)
+                nb = self.bucket(bs)
                 if nb is not None:
                     self.touched.add(bs)
                     nb.carry += 1
@@ -331,7 +338,16 @@ class Aggregator:
                         off = end - bs
                         nb.deltas[off] = nb.deltas.get(off, 0) - 1
             bs += size
-        return counted
+
+
+def occupied_end(start: int, end: int) -> int:
+    """The end of the span a call occupies for the peak: at least one second, at most
+    :data:`MAX_SPAN_SECONDS`."""
+    if end <= start:
+        return start + 1
+    if end - start > MAX_SPAN_SECONDS:
+        return start + MAX_SPAN_SECONDS
+    return end
 
 
 def fold(counts: Mapping[str, int], min_count: int) -> dict[str, int]:

@@ -56,8 +56,11 @@ I_DURATION: Final = 12
 I_BILLSEC: Final = 13
 I_DISPOSITION: Final = 14
 
-#: The seconds field of a ``%T`` time (60: a leap second) → its value; nothing else.
-SECONDS: Final = {f"{i:02d}": i for i in range(61)}
+#: The ``:MM:SS`` end of a ``%T`` time (second 60: a leap second) → seconds into the hour.
+#: One look-up both validates and converts it; 3,660 entries.
+MINUTE_SECONDS: Final = {
+    f":{m:02d}:{sec:02d}": m * 60 + sec for m in range(60) for sec in range(61)
+}
 
 #: ast_cdr_disp2str's values; anything else is counted as OTHER.
 DISPOSITIONS: Final = ("ANSWERED", "NO ANSWER", "BUSY", "FAILED", "CONGESTION")
@@ -82,38 +85,26 @@ class DateParser:
     ``time.strptime`` costs several microseconds a call, more than everything
     else a row needs. A CDR file holds few distinct hours, so the epoch of each
     ``YYYY-MM-DD HH`` prefix is computed once (through ``mktime`` in the box's
-    time zone, or ``timegm`` for ``usegmtime``) and minutes and seconds are added.
+    time zone, or ``timegm`` for ``usegmtime``) and kept in :attr:`hours`; the
+    ``:MM:SS`` rest is one look-up in :data:`MINUTE_SECONDS`.
     """
 
-    __slots__ = ("_cache", "_utc", "minutes")
+    __slots__ = ("_utc", "hours")
 
     def __init__(self, *, utc: bool) -> None:
         self._utc = utc
-        self._cache: dict[str, int] = {}
-        #: ``YYYY-MM-DD HH:MM:`` → epoch, for the hot loop (see :meth:`minute_epoch`).
-        self.minutes: dict[str, int] = {}
-
-    def minute_epoch(self, prefix: str) -> int:
-        """The epoch of a validated ``YYYY-MM-DD HH:MM:`` prefix (cached); ValueError if bad."""
-        if len(prefix) != 17 or prefix[13] != ":" or prefix[16] != ":":
-            raise ValueError(prefix)
-        mi = prefix[14:16]
-        if not mi.isdigit() or int(mi) > 59:
-            raise ValueError(prefix)
-        t = self.hour_epoch(prefix[:13]) + int(mi) * 60
-        # CDRs arrive in time order: a small cache hits almost always, and its bound is what
-        # keeps memory flat on a multi-year file (200k entries were ~20 MB).
-        if len(self.minutes) > 16_384:
-            self.minutes.clear()
-        self.minutes[prefix] = t
-        return t
+        #: ``YYYY-MM-DD HH`` → epoch, for the hot loop (see :meth:`hour_epoch`).
+        self.hours: dict[str, int] = {}
 
     def hour_epoch(self, prefix: str) -> int:
-        """The epoch of ``YYYY-MM-DD HH``; ValueError when it is not a valid hour."""
-        t = self._cache.get(prefix)
+        """The epoch of ``YYYY-MM-DD HH`` (cached); ValueError when it is not a valid hour."""
+        t = self.hours.get(prefix)
         if t is not None:
             return t
         if len(prefix) != 13 or prefix[4] != "-" or prefix[7] != "-" or prefix[10] != " ":
+            raise ValueError(prefix)
+        digits = prefix[0:4] + prefix[5:7] + prefix[8:10] + prefix[11:13]
+        if not (digits.isascii() and digits.isdigit()):
             raise ValueError(prefix)
         y, mo, d, h = int(prefix[0:4]), int(prefix[5:7]), int(prefix[8:10]), int(prefix[11:13])
         if not (1970 <= y <= 9999 and 1 <= mo <= 12 and 0 <= h <= 23):
@@ -122,20 +113,19 @@ class DateParser:
             raise ValueError(prefix)
         tup = (y, mo, d, h, 0, 0, 0, 0, -1)
         t = calendar.timegm(tup) if self._utc else int(time.mktime(tup))
-        if len(self._cache) > 100_000:  # a file spanning more than ten years of hours
-            self._cache.clear()
-        self._cache[prefix] = t
+        # CDRs arrive in time order, so a cleared cache refills at once; the bound keeps
+        # memory flat on a file spanning more than ten years of hours.
+        if len(self.hours) > 100_000:
+            self.hours.clear()
+        self.hours[prefix] = t
         return t
 
     def __call__(self, s: str) -> int:
         """Parse one ``%Y-%m-%d %T`` time; ValueError when it is not one."""
-        se = s[17:]
-        if len(se) != 2 or not se.isdigit() or se > "60":
+        rest = MINUTE_SECONDS.get(s[13:])
+        if rest is None:
             raise ValueError(s)
-        t = self.minutes.get(s[:17])
-        if t is None:
-            t = self.minute_epoch(s[:17])
-        return t + int(se)
+        return self.hour_epoch(s[:13]) + rest
 
 
 def local_hour(s: str) -> str:

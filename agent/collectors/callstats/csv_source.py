@@ -44,7 +44,7 @@ from agent.collectors.callstats.cdr import (
     I_START,
     MAX_COLUMNS,
     MIN_COLUMNS,
-    SECONDS,
+    MINUTE_SECONDS,
     DateParser,
     Skip,
 )
@@ -273,19 +273,20 @@ def ingest_chunk(
         lines.pop()
     latest = 0
     bad_cols = bad_date = bad_num = negative = too_old = refused = 0
-    add = agg.add
     size = agg.size
-    # Calls ending before this (relative to their bucket's start) take the inlined path;
-    # kept within MAX_SPAN_SECONDS, so that path never has to clamp an end.
-    size2 = min(2 * size, MAX_SPAN_SECONDS + 1)
     floor = cutoff - cutoff % size
     buckets_get = agg.buckets.get
+    bucket = agg.bucket
+    add = agg.add
+    carry = agg.carry
+    size2 = 2 * size
     touch = agg.touched.add
+    touched = -1  # the bucket touched last: rows come in time order, most share it
     known = KNOWN_DISPOSITIONS
-    seconds = SECONDS
+    minute_seconds = MINUTE_SECONDS
     # Bound once: this loop runs for every row, and attribute lookups are most of its cost.
-    minute_get = parse.minutes.get
-    minute_epoch = parse.minute_epoch
+    hour_get = parse.hours.get
+    hour_epoch = parse.hour_epoch
     cache_get = classify.cache.get
     classify_ = classify.classify
     reader = csv.reader(lines)
@@ -300,17 +301,17 @@ def ingest_chunk(
                 s = row[I_START]
                 e = row[I_END]
                 try:
-                    # DateParser.__call__, inlined: minute prefix from the cache, plus the
-                    # seconds by one look-up (a missing key: not two digits up to 60).
-                    t = minute_get(s[:17])
+                    # DateParser.__call__, inlined: the hour's epoch from its cache, plus
+                    # minutes and seconds by one look-up (a missing key: not ``:MM:SS``).
+                    t = hour_get(s[:13])
                     if t is None:
-                        t = minute_epoch(s[:17])
-                    start = t + seconds[s[17:]]
+                        t = hour_epoch(s[:13])
+                    start = t + minute_seconds[s[13:]]
                     if e:
-                        t = minute_get(e[:17])
+                        t = hour_get(e[:13])
                         if t is None:
-                            t = minute_epoch(e[:17])
-                        end = t + seconds[e[17:]]
+                            t = hour_epoch(e[:13])
+                        end = t + minute_seconds[e[13:]]
                     else:
                         end = -1
                 except (ValueError, KeyError):
@@ -339,61 +340,51 @@ def ingest_chunk(
                 )
                 if hit is None:
                     hit = classify_(dcontext, ch, dch)
-                b0 = start - start % size
-                b = buckets_get(b0)
-                slow = True
-                if b is not None and start < end:
-                    # Aggregator.add, inlined for its common cases: the bucket is in memory
-                    # and the call ends inside it or (with that bucket in memory too) inside
-                    # the next one, within MAX_SPAN_SECONDS: no clamping, at most one carry.
-                    rel = end - b0
-                    if rel < size:
-                        touch(b0)
-                        b.duration += duration
-                        b.billsec += billsec
-                        disp = row[I_DISPOSITION]
-                        key = (hit[0], hit[1], disp if disp in known else OTHER, s[11:13])
-                        c = b.combos
-                        c[key] = c.get(key, 0) + 1
-                        dd = b.deltas
-                        off = start - b0
-                        dd[off] = dd.get(off, 0) + 1
-                        dd[rel] = dd.get(rel, 0) - 1
-                        slow = False
-                    elif size < rel < size2:  # ending on the boundary: no carry
-                        nb = buckets_get(b0 + size)
-                        if nb is not None:
-                            touch(b0)
-                            b.duration += duration
-                            b.billsec += billsec
-                            disp = row[I_DISPOSITION]
-                            key = (hit[0], hit[1], disp if disp in known else OTHER, s[11:13])
-                            c = b.combos
-                            c[key] = c.get(key, 0) + 1
-                            dd = b.deltas
-                            off = start - b0
-                            dd[off] = dd.get(off, 0) + 1
-                            # start >= cutoff, so the next bucket is never before ``floor``.
-                            touch(b0 + size)
-                            nb.carry += 1
-                            dd = nb.deltas
-                            off = rel - size
-                            dd[off] = dd.get(off, 0) - 1
-                            slow = False
-                if slow and not add(
-                    start,
-                    end,
-                    duration,
-                    billsec,
-                    row[I_DISPOSITION],
-                    hit[0],
-                    hit[1],
-                    s[11:13],
-                    floor,
-                ):
-                    refused += 1
                 if end > latest:
                     latest = end
+                # Aggregator.add, inlined but for the carry into later buckets.
+                b0 = start - start % size
+                b = buckets_get(b0)
+                if b is None:
+                    b = bucket(b0)
+                    if b is None:
+                        # Refused: not counted, but add() still carries it into later buckets.
+                        add(start, end, duration, billsec, "", "", None, "", floor)
+                        refused += 1
+                        continue
+                if b0 != touched:
+                    touch(b0)
+                    touched = b0
+                b.duration += duration
+                b.billsec += billsec
+                disp = row[I_DISPOSITION]
+                key = (hit[0], hit[1], disp if disp in known else OTHER, s[11:13])
+                c = b.combos
+                c[key] = c.get(key, 0) + 1
+                dd = b.deltas
+                off = start - b0
+                dd[off] = dd.get(off, 0) + 1
+                # occupied_end(), inlined: at least one second, at most MAX_SPAN_SECONDS.
+                if end <= start:
+                    end = start + 1
+                elif end - start > MAX_SPAN_SECONDS:
+                    end = start + MAX_SPAN_SECONDS
+                off = end - b0
+                if off < size:
+                    dd[off] = dd.get(off, 0) - 1
+                elif size < off < size2:
+                    # Into the next bucket only (the common case for bucket-sized calls):
+                    # Aggregator.carry for one bucket, inlined.
+                    bs = b0 + size
+                    nb = buckets_get(bs) or bucket(bs)
+                    if nb is not None:
+                        touch(bs)
+                        nb.carry += 1
+                        dd = nb.deltas
+                        off -= size
+                        dd[off] = dd.get(off, 0) - 1
+                elif off > size:
+                    carry(b0, end, floor)
             break
         except csv.Error:
             # The reader resumes at the next line after an error.
