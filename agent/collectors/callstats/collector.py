@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -61,6 +63,8 @@ log = structlog.get_logger(__name__)
 BATCH_CHUNKS = 1
 #: ... or this many seconds of work, whichever comes first (with BATCH_CHUNKS > 1).
 BATCH_SECONDS = 0.5
+
+_T = TypeVar("_T")
 
 #: (bucket start, revision, body, approved, time) of one bucket offered to the gate.
 Offer = tuple[int, int, dict[str, Any], bool, float]
@@ -94,6 +98,11 @@ class CallstatsCollector:
         """``clock`` and ``read_chunk`` (bytes per CSV batch) are there for tests and benches."""
         self._s = settings
         self._clock = clock
+        # One thread of its own for reading, counting and committing, not the event loop's
+        # shared pool: glibc gives each thread that allocates its own malloc arena, and
+        # the multi-megabyte chunks freed in several arenas kept RSS growing (+22.7 MiB
+        # over 5 million rows through the shared pool, +6.2 MiB in one arena).
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="callstats")
         self._size = int(settings.bucket)
         self._store = CallstatsStore(state_dir / STATE_FILE)
         self._classifier = Classifier(settings)
@@ -151,10 +160,10 @@ class CallstatsCollector:
             return
         self._last_poll = self._clock()
         while True:
-            batch = await asyncio.to_thread(self._read)
+            batch = await self._in_worker(self._read)
             # Even when the source failed: the clock still closes buckets while it is away.
             ready, offers = self._offer_ready(emit, drained=batch.drained)
-            await asyncio.to_thread(self._commit, batch, ready, offers)
+            await self._in_worker(self._commit, batch, ready, offers)
             if batch.error is not None:
                 exc = batch.error
                 if self._error != exc.message:
@@ -188,7 +197,15 @@ class CallstatsCollector:
 
     async def aclose(self) -> None:
         """Close the CDR file, the database connection and the state file."""
-        await asyncio.to_thread(self._close)
+        try:
+            await self._in_worker(self._close)
+        finally:
+            self._worker.shutdown(wait=False)
+
+    async def _in_worker(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._worker, functools.partial(fn, *args)
+        )
 
     def _close(self) -> None:
         if self._tail is not None:
