@@ -497,5 +497,5 @@ def test_date_parser_agrees_with_mktime_and_refuses_malformed_times() -> None:
         "+026-05-01 10:05:07",
         "",
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"^not a %Y-%m-%d %H"):
             parse(bad)

@@ -101,16 +101,17 @@ class DateParser:
         t = self.hours.get(prefix)
         if t is not None:
             return t
+        bad = ValueError(f"not a %Y-%m-%d %H hour: {prefix!r}")
         if len(prefix) != 13 or prefix[4] != "-" or prefix[7] != "-" or prefix[10] != " ":
-            raise ValueError(prefix)
+            raise bad
         digits = prefix[0:4] + prefix[5:7] + prefix[8:10] + prefix[11:13]
         if not (digits.isascii() and digits.isdigit()):
-            raise ValueError(prefix)
+            raise bad
         y, mo, d, h = int(prefix[0:4]), int(prefix[5:7]), int(prefix[8:10]), int(prefix[11:13])
         if not (1970 <= y <= 9999 and 1 <= mo <= 12 and 0 <= h <= 23):
-            raise ValueError(prefix)
+            raise bad
         if not 1 <= d <= calendar.monthrange(y, mo)[1]:
-            raise ValueError(prefix)
+            raise bad
         tup = (y, mo, d, h, 0, 0, 0, 0, -1)
         t = calendar.timegm(tup) if self._utc else int(time.mktime(tup))
         # CDRs arrive in time order, so a cleared cache refills at once; the bound keeps
@@ -124,7 +125,7 @@ class DateParser:
         """Parse one ``%Y-%m-%d %T`` time; ValueError when it is not one."""
         rest = MINUTE_SECONDS.get(s[13:])
         if rest is None:
-            raise ValueError(s)
+            raise ValueError(f"not a %Y-%m-%d %H:%M:%S time: {s!r}")
         return self.hour_epoch(s[:13]) + rest
 
 
