@@ -5,17 +5,23 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent.collectors.callstats.aggregate import Aggregator, Loader
+from agent.collectors.callstats.cdr import DateParser
 from agent.collectors.callstats.collector import CallstatsCollector
+from agent.collectors.callstats.csv_source import ingest_chunk
+from agent.collectors.callstats.directions import Classifier
 from agent.collectors.callstats.settings import CallstatsSettings
 from agent.collectors.callstats.store import STATE_FILE, CallstatsStore
 from agent.errors import CollectorError, StateError
@@ -327,22 +333,29 @@ def test_unreadable_source_is_reported(tmp_path: Path) -> None:
         run(c, Sink())
 
 
-def test_hot_loop_equals_aggregator_add_row_by_row() -> None:
-    """ingest_chunk's inlined counting leaves exactly the bucket state Aggregator.add leaves."""
-    from agent.collectors.callstats.aggregate import Aggregator
-    from agent.collectors.callstats.cdr import DateParser
-    from agent.collectors.callstats.csv_source import ingest_chunk
-    from agent.collectors.callstats.directions import Classifier
+@dataclass
+class _Both:
+    """The same calls counted by ingest_chunk (fast) and by Aggregator.add row by row (slow)."""
 
-    calls = make_calls(800, start=T0, span=2 * 3600, seed=11)
-    # Zero-length calls, calls ending on a bucket boundary and calls spanning many buckets.
-    calls += [
-        Call(T0 + 7, 0, 0, "FAILED", "outbound", "provider-a", "1001", "5551"),
-        Call(T0 + 20, BUCKET - 20, 250, "ANSWERED", "inbound", "provider-b", "1002", "5552"),
-        Call(T0 + 40, 5 * BUCKET, 1400, "ANSWERED", "internal", None, "1003", "5553"),
-    ]
+    fast: Aggregator
+    slow: Aggregator
+    rows: int
+    skipped: dict[str, int]
+    not_counted: int  # calls add() refused
+
+    def assert_same(self) -> None:
+        assert self.fast.buckets.keys() == self.slow.buckets.keys()
+        for start, b in self.fast.buckets.items():
+            s = self.slow.buckets[start]
+            assert b.to_state() == s.to_state()
+            assert b.carry == s.carry
+            assert b.peak() == s.peak()
+
+
+def _count_both(calls: list[Call], size: int = BUCKET, loader: Loader | None = None) -> _Both:
+    loader = loader or (lambda start: None)
     settings = CallstatsSettings(csv=Path("Master.csv"))
-    fast = Aggregator(BUCKET, lambda start: None)
+    fast = Aggregator(size, loader)
     skipped: dict[str, int] = {}
     rows, _ = ingest_chunk(
         csv_bytes(calls),
@@ -352,30 +365,37 @@ def test_hot_loop_equals_aggregator_add_row_by_row() -> None:
         cutoff=0,
         skipped=skipped,
     )
-    assert rows == len(calls) and skipped == {}
-    slow = Aggregator(BUCKET, lambda start: None)
+    slow = Aggregator(size, loader)
     classify = Classifier(settings)
+    not_counted = 0
     for seq, c in enumerate(calls, 1):
         f = fields(c, seq)
         direction, trunk = classify.classify(str(f[3]), str(f[5]), str(f[6]))
         hour = time.strftime("%H", time.localtime(c.start))
-        slow.add(c.start, c.end, c.duration, c.billsec, c.disposition, direction, trunk, hour, 0)
-    assert fast.buckets.keys() == slow.buckets.keys()
-    for start, b in fast.buckets.items():
-        assert b.to_state() == slow.buckets[start].to_state()
-        assert b.peak() == slow.buckets[start].peak()
+        if not slow.add(
+            c.start, c.end, c.duration, c.billsec, c.disposition, direction, trunk, hour, 0
+        ):
+            not_counted += 1
+    return _Both(fast, slow, rows, skipped, not_counted)
+
+
+def test_hot_loop_equals_aggregator_add_row_by_row() -> None:
+    """ingest_chunk's inlined counting leaves exactly the bucket state Aggregator.add leaves."""
+    calls = make_calls(800, start=T0, span=2 * 3600, seed=11)
+    # Zero-length calls, calls ending on a bucket boundary and calls spanning many buckets.
+    calls += [
+        Call(T0 + 7, 0, 0, "FAILED", "outbound", "provider-a", "1001", "5551"),
+        Call(T0 + 20, BUCKET - 20, 250, "ANSWERED", "inbound", "provider-b", "1002", "5552"),
+        Call(T0 + 40, 5 * BUCKET, 1400, "ANSWERED", "internal", None, "1003", "5553"),
+    ]
+    both = _count_both(calls)
+    assert both.rows == len(calls) and both.skipped == {}
+    both.assert_same()
 
 
 @pytest.mark.parametrize("size", [60, 300, 43200, 86400])
 def test_hot_loop_equals_aggregator_add_at_bucket_edges(size: int) -> None:
     """Calls ending on, just before and just after one and two bucket ends count as add() does."""
-    import random
-
-    from agent.collectors.callstats.aggregate import Aggregator
-    from agent.collectors.callstats.cdr import DateParser
-    from agent.collectors.callstats.csv_source import ingest_chunk
-    from agent.collectors.callstats.directions import Classifier
-
     rnd = random.Random(size)
     t0 = T0 - T0 % 86400
     calls: list[Call] = []
@@ -389,41 +409,20 @@ def test_hot_loop_equals_aggregator_add_at_bucket_edges(size: int) -> None:
             Call(start, duration, duration // 2, "ANSWERED", "inbound", "provider-a", "1001", "5")
         )
     rnd.shuffle(calls)  # late rows too: buckets ahead are often in memory already
-    settings = CallstatsSettings(csv=Path("Master.csv"))
-    fast = Aggregator(size, lambda start: None)
-    rows, _ = ingest_chunk(
-        csv_bytes(calls), fast, Classifier(settings), DateParser(utc=False), cutoff=0, skipped={}
-    )
-    assert rows == len(calls)
-    slow = Aggregator(size, lambda start: None)
-    classify = Classifier(settings)
-    for seq, c in enumerate(calls, 1):
-        f = fields(c, seq)
-        direction, trunk = classify.classify(str(f[3]), str(f[5]), str(f[6]))
-        hour = time.strftime("%H", time.localtime(c.start))
-        slow.add(c.start, c.end, c.duration, c.billsec, c.disposition, direction, trunk, hour, 0)
-    assert fast.buckets.keys() == slow.buckets.keys()
-    for start, b in fast.buckets.items():
-        assert b.to_state() == slow.buckets[start].to_state()
-        assert b.carry == slow.buckets[start].carry
-        assert b.peak() == slow.buckets[start].peak()
+    both = _count_both(calls, size)
+    assert both.rows == len(calls)
+    both.assert_same()
 
 
 def test_hot_loop_equals_aggregator_add_with_refused_buckets() -> None:
     """A refused bucket counts nothing, yet its long calls still carry into later buckets."""
-    import random
-
-    from agent.collectors.callstats.aggregate import Aggregator
-    from agent.collectors.callstats.cdr import DateParser
-    from agent.collectors.callstats.csv_source import ingest_chunk
-    from agent.collectors.callstats.directions import Classifier
-
     rnd = random.Random(5)
     refused = {T0 + BUCKET, T0 + 3 * BUCKET}
+    durations = (0, 30, 290, 310, 700)
     calls = [
         Call(
             T0 + rnd.randrange(5 * BUCKET),
-            rnd.choice((0, 30, 290, 310, 700)),
+            rnd.choice(durations),
             0,
             "ANSWERED",
             "inbound",
@@ -433,48 +432,17 @@ def test_hot_loop_equals_aggregator_add_with_refused_buckets() -> None:
         )
         for _ in range(400)
     ]
-
-    def loader(start: int) -> bool | None:
-        return False if start in refused else None
-
-    settings = CallstatsSettings(csv=Path("Master.csv"))
-    fast = Aggregator(BUCKET, loader)
-    skipped: dict[str, int] = {}
-    rows, _ = ingest_chunk(
-        csv_bytes(calls),
-        fast,
-        Classifier(settings),
-        DateParser(utc=False),
-        cutoff=0,
-        skipped=skipped,
-    )
-    slow = Aggregator(BUCKET, loader)
-    classify = Classifier(settings)
-    not_counted = 0
-    for seq, c in enumerate(calls, 1):
-        f = fields(c, seq)
-        direction, trunk = classify.classify(str(f[3]), str(f[5]), str(f[6]))
-        hour = time.strftime("%H", time.localtime(c.start))
-        if not slow.add(
-            c.start, c.end, c.duration, c.billsec, c.disposition, direction, trunk, hour, 0
-        ):
-            not_counted += 1
-    assert rows == len(calls) and not_counted > 0
-    assert skipped == {"bucket_refused": not_counted}
-    assert fast.buckets.keys() == slow.buckets.keys() and not fast.buckets.keys() & refused
-    assert any(b.carry for b in fast.buckets.values())
-    for start, b in fast.buckets.items():
-        assert b.to_state() == slow.buckets[start].to_state()
-        assert b.carry == slow.buckets[start].carry
+    both = _count_both(calls, loader=lambda start: False if start in refused else None)
+    assert both.rows == len(calls) and both.not_counted > 0
+    assert both.skipped == {"bucket_refused": both.not_counted}
+    assert not both.fast.buckets.keys() & refused
+    assert any(b.carry for b in both.fast.buckets.values())
+    both.assert_same()
 
 
 def test_date_parser_agrees_with_mktime_and_refuses_malformed_times() -> None:
     """Every second of a day (DST included where the zone has it) and the leap second parse
     as mktime does; anything not exactly ``%Y-%m-%d %T`` is a ValueError."""
-    import random
-
-    from agent.collectors.callstats.cdr import DateParser
-
     parse = DateParser(utc=False)
     rnd = random.Random(3)
     for t in [T0 + rnd.randrange(400 * 86400) - 200 * 86400 for _ in range(5000)]:
