@@ -231,6 +231,21 @@ def test_freepbx_default_directions(
     assert Classifier(CallstatsSettings()).classify(dcontext, channel, dstchannel) == want
 
 
+def test_routes_are_shared_and_make_each_bucket_key_once() -> None:
+    """Calls that went the same way share one route; its keys are built once, unknown
+    dispositions count as other and neither they nor odd hours are kept."""
+    c = Classifier(CallstatsSettings())
+    r = c.route("from-trunk", "PJSIP/provider-a-00000001", "PJSIP/1001-00000002")
+    assert c.route("from-trunk", "PJSIP/provider-a-0000000f", "PJSIP/1002-00000003") is r
+    assert (r.direction, r.trunk) == ("inbound", "provider-a")
+    k = r.key("ANSWERED", "10")
+    assert k == ("inbound", "provider-a", "ANSWERED", "10") and r.key("ANSWERED", "10") is k
+    assert r.keys == {"ANSWERED": {"10": k}}
+    assert r.key("Bob Smith +15551234", "10") == ("inbound", "provider-a", "other", "10")
+    assert r.key("ANSWERED", "99") == ("inbound", "provider-a", "ANSWERED", "99")
+    assert r.keys == {"ANSWERED": {"10": k}}
+
+
 def test_explicit_trunk_list_limits_names() -> None:
     """With a trunk list configured, no other channel name can appear as a trunk."""
     c = Classifier(CallstatsSettings(trunks=("provider-a",)))

@@ -52,7 +52,7 @@ from itertools import accumulate
 from typing import Any, Final
 
 from agent.collectors.callstats.cdr import ANSWERED, DISPOSITIONS
-from agent.collectors.callstats.directions import OTHER
+from agent.collectors.callstats.directions import OTHER, Combo
 
 SCHEMA: Final = "callstats/1"
 #: Version of the stored bucket counters (see :meth:`Bucket.encode`). 1 was the
@@ -62,9 +62,6 @@ STATE_FORMAT: Final = 2
 KNOWN_DISPOSITIONS: Final = frozenset(DISPOSITIONS)
 #: A call longer than this adds to the peak of at most this many later buckets.
 MAX_SPAN_SECONDS: Final = 86400
-
-
-Combo = tuple[str, "str | None", str, str]
 
 
 class Bucket:

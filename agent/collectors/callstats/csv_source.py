@@ -29,7 +29,6 @@ from typing import IO, Any
 import structlog
 
 from agent.collectors.callstats.aggregate import (
-    KNOWN_DISPOSITIONS,
     MAX_SPAN_SECONDS,
     Aggregator,
 )
@@ -48,7 +47,7 @@ from agent.collectors.callstats.cdr import (
     DateParser,
     Skip,
 )
-from agent.collectors.callstats.directions import OTHER, Classifier
+from agent.collectors.callstats.directions import Classifier
 from agent.errors import CollectorError
 
 log = structlog.get_logger(__name__)
@@ -282,13 +281,12 @@ def ingest_chunk(
     size2 = 2 * size
     touch = agg.touched.add
     touched = -1  # the bucket touched last: rows come in time order, most share it
-    known = KNOWN_DISPOSITIONS
     minute_seconds = MINUTE_SECONDS
     # Bound once: this loop runs for every row, and attribute lookups are most of its cost.
     hour_get = parse.hours.get
     hour_epoch = parse.hour_epoch
     cache_get = classify.cache.get
-    classify_ = classify.classify
+    route_ = classify.route
     reader = csv.reader(lines)
     while True:
         try:
@@ -334,12 +332,12 @@ def ingest_chunk(
                 dcontext = row[I_DCONTEXT]
                 ch = row[I_CHANNEL]
                 dch = row[I_DSTCHANNEL]
-                # Classifier.classify, inlined for cache hits (the same key it builds).
-                hit = cache_get(
+                # Classifier.route, inlined for cache hits (the same key it builds).
+                route = cache_get(
                     (dcontext, ch.rpartition("-")[0] or ch, dch.rpartition("-")[0] or dch)
                 )
-                if hit is None:
-                    hit = classify_(dcontext, ch, dch)
+                if route is None:
+                    route = route_(dcontext, ch, dch)
                 if end > latest:
                     latest = end
                 # Aggregator.add, inlined but for the carry into later buckets.
@@ -358,7 +356,10 @@ def ingest_chunk(
                 b.duration += duration
                 b.billsec += billsec
                 disp = row[I_DISPOSITION]
-                key = (hit[0], hit[1], disp if disp in known else OTHER, s[11:13])
+                try:
+                    key = route.keys[disp][s[11:13]]
+                except KeyError:
+                    key = route.key(disp, s[11:13])
                 c = b.combos
                 c[key] = c.get(key, 0) + 1
                 dd = b.deltas

@@ -19,9 +19,14 @@ from __future__ import annotations
 import re
 from typing import Final
 
+from agent.collectors.callstats.cdr import DISPOSITIONS
 from agent.collectors.callstats.settings import CallstatsSettings
 
 OTHER: Final = "other"
+#: What a call is counted under in a bucket: (direction, trunk key, disposition, hour).
+Combo = tuple[str, "str | None", str, str]
+_KNOWN: Final = frozenset(DISPOSITIONS)
+_HOURS: Final = frozenset(f"{h:02d}" for h in range(24))
 #: Channel technologies that are never trunks: dialplan-internal or not a line at all.
 _NOT_TRUNK_TECH: Final = frozenset(
     {"local", "message", "bridge", "announcer", "recorder", "cbanchan", "cbrec", "multicast", ""}
@@ -42,6 +47,37 @@ def trunk_name(prefix: str) -> tuple[str, str]:
     return prefix[:slash].lower(), prefix[slash + 1 :]
 
 
+class Route:
+    """Where a call went (direction, and trunk key or None), with the counter keys it makes.
+
+    Routes are shared by every call that went the same way, so the hot loop finds a
+    row's bucket key as ``route.keys[disposition][hour]`` instead of building a tuple
+    per row (that was a tenth of the loop's time).
+    """
+
+    __slots__ = ("direction", "keys", "trunk")
+
+    def __init__(self, direction: str, trunk: str | None) -> None:
+        self.direction = direction
+        self.trunk = trunk
+        #: disposition → hour → key; only known dispositions and real hours are kept.
+        self.keys: dict[str, dict[str, Combo]] = {}
+
+    def key(self, disposition: str, hour: str) -> Combo:
+        """The bucket key of a call; a disposition Asterisk does not write counts as OTHER."""
+        if disposition not in _KNOWN:
+            return (self.direction, self.trunk, OTHER, hour)
+        by_hour = self.keys.get(disposition)
+        if by_hour is None:
+            by_hour = self.keys[disposition] = {}
+        k = by_hour.get(hour)
+        if k is None:
+            k = (self.direction, self.trunk, disposition, hour)
+            if hour in _HOURS:
+                by_hour[hour] = k
+        return k
+
+
 class Classifier:
     """Decides (direction, trunk) for a call from its context and channels."""
 
@@ -58,11 +94,17 @@ class Classifier:
         self._default = settings.default_direction
         self._trunks = frozenset(settings.trunks)
         self._trunk_re = re.compile(settings.trunk_pattern)
-        #: (dcontext, channel prefix, dstchannel prefix) → (direction, trunk key).
-        self.cache: dict[tuple[str, str, str], tuple[str, str | None]] = {}
+        #: (dcontext, channel prefix, dstchannel prefix) → its route.
+        self.cache: dict[tuple[str, str, str], Route] = {}
+        self._routes: dict[tuple[str, str | None], Route] = {}
 
     def classify(self, dcontext: str, channel: str, dstchannel: str) -> tuple[str, str | None]:
         """Direction and trunk key (a trunk name, ``other``, or None for internal calls)."""
+        r = self.route(dcontext, channel, dstchannel)
+        return r.direction, r.trunk
+
+    def route(self, dcontext: str, channel: str, dstchannel: str) -> Route:
+        """The :class:`Route` of a call (cached by context and channel prefixes)."""
         key = (
             dcontext,
             channel.rpartition("-")[0] or channel,
@@ -71,11 +113,15 @@ class Classifier:
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        result = self._decide(*key)
+        decided = self._decide(*key)
         if len(self.cache) >= _CACHE_MAX:
             self.cache.clear()
-        self.cache[key] = result
-        return result
+            self._routes.clear()
+        r = self._routes.get(decided)
+        if r is None:
+            r = self._routes[decided] = Route(*decided)
+        self.cache[key] = r
+        return r
 
     def _decide(self, dcontext: str, chan: str, dst: str) -> tuple[str, str | None]:
         direction = self._default
