@@ -29,7 +29,7 @@ from agent.outbox import Outbox
 from agent.policy.gate import Gate
 from agent.sdnotify import Notifier
 from agent.store import open_db
-from agent.supervisor import Supervisor
+from agent.supervisor import Supervisor, cancel_and_wait, task_stacks
 
 log = structlog.get_logger(__name__)
 
@@ -235,6 +235,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload_event.set)
+        # `kill -USR2 PID` logs every task's chain of awaits: where a stuck stop waits.
+        loop.add_signal_handler(signal.SIGUSR2, _log_task_stacks)
         await self.control.start()
         if self.switch.error:
             log.error("switch_file_untrusted", error=self.switch.error)
@@ -317,11 +319,7 @@ class Daemon:
 
     async def _stop_workers(self, workers: asyncio.Task[None]) -> None:
         # The uplink publishes "offline" and disconnects when cancelled (bounded inside it).
-        workers.cancel()
-        try:
-            async with asyncio.timeout(SHUTDOWN_BUDGET):
-                await asyncio.gather(workers, return_exceptions=True)
-        except TimeoutError:
+        if not await cancel_and_wait(workers, SHUTDOWN_BUDGET):
             log.error("workers_did_not_stop_in_time", budget=SHUTDOWN_BUDGET)
         await self._close_collectors()
 
@@ -456,6 +454,11 @@ def _with(config: AgentConfig, **changes: Any) -> AgentConfig:
     import dataclasses
 
     return dataclasses.replace(config, **changes)
+
+
+def _log_task_stacks() -> None:
+    for t in task_stacks():
+        log.warning("task_stack", **t)
 
 
 def run(config_path: Path, log_level: str | None = None) -> int:

@@ -51,6 +51,57 @@ def backoff(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) 
     return random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))  # noqa: S311 -- not crypto
 
 
+def check_cancelled() -> None:
+    """Raise CancelledError when the current task has a cancellation pending.
+
+    Python 3.11's ``asyncio.wait_for`` (aiomqtt awaits every acknowledgement with
+    it) returns the result instead of raising when a cancellation lands just as the
+    awaited operation completes. The request stays counted on the task
+    (``Task.cancelling()``), so a loop that calls this after such an await ends as
+    it was asked to instead of running on and holding up shutdown.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], budget: float) -> bool:
+    """Cancel ``task`` until it has ended or ``budget`` seconds have passed; True if ended.
+
+    One ``cancel()`` is not enough when the task swallows it (see
+    :func:`check_cancelled`); awaiting it through ``gather`` or ``wait`` without a
+    timeout would then wait for ever.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
+    while not task.done():
+        left = deadline - loop.time()
+        if left <= 0:
+            return False
+        task.cancel()
+        await asyncio.wait({task}, timeout=min(0.1, left))
+    return True
+
+
+def task_stacks() -> list[dict[str, Any]]:
+    """Every task of the running loop with the chain of awaits it is suspended in.
+
+    ``Task.get_stack()`` shows only a suspended task's outermost frame; following
+    ``cr_await`` shows where it actually waits, which is what a hang needs.
+    """
+    out: list[dict[str, Any]] = []
+    for task in asyncio.all_tasks():
+        frames: list[str] = []
+        obj: Any = task.get_coro()
+        while obj is not None and len(frames) < 30:
+            frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
+            if frame is not None:
+                frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+            obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
+        out.append({"task": task.get_name(), "cancelling": task.cancelling(), "awaits": frames})
+    return out
+
+
 class Supervisor:
     """Starts named components in a TaskGroup and restarts the ones that fail."""
 

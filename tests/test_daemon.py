@@ -46,6 +46,27 @@ def test_ready_status_and_clean_stop(agent: AgentProcess) -> None:
     assert not agent.socket_path.exists()
 
 
+def test_usr1_dumps_threads_and_usr2_dumps_task_awaits(agent: AgentProcess) -> None:
+    """What to ask a daemon that looks stuck: every thread's stack, every task's awaits."""
+    agent.start()
+    agent.wait_message("READY=1", 10)
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGUSR2)
+    events = wait_for(
+        lambda: [e for e in agent.log_events() if e.get("event") == "task_stack"],
+        what="task_stack events",
+    )
+    by_task = {e["task"]: e for e in events}
+    assert "collector:health" in by_task
+    assert any("supervisor.py" in f for f in by_task["collector:health"]["awaits"])
+    assert all(e["cancelling"] == 0 for e in events)
+    agent.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "most recent call first" in agent.log(), what="a thread stack dump")
+    assert agent.proc.poll() is None  # neither signal stops it
+    code, _took = agent.stop()
+    assert code == 0
+
+
 def test_status_when_daemon_down(agent: AgentProcess) -> None:
     """With no daemon, status says so, shows the switch from its file and exits 69."""
     out = agent.ctl("status")

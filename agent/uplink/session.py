@@ -27,7 +27,7 @@ import paho.mqtt.client as paho_mqtt
 import structlog
 
 from agent.errors import AgentError, BrokerRefused, TLSMaterialError, UplinkError
-from agent.supervisor import backoff
+from agent.supervisor import backoff, check_cancelled
 from agent.uplink import tls
 from agent.uplink.commands import CommandHandler, CommandHost
 
@@ -197,7 +197,13 @@ class UplinkSession:
                 await asyncio.wait({self._session})
             except asyncio.CancelledError:
                 self._session.cancel()
-                await asyncio.wait({self._session})
+                # Time to say offline and disconnect (bounded inside _close) ...
+                await asyncio.wait({self._session}, timeout=DISCONNECT_TIMEOUT + 1)
+                # ... then again until it has ended: a cancellation the session swallowed
+                # (see check_cancelled) would otherwise leave this wait, and shutdown, hanging.
+                while not self._session.done():
+                    self._session.cancel()
+                    await asyncio.wait({self._session}, timeout=0.1)
                 raise
             exc = None if self._session.cancelled() else self._session.exception()
             self._session = None
@@ -279,6 +285,7 @@ class UplinkSession:
             client._client.disable_logger()
             await client.publish(f"{self.prefix}/status", b"online", qos=1, retain=True)
             await client.subscribe(f"{self.prefix}/cmd", qos=1)
+            check_cancelled()
             self.connected_since = time.time()
             self.state = "connected"
             self.last_error = None
@@ -323,6 +330,7 @@ class UplinkSession:
         while True:
             await asyncio.sleep(self.cfg.heartbeat)
             await client.publish(f"{self.prefix}/status", b"online", qos=1, retain=True)
+            check_cancelled()
 
     async def _commands(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -330,6 +338,7 @@ class UplinkSession:
             reply = self.commands.handle(payload)
             log.info("noc_command", id=reply.id, cmd=reply.cmd, ok=reply.ok, error=reply.error)
             await client.publish(f"{self.prefix}/reply", reply.payload(), qos=1)
+            check_cancelled()
 
     async def _deliver(self, client: aiomqtt.Client, acks: _Acks) -> None:
         paho = client._client

@@ -191,8 +191,25 @@ class AgentProcess:
         assert self.proc is not None
         t0 = time.monotonic()
         self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=timeout)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the daemon did not exit within {timeout} s of signal {sig}; its stacks "
+                f"and log:\n{self._stacks_and_log()}"
+            ) from None
         return code, time.monotonic() - t0
+
+    def _stacks_and_log(self) -> str:
+        """Ask a stuck daemon for its task awaits and thread stacks; the end of its log."""
+        assert self.proc is not None
+        before = len(self.log())
+        self.proc.send_signal(signal.SIGUSR2)  # asyncio tasks and what each awaits
+        self.proc.send_signal(signal.SIGUSR1)  # threads
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and "most recent call first" not in self.log()[before:]:
+            time.sleep(0.05)
+        return self.log()[-12000:]
 
     def close(self) -> None:
         """Kill the daemon if it still runs and close the notify socket."""
