@@ -29,7 +29,7 @@ from agent.outbox import Outbox
 from agent.policy.gate import Gate
 from agent.sdnotify import Notifier
 from agent.store import open_db
-from agent.supervisor import Supervisor, cancel_and_wait, task_stacks
+from agent.supervisor import Supervisor, cancel_and_wait, task_stacks, thread_stacks
 
 log = structlog.get_logger(__name__)
 
@@ -235,8 +235,9 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload_event.set)
-        # `kill -USR2 PID` logs every task's chain of awaits: where a stuck stop waits.
-        loop.add_signal_handler(signal.SIGUSR2, _log_task_stacks)
+        # `kill -USR1 PID`: every thread's stack and every task's chain of awaits, logged
+        # from the loop (faulthandler's own dump of running threads can crash the process).
+        loop.add_signal_handler(signal.SIGUSR1, _log_stacks)
         await self.control.start()
         if self.switch.error:
             log.error("switch_file_untrusted", error=self.switch.error)
@@ -456,7 +457,9 @@ def _with(config: AgentConfig, **changes: Any) -> AgentConfig:
     return dataclasses.replace(config, **changes)
 
 
-def _log_task_stacks() -> None:
+def _log_stacks() -> None:
+    for th in thread_stacks():
+        log.warning("thread_stack", **th)
     for t in task_stacks():
         log.warning("task_stack", **t)
 
@@ -476,8 +479,8 @@ def run(config_path: Path, log_level: str | None = None) -> int:
         )
         raise
     logs.configure(log_level or config.log_level)
-    # `kill -USR1 PID` prints every thread's stack to stderr (the journal): the first
-    # thing to ask for when an agent looks stuck.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # A stuck event loop stops the watchdog pings, and systemd then sends SIGABRT:
+    # every thread's stack goes to stderr (the journal) as the process dies.
+    faulthandler.enable(all_threads=True)
     daemon = Daemon(config)
     return asyncio.run(daemon.run())

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
+import threading
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +84,20 @@ async def cancel_and_wait(task: asyncio.Task[Any], budget: float) -> bool:
         task.cancel()
         await asyncio.wait({task}, timeout=min(0.1, left))
     return True
+
+
+def thread_stacks() -> list[dict[str, Any]]:
+    """Every thread with its current stack, innermost frame last (safe to call any time)."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return [
+        {
+            "thread": names.get(ident, str(ident)),
+            "frames": [
+                f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_stack(frame)[-30:]
+            ],
+        }
+        for ident, frame in sys._current_frames().items()
+    ]
 
 
 def task_stacks() -> list[dict[str, Any]]:

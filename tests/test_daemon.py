@@ -10,6 +10,7 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -46,25 +47,40 @@ def test_ready_status_and_clean_stop(agent: AgentProcess) -> None:
     assert not agent.socket_path.exists()
 
 
-def test_usr1_dumps_threads_and_usr2_dumps_task_awaits(agent: AgentProcess) -> None:
+def test_usr1_logs_every_thread_and_task_and_the_daemon_runs_on(agent: AgentProcess) -> None:
     """What to ask a daemon that looks stuck: every thread's stack, every task's awaits."""
     agent.start()
     agent.wait_message("READY=1", 10)
     assert agent.proc is not None
-    agent.proc.send_signal(signal.SIGUSR2)
-    events = wait_for(
-        lambda: [e for e in agent.log_events() if e.get("event") == "task_stack"],
-        what="task_stack events",
-    )
-    by_task = {e["task"]: e for e in events}
-    assert "collector:health" in by_task
-    assert any("supervisor.py" in f for f in by_task["collector:health"]["awaits"])
-    assert all(e["cancelling"] == 0 for e in events)
-    agent.proc.send_signal(signal.SIGUSR1)
-    wait_for(lambda: "most recent call first" in agent.log(), what="a thread stack dump")
-    assert agent.proc.poll() is None  # neither signal stops it
+    for _ in range(3):  # repeatedly: a dump must never take the daemon down
+        before = len(agent.log_events())
+        agent.proc.send_signal(signal.SIGUSR1)
+
+        def dumped(before: int = before) -> list[dict[str, Any]]:
+            new = agent.log_events()[before:]
+            return new if any(e.get("event") == "task_stack" for e in new) else []
+
+        events = wait_for(dumped, what="stack events")
+        tasks = {e["task"]: e for e in events if e["event"] == "task_stack"}
+        threads = {e["thread"]: e for e in events if e["event"] == "thread_stack"}
+        assert "collector:health" in tasks
+        assert any("supervisor.py" in f for f in tasks["collector:health"]["awaits"])
+        assert all(e["cancelling"] == 0 for e in tasks.values())
+        assert any("_log_stacks" in f for f in threads["MainThread"]["frames"])
+    assert agent.proc.poll() is None
     code, _took = agent.stop()
     assert code == 0
+
+
+def test_sigabrt_from_the_watchdog_leaves_every_thread_stack(agent: AgentProcess) -> None:
+    """systemd's watchdog kills a stuck daemon with SIGABRT; the journal gets its stacks."""
+    agent.start()
+    agent.wait_message("READY=1", 10)
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGABRT)
+    assert agent.proc.wait(timeout=10) == -signal.SIGABRT
+    assert "Fatal Python error: Aborted" in agent.log()
+    assert "most recent call first" in agent.log()
 
 
 def test_status_when_daemon_down(agent: AgentProcess) -> None:

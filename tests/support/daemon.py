@@ -201,14 +201,16 @@ class AgentProcess:
         return code, time.monotonic() - t0
 
     def _stacks_and_log(self) -> str:
-        """Ask a stuck daemon for its task awaits and thread stacks; the end of its log."""
+        """Ask a stuck daemon for its threads' and tasks' stacks; the end of its log."""
         assert self.proc is not None
         before = len(self.log())
-        self.proc.send_signal(signal.SIGUSR2)  # asyncio tasks and what each awaits
-        self.proc.send_signal(signal.SIGUSR1)  # threads
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and "most recent call first" not in self.log()[before:]:
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and "task_stack" not in self.log()[before:]:
             time.sleep(0.05)
+        if "task_stack" not in self.log()[before:]:  # the loop itself is stuck
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(timeout=5)
         return self.log()[-12000:]
 
     def close(self) -> None:
