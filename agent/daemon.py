@@ -458,10 +458,12 @@ def _with(config: AgentConfig, **changes: Any) -> AgentConfig:
 
 
 def _log_stacks() -> None:
-    for th in thread_stacks():
+    threads, tasks = thread_stacks(), task_stacks()
+    for th in threads:
         log.warning("thread_stack", **th)
-    for t in task_stacks():
+    for t in tasks:
         log.warning("task_stack", **t)
+    log.warning("stacks_dumped", threads=len(threads), tasks=len(tasks))
 
 
 def run(config_path: Path, log_level: str | None = None) -> int:

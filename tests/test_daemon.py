@@ -50,7 +50,7 @@ def test_ready_status_and_clean_stop(agent: AgentProcess) -> None:
 def test_usr1_logs_every_thread_and_task_and_the_daemon_runs_on(agent: AgentProcess) -> None:
     """What to ask a daemon that looks stuck: every thread's stack, every task's awaits."""
     agent.start()
-    agent.wait_message("READY=1", 10)
+    wait_for(lambda: agent.status()["collectors"]["health"]["last_ok"], what="a health run")
     assert agent.proc is not None
     for _ in range(3):  # repeatedly: a dump must never take the daemon down
         before = len(agent.log_events())
@@ -58,15 +58,17 @@ def test_usr1_logs_every_thread_and_task_and_the_daemon_runs_on(agent: AgentProc
 
         def dumped(before: int = before) -> list[dict[str, Any]]:
             new = agent.log_events()[before:]
-            return new if any(e.get("event") == "task_stack" for e in new) else []
+            return new if any(e.get("event") == "stacks_dumped" for e in new) else []
 
-        events = wait_for(dumped, what="stack events")
+        events = wait_for(dumped, what="a whole stack dump")
+        end = next(e for e in events if e["event"] == "stacks_dumped")
         tasks = {e["task"]: e for e in events if e["event"] == "task_stack"}
         threads = {e["thread"]: e for e in events if e["event"] == "thread_stack"}
         assert "collector:health" in tasks
         assert any("supervisor.py" in f for f in tasks["collector:health"]["awaits"])
         assert all(e["cancelling"] == 0 for e in tasks.values())
         assert any("_log_stacks" in f for f in threads["MainThread"]["frames"])
+        assert (end["threads"], end["tasks"]) == (len(threads), len(tasks))
     assert agent.proc.poll() is None
     code, _took = agent.stop()
     assert code == 0

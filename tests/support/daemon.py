@@ -206,9 +206,9 @@ class AgentProcess:
         before = len(self.log())
         self.proc.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and "task_stack" not in self.log()[before:]:
+        while time.monotonic() < deadline and "stacks_dumped" not in self.log()[before:]:
             time.sleep(0.05)
-        if "task_stack" not in self.log()[before:]:  # the loop itself is stuck
+        if "stacks_dumped" not in self.log()[before:]:  # the loop itself is stuck
             self.proc.send_signal(signal.SIGABRT)
             self.proc.wait(timeout=5)
         return self.log()[-12000:]
