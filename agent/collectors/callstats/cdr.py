@@ -127,8 +127,3 @@ class DateParser:
         if rest is None:
             raise ValueError(f"not a %Y-%m-%d %H:%M:%S time: {s!r}")
         return self.hour_epoch(s[:13]) + rest
-
-
-def local_hour(s: str) -> str:
-    """The hour of day of a ``%Y-%m-%d %T`` time as written (the box's own clock)."""
-    return s[11:13]

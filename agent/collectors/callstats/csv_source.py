@@ -31,6 +31,7 @@ import structlog
 from agent.collectors.callstats.aggregate import (
     MAX_SPAN_SECONDS,
     Aggregator,
+    occupied_end,
 )
 from agent.collectors.callstats.cdr import (
     I_BILLSEC,
@@ -276,7 +277,6 @@ def ingest_chunk(
     floor = cutoff - cutoff % size
     buckets_get = agg.buckets.get
     bucket = agg.bucket
-    add = agg.add
     carry = agg.carry
     size2 = 2 * size
     touch = agg.touched.add
@@ -346,8 +346,8 @@ def ingest_chunk(
                 if b is None:
                     b = bucket(b0)
                     if b is None:
-                        # Refused: not counted, but add() still carries it into later buckets.
-                        add(start, end, duration, billsec, "", "", None, "", floor)
+                        # Refused: not counted, yet still running in later buckets (as add()).
+                        carry(b0, occupied_end(start, end), floor)
                         refused += 1
                         continue
                 if b0 != touched:
