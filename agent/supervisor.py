@@ -68,15 +68,16 @@ def check_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-async def cancel_and_wait(task: asyncio.Task[Any], budget: float) -> bool:
-    """Cancel ``task`` until it has ended or ``budget`` seconds have passed; True if ended.
+async def cancel_and_wait(task: asyncio.Task[Any], budget: float | None = None) -> bool:
+    """Cancel ``task`` until it has ended or ``budget`` seconds (None: no bound) have
+    passed; True if it ended.
 
     One ``cancel()`` is not enough when the task swallows it (see
     :func:`check_cancelled`); awaiting it through ``gather`` or ``wait`` without a
     timeout would then wait for ever.
     """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + budget
+    deadline = loop.time() + (budget if budget is not None else float("inf"))
     while not task.done():
         left = deadline - loop.time()
         if left <= 0:

@@ -27,7 +27,7 @@ import paho.mqtt.client as paho_mqtt
 import structlog
 
 from agent.errors import AgentError, BrokerRefused, TLSMaterialError, UplinkError
-from agent.supervisor import backoff, check_cancelled
+from agent.supervisor import backoff, cancel_and_wait, check_cancelled
 from agent.uplink import tls
 from agent.uplink.commands import CommandHandler, CommandHost
 
@@ -145,11 +145,8 @@ class UplinkSession:
                 pass  # the customer's word wins over telling the NOC why
         if client is not None:
             await self._disconnect_now(client)
-        # Python 3.11's asyncio.wait_for (which aiomqtt uses) can swallow a cancellation
-        # that lands just as its future completes: cancel until the session has ended.
-        while not session.done():
-            session.cancel()
-            await asyncio.wait({session}, timeout=0.1)
+        # Until the session has ended, even if it swallows a cancellation (check_cancelled).
+        await cancel_and_wait(session)
         await self._closed.wait()
         self.state = "severed"
         log.warning("uplink_severed_by_customer")
@@ -201,9 +198,7 @@ class UplinkSession:
                 await asyncio.wait({self._session}, timeout=DISCONNECT_TIMEOUT + 1)
                 # ... then again until it has ended: a cancellation the session swallowed
                 # (see check_cancelled) would otherwise leave this wait, and shutdown, hanging.
-                while not self._session.done():
-                    self._session.cancel()
-                    await asyncio.wait({self._session}, timeout=0.1)
+                await cancel_and_wait(self._session)
                 raise
             exc = None if self._session.cancelled() else self._session.exception()
             self._session = None
