@@ -28,8 +28,9 @@ from agent.ledger import Ledger
 from agent.outbox import Outbox
 from agent.policy.gate import Gate
 from agent.sdnotify import Notifier
+from agent.stacks import task_stacks, thread_stacks
 from agent.store import open_db
-from agent.supervisor import Supervisor, cancel_and_wait, task_stacks, thread_stacks
+from agent.supervisor import Supervisor, cancel_and_wait
 
 log = structlog.get_logger(__name__)
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
-import threading
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,39 +82,6 @@ async def cancel_and_wait(task: asyncio.Task[Any], budget: float | None = None) 
         task.cancel()
         await asyncio.wait({task}, timeout=min(0.1, left))
     return True
-
-
-def thread_stacks() -> list[dict[str, Any]]:
-    """Every thread with its current stack, innermost frame last (safe to call any time)."""
-    names = {t.ident: t.name for t in threading.enumerate()}
-    return [
-        {
-            "thread": names.get(ident, str(ident)),
-            "frames": [
-                f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_stack(frame)[-30:]
-            ],
-        }
-        for ident, frame in sys._current_frames().items()
-    ]
-
-
-def task_stacks() -> list[dict[str, Any]]:
-    """Every task of the running loop with the chain of awaits it is suspended in.
-
-    ``Task.get_stack()`` shows only a suspended task's outermost frame; following
-    ``cr_await`` shows where it actually waits, which is what a hang needs.
-    """
-    out: list[dict[str, Any]] = []
-    for task in asyncio.all_tasks():
-        frames: list[str] = []
-        obj: Any = task.get_coro()
-        while obj is not None and len(frames) < 30:
-            frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
-            if frame is not None:
-                frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
-            obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
-        out.append({"task": task.get_name(), "cancelling": task.cancelling(), "awaits": frames})
-    return out
 
 
 class Supervisor:
