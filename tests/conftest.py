@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.support.callstats import close_open
 from tests.support.mosquitto import Mosquitto, MosquittoUnavailable, require_mosquitto
 from tests.support.pki import PKI, temporary_pki
 from tests.support.relay import Relay
@@ -63,3 +64,10 @@ def relay_factory() -> Iterator[Callable[[str, int], Relay]]:
     yield make
     for r in made:
         r.close()
+
+
+@pytest.fixture(autouse=True)
+def _close_callstats_collectors() -> Iterator[None]:
+    """Close the call-statistics collectors a test left open (their state file, thread)."""
+    yield
+    close_open()

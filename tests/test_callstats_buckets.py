@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +15,16 @@ from agent.collectors.callstats.collector import CallstatsCollector
 from agent.collectors.callstats.directions import Classifier
 from agent.collectors.callstats.settings import CallstatsSettings
 from tests.fixtures.cdr.cdrgen import Call, csv_bytes, make_calls
-from tests.support.callstats import Clock, Sink
+from tests.support.callstats import OPEN, Clock, Sink
 
 BUCKET = 300
 T0 = 1_790_000_000 - 1_790_000_000 % 86400  # a midnight UTC, on a bucket boundary
 
 
-_OPEN: list[CallstatsCollector] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_collectors() -> Iterator[None]:
-    yield
-    while _OPEN:
-        asyncio.run(_OPEN.pop().aclose())
-
-
 def make(tmp_path: Path, clock: Clock, **kw: Any) -> CallstatsCollector:
     s = CallstatsSettings(csv=tmp_path / "Master.csv", settle=60, max_age=30 * 86400, **kw)
     c = CallstatsCollector(s, tmp_path / "state", clock=clock)
-    _OPEN.append(c)
+    OPEN.append(c)
     return c
 
 
@@ -158,7 +147,7 @@ def test_revision_survives_restart(tmp_path: Path) -> None:
     append(tmp_path, [call(T0 + i, 20) for i in range(4)])
     asyncio.run(c.collect(sink, reason="schedule"))
     asyncio.run(c.aclose())
-    _OPEN.remove(c)
+    OPEN.remove(c)
     append(tmp_path, [call(T0 + 50, 20)], seq0=100)
     c2 = make(tmp_path, clock)
     asyncio.run(c2.collect(sink, reason="schedule"))
@@ -178,7 +167,7 @@ def test_refused_bucket_is_never_offered_again(tmp_path: Path) -> None:
     append(tmp_path, [call(T0 + 60, 20)], seq0=100)
     asyncio.run(c.collect(sink, reason="schedule"))
     asyncio.run(c.aclose())
-    _OPEN.remove(c)
+    OPEN.remove(c)
     append(tmp_path, [call(T0 + 70, 20)], seq0=200)
     c2 = make(tmp_path, clock)
     asyncio.run(c2.collect(sink, reason="schedule"))
@@ -195,7 +184,7 @@ def test_backlog_does_not_close_buckets_ahead_of_the_data(tmp_path: Path) -> Non
     # settle longer than the longest call: every row of a bucket is in before it closes.
     s = CallstatsSettings(csv=tmp_path / "Master.csv", settle=1200, max_age=30 * 86400)
     c = CallstatsCollector(s, tmp_path / "state", clock=clock, read_chunk=2000)
-    _OPEN.append(c)
+    OPEN.append(c)
     sink = Sink()
     asyncio.run(c.collect(sink, reason="schedule"))
     assert all(b["revision"] == 0 for b in sink.bodies)  # nothing closed early, then revised

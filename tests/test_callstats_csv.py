@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,28 +33,18 @@ from tests.fixtures.cdr.cdrgen import (
     recount,
     stored_counters,
 )
-from tests.support.callstats import Sink
+from tests.support.callstats import OPEN, Sink
 
 BUCKET = 300
 NOW = int(time.time())
 T0 = NOW - 6 * 3600 - NOW % BUCKET  # six hours ago, on a bucket boundary
 
 
-_OPEN: list[CallstatsCollector] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_collectors() -> Iterator[None]:
-    yield
-    while _OPEN:
-        asyncio.run(_OPEN.pop().aclose())
-
-
 def collector(csv: Path, state: Path, **kw: Any) -> CallstatsCollector:
     chunk = kw.pop("read_chunk", 1 << 20)
     clock = kw.pop("clock", time.time)
     c = CallstatsCollector(CallstatsSettings(csv=csv, **kw), state, clock=clock, read_chunk=chunk)
-    _OPEN.append(c)
+    OPEN.append(c)
     return c
 
 
@@ -171,7 +160,7 @@ def test_rotation_while_stopped_finds_old_file_by_inode(tmp_path: Path) -> None:
     c = collector(csv, tmp_path / "state")
     run(c, Sink())
     asyncio.run(c.aclose())
-    _OPEN.remove(c)
+    OPEN.remove(c)
     with csv.open("ab") as f:
         f.write(csv_bytes(calls[100:180], seq0=1000))
     csv.rename(tmp_path / "Master.csv.1")
@@ -210,7 +199,7 @@ def test_restart_mid_file(tmp_path: Path) -> None:
     c = collector(csv, tmp_path / "state", read_chunk=1500)
     run(c, Sink())
     asyncio.run(c.aclose())
-    _OPEN.remove(c)
+    OPEN.remove(c)
     with csv.open("ab") as f:
         f.write(data[len(data) // 2 + 11 :])
     c2 = collector(csv, tmp_path / "state", read_chunk=1500)

@@ -19,6 +19,7 @@ from agent.collectors.callstats.settings import CallstatsSettings
 from agent.collectors.callstats.store import STATE_FILE
 from agent.errors import CollectorError
 from tests.fixtures.cdr.cdrgen import Call, fields, fmt_time, make_calls, recount, stored_counters
+from tests.support.callstats import OPEN
 
 pytestmark = pytest.mark.integration
 
@@ -161,19 +162,9 @@ def db() -> Iterator[Db]:
         root.close()
 
 
-_OPEN: list[CallstatsCollector] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_collectors() -> Iterator[None]:
-    yield
-    while _OPEN:
-        asyncio.run(_OPEN.pop().aclose())
-
-
 def make(db: Db, state: Path, **kw: Any) -> CallstatsCollector:
     c = CallstatsCollector(CallstatsSettings(mariadb=db.dsn, csv=None, **kw), state)
-    _OPEN.append(c)
+    OPEN.append(c)
     return c
 
 
@@ -210,7 +201,7 @@ def test_restart_reads_each_row_once(db: Db, tmp_path: Path) -> None:
     c = make(db, tmp_path / "state")
     collect(c)
     asyncio.run(c.aclose())
-    _OPEN.remove(c)
+    OPEN.remove(c)
     db.insert(calls[250:])
     c2 = make(db, tmp_path / "state")
     collect(c2)

@@ -6,7 +6,6 @@ import asyncio
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from agent.collectors.callstats.settings import CallstatsSettings
 from agent.collectors.callstats.store import STATE_FILE, CallstatsStore
 from agent.errors import StateError
 from tests.fixtures.cdr.cdrgen import csv_bytes, make_calls, recount, stored_counters
-from tests.support.callstats import Clock, Sink
+from tests.support.callstats import OPEN, Clock, Sink
 
 BUCKET = 300
 T0 = 1_790_000_000 - 1_790_000_000 % 86400  # a midnight UTC, on a bucket boundary
@@ -128,20 +127,10 @@ def test_render_equals_the_plain_computation(b: Bucket, k: int, revision: int) -
     assert list(got) == list(_render_ref(b, revision, k))  # same key order too
 
 
-_OPEN: list[CallstatsCollector] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_collectors() -> Iterator[None]:
-    yield
-    while _OPEN:
-        asyncio.run(_OPEN.pop().aclose())
-
-
 def _collector(csv: Path, state: Path, clock: Clock) -> CallstatsCollector:
     s = CallstatsSettings(csv=csv, settle=60, max_age=3650 * 86400)
     c = CallstatsCollector(s, state, clock=clock, read_chunk=4096)
-    _OPEN.append(c)
+    OPEN.append(c)
     return c
 
 
@@ -173,7 +162,7 @@ def test_upgrade_from_format_1_neither_skips_nor_double_counts(tmp_path: Path) -
     c = _collector(csv, state, clock)
     asyncio.run(c.collect(sink, reason="schedule"))
     asyncio.run(c.aclose())
-    _OPEN.remove(c)
+    OPEN.remove(c)
     sent_before = len(sink.bodies)
     assert sent_before > 0
     with sqlite3.connect(state / STATE_FILE) as db:

@@ -1,10 +1,22 @@
-"""Helpers shared by the call-statistics tests: a hand-moved clock and an emit that records."""
+"""Helpers shared by the call-statistics tests: a hand-moved clock, an emit that records,
+and the list of collectors a test opened (tests/conftest.py closes what is left in it)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from agent.collectors.base import Record
+from agent.collectors.callstats.collector import CallstatsCollector
+
+#: Collectors opened by the running test; a test that closes one itself removes it.
+OPEN: list[CallstatsCollector] = []
+
+
+def close_open() -> None:
+    """Close every collector still in :data:`OPEN`."""
+    while OPEN:
+        asyncio.run(OPEN.pop().aclose())
 
 
 class Clock:
