@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 from agent.collectors.callstats.settings import CallstatsSettings
 from agent.collectors.callstats.settings import parse_settings as parse_callstats
+from agent.collectors.health.settings import HealthSettings
+from agent.collectors.health.settings import parse_settings as parse_health
 from agent.collectors.pbxconfig.settings import SnapshotSettings
 from agent.collectors.pbxconfig.settings import parse_settings as parse_snapshot
 from agent.confreader import LineMap, Problems, Section, load_yaml, parse_yaml
@@ -46,15 +48,6 @@ class ControlConfig:
     read_group: str | None = "pbx-agent"
     admin_group: str | None = "pbx-agent-admin"
     max_request: int = 64 * 1024
-
-
-@dataclass(frozen=True, kw_only=True)
-class HealthSettings:
-    """The ``collectors.health`` section."""
-
-    enabled: bool = True
-    interval: float = 60.0
-    pbx_processes: tuple[str, ...] = ("asterisk",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,15 +192,8 @@ def _control(sec: Section) -> ControlConfig:
 
 
 def _collectors(sec: Section) -> CollectorsConfig:
-    h = sec.section("health")
-    health = HealthSettings(
-        enabled=h.bool("enabled", True),
-        interval=h.duration("interval", 60.0, min=1, max=86400),
-        pbx_processes=h.str_list("pbx_processes", ["asterisk"]),
-    )
-    h.finish()
     c = CollectorsConfig(
-        health=health,
+        health=parse_health(sec.section("health")),
         config=parse_snapshot(sec.section("config")),
         callstats=parse_callstats(sec.section("callstats")),
     )

@@ -11,13 +11,15 @@ from agent.config import AgentConfig
 
 def build(config: AgentConfig, agent_stats: Callable[[], dict[str, Any]]) -> list[Collector]:
     """Instantiate every enabled collector; they open their sources lazily, in collect()."""
-    from agent.collectors.health import HealthCollector
+    from agent.collectors.health.collector import HealthCollector
 
     collectors: list[Collector] = []
     c = config.collectors
     state_dir = config.paths.state_dir
     if c.health.enabled:
-        collectors.append(HealthCollector(c.health, agent_stats))
+        collectors.append(
+            HealthCollector(c.health, agent_stats, state_dir=state_dir, trunk_rules=c.callstats)
+        )
     if c.config.enabled:
         try:
             from agent.collectors.pbxconfig.collector import SnapshotCollector

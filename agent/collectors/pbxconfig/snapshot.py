@@ -313,6 +313,8 @@ class Store:
             meta = {"snapshot_id": plan.snapshot_id, "sent_at": str(now), "mode": plan.mode}
             if plan.mode == "full":
                 meta["full_at"] = str(now)
+            if plan.differs:
+                meta["changed_at"] = str(now)
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
         if self._sent is not None:
             if plan.mode == "full":
@@ -366,6 +368,9 @@ class Plan:
     problems: list[dict[str, Any]] = field(default_factory=list)
     bodies: list[dict[str, Any]] = field(default_factory=list)
     texts: dict[str, str] = field(default_factory=dict)  # redacted content sent, by path
+    #: Something differs from the last snapshot sent (a first snapshot counts): the
+    #: configuration changed, which health reports as ``pbx.config.last_change_age``.
+    differs: bool = False
 
     @property
     def files_scanned(self) -> int:
@@ -622,10 +627,12 @@ def decide(plan: Plan, store: Store, settings: SnapshotSettings, *, full: bool, 
         plan.mode = "full"
         plan.changed = list(plan.manifest)
         plan.removed = []
+        plan.differs = plan.base is None or sent != plan.manifest
     else:
         plan.changed = [p for p, e in plan.manifest.items() if sent.get(p) != e]
         plan.removed = sorted(set(sent) - set(plan.manifest))
         plan.mode = "delta" if plan.changed or plan.removed else "unchanged"
+        plan.differs = plan.mode == "delta"
     if plan.mode == "unchanged":
         plan.bodies = []
         return

@@ -1,23 +1,20 @@
-"""System health: CPU, memory, disks, load, uptime, network errors, PBX processes, the agent.
+"""The machine's health: CPU, memory, disks, load, uptime, network errors, PBX processes.
 
-psutil reads /proc; nothing here opens a socket. The body is small (about
-1-2 KiB) and holds no content from the PBX: only figures and process names.
+psutil reads /proc; nothing here opens a socket. The figures are small (about
+1 KiB) and hold no content from the PBX: only numbers and process names.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
+import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from agent.collectors.base import Emit, Record
-from agent.config import HealthSettings
-from agent.policy.classes import DataClass
+from agent.collectors.health.settings import HealthSettings
 
 # Pseudo and container file systems say nothing about the PBX's disks.
 _SKIP_FSTYPES = frozenset(
@@ -52,36 +49,37 @@ FREEPBX_PROCESSES = ("mariadbd|mysqld", "apache2|httpd", "php-fpm.*|php", "PM2.*
 FREEPBX_MARKER = Path("/etc/freepbx.conf")
 
 
+def _pattern(name: str) -> re.Pattern[str]:
+    """The whole-name regex of ``name``; one that does not compile is matched literally."""
+    try:
+        return re.compile(rf"^(?:{name})$")
+    except re.error:
+        return re.compile(rf"^{re.escape(name)}$")
+
+
 def _round(x: float, n: int = 1) -> float:
     return round(x, n)
 
 
-class HealthCollector:
-    """Gathers the health record at each interval."""
+class Machine:
+    """Reads the machine's figures; keeps the psutil objects that need priming between runs."""
 
-    name = "health"
-
-    def __init__(self, settings: HealthSettings, agent_stats: Callable[[], dict[str, Any]]):
+    def __init__(self, settings: HealthSettings) -> None:
         self.settings = settings
-        self._agent_stats = agent_stats
         self._self = psutil.Process()
         self._self.cpu_percent(None)  # prime: the first call always says 0.0
         psutil.cpu_percent(None)
-        self._runs = 0
+        self._patterns = {name: _pattern(name) for name in self._process_names(settings)}
 
-    @property
-    def interval(self) -> float:
-        """Seconds between health records."""
-        return self.settings.interval
-
-    def _process_names(self) -> list[str]:
-        names = list(self.settings.pbx_processes)
+    @staticmethod
+    def _process_names(settings: HealthSettings) -> list[str]:
+        names = list(settings.pbx_processes)
         if FREEPBX_MARKER.exists():
             names.extend(FREEPBX_PROCESSES)
         return names
 
     def gather(self) -> dict[str, Any]:
-        """One health body."""
+        """The machine part of a health body (the agent's own figures under ``agent``)."""
         vm = psutil.virtual_memory()
         sw = psutil.swap_memory()
         load = os.getloadavg()
@@ -110,7 +108,6 @@ class HealthCollector:
                 "cpu_percent": _round(self._self.cpu_percent(None)),
                 "threads": self._self.num_threads(),
             }
-        me.update(self._agent_stats())
         return {
             "cpu": {"percent": _round(psutil.cpu_percent(None)), "count": psutil.cpu_count()},
             "load": [_round(x, 2) for x in load],
@@ -126,31 +123,15 @@ class HealthCollector:
             }
             if net
             else {},
-            "pbx": self._pbx_processes(),
             "agent": me,
         }
 
-    def _pbx_processes(self) -> dict[str, Any]:
-        import re
-
-        patterns = {name: re.compile(rf"^(?:{name})$") for name in self._process_names()}
-        found: dict[str, int] = dict.fromkeys(patterns, 0)
+    def processes(self) -> dict[str, dict[str, Any]]:
+        """Each configured process name (its first alternative): running or not, how many."""
+        found: dict[str, int] = dict.fromkeys(self._patterns, 0)
         for proc in psutil.process_iter(["name"]):
             pname = proc.info.get("name") or ""
-            for key, pattern in patterns.items():
+            for key, pattern in self._patterns.items():
                 if pattern.match(pname):
                     found[key] += 1
         return {name.split("|")[0]: {"running": n > 0, "count": n} for name, n in found.items()}
-
-    async def collect(self, emit: Emit, *, reason: str) -> None:
-        """Gather (in a thread: process_iter walks /proc) and offer one record."""
-        body = await asyncio.to_thread(self.gather)
-        self._runs += 1
-        emit(Record(DataClass.HEALTH, body))
-
-    def status(self) -> dict[str, Any]:
-        """Counters for agentctl status."""
-        return {"runs": self._runs}
-
-    async def aclose(self) -> None:
-        """Nothing to release."""

@@ -1,0 +1,107 @@
+"""The health collector: one record per interval with the machine and the PBX.
+
+The machine's figures come from psutil (in a thread: process_iter walks /proc),
+the PBX's from Asterisk over AMI when ``collectors.health.pbx.ami`` is set, and
+the CDR and configuration ages from the agent's own state files. The three run
+side by side; the AMI part is bounded by its timeout, so a hung Asterisk delays
+a record by that much and never stops it: the ``pbx`` section then says why.
+
+Body (``health``): ``cpu``, ``load``, ``memory``, ``swap``, ``disks``,
+``uptime``, ``net``, ``agent`` and ``pbx``; ``pbx`` holds ``state`` and
+``reason``, ``processes``, ``asterisk``, ``calls``, ``trunks``, ``endpoints``,
+``queues``, ``sections``, ``cdr`` and ``config`` (see the README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.collectors.base import Emit, Record
+from agent.collectors.callstats.settings import CallstatsSettings
+from agent.collectors.health.ages import ages
+from agent.collectors.health.machine import Machine
+from agent.collectors.health.settings import HealthSettings
+from agent.policy.classes import DataClass
+
+if TYPE_CHECKING:
+    from agent.collectors.health.pbx import PbxProbe
+
+
+class HealthCollector:
+    """Implements :class:`agent.collectors.base.Collector` for the ``health`` class."""
+
+    name = "health"
+
+    def __init__(
+        self,
+        settings: HealthSettings,
+        agent_stats: Callable[[], dict[str, Any]],
+        *,
+        state_dir: Path | None = None,
+        trunk_rules: CallstatsSettings | None = None,
+    ) -> None:
+        """``trunk_rules``: the call-statistics settings, so trunks are named the same way."""
+        self.settings = settings
+        self._agent_stats = agent_stats
+        self._state_dir = state_dir
+        self._machine = Machine(settings)
+        self._probe: PbxProbe | None = None
+        if settings.ami is not None:
+            # Imported here: a box without AMI configured never loads the client.
+            from agent.collectors.health.pbx import PbxProbe
+
+            self._probe = PbxProbe(settings.ami, trunk_rules or CallstatsSettings())
+        self._runs = 0
+
+    @property
+    def interval(self) -> float:
+        """Seconds between health records."""
+        return self.settings.interval
+
+    async def gather(self) -> dict[str, Any]:
+        """One health body."""
+        now = time.time()
+        async with asyncio.TaskGroup() as tg:
+            machine = tg.create_task(asyncio.to_thread(self._machine.gather))
+            processes = tg.create_task(asyncio.to_thread(self._machine.processes))
+            own = tg.create_task(asyncio.to_thread(ages, self._state_dir, now))
+            ami = tg.create_task(self._probe.gather(now)) if self._probe is not None else None
+        body = machine.result()
+        body["agent"].update(self._agent_stats())
+        procs = processes.result()
+        pbx: dict[str, Any] = (
+            {"state": "not_configured", "reason": None} if ami is None else ami.result()
+        )
+        asterisk = procs.get("asterisk")
+        pbx_asterisk: dict[str, Any] = pbx.get("asterisk") or {"running": None}
+        if asterisk is not None:
+            # The process check stands in while AMI cannot say (or is not configured).
+            pbx_asterisk["processes"] = asterisk["count"]
+            if not pbx_asterisk.get("running"):
+                pbx_asterisk["running"] = asterisk["running"]
+        pbx["asterisk"] = pbx_asterisk
+        pbx["processes"] = procs
+        pbx.update(own.result())
+        body["pbx"] = pbx
+        return body
+
+    async def collect(self, emit: Emit, *, reason: str) -> None:
+        """Gather and offer one record."""
+        body = await self.gather()
+        self._runs += 1
+        emit(Record(DataClass.HEALTH, body))
+
+    def status(self) -> dict[str, Any]:
+        """Runs, and the PBX headline when AMI is configured."""
+        out: dict[str, Any] = {"runs": self._runs}
+        out["pbx"] = self._probe.status() if self._probe is not None else {"ami": None}
+        return out
+
+    async def aclose(self) -> None:
+        """Close the AMI connection, if there is one."""
+        if self._probe is not None:
+            await self._probe.aclose()
