@@ -27,6 +27,18 @@ NETWORK = {
 }
 # The CDR database is a local data source (FreePBX's MariaDB), read through its driver.
 DB_DRIVERS = {"pymysql"}
+# Asterisk's Manager Interface is the other local source: one module may connect to it.
+AMI_CLIENT = "collectors/health/ami.py"
+CONNECTS = {
+    "open_connection",
+    "open_unix_connection",
+    "create_connection",
+    "create_unix_connection",
+    "create_datagram_connection",
+    "sock_connect",
+    "start_server",
+    "start_tls",
+}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -89,3 +101,34 @@ def test_only_the_gate_makes_envelopes() -> None:
             ):
                 makers.append(str(p.relative_to(AGENT)))
     assert set(makers) == {"policy/gate.py"}
+
+
+def connection_calls(path: Path) -> set[str]:
+    """Names of the calls in ``path`` that open a connection (asyncio or socket style)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = (
+                f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+            )
+            if name in CONNECTS:
+                found.add(name)
+    return found
+
+
+def test_only_the_ami_client_opens_a_connection() -> None:
+    """Under collectors/, only the AMI module opens a connection (to Asterisk on the box).
+
+    The exception is named here so that it stays one module: the health package's
+    other modules, and every other collector, open none (the MariaDB driver opens
+    its own, through pymysql, in mariadb_source.py only).
+    """
+    openers = {
+        str(p.relative_to(AGENT)): sorted(connection_calls(p))
+        for p in modules(AGENT / "collectors")
+        if connection_calls(p)
+    }
+    assert openers == {AMI_CLIENT: ["open_connection"]}
+    # ... and it reaches nothing but AMI: no MQTT, TLS, HTTP or SSH library.
+    assert imports_of(AGENT / AMI_CLIENT) & NETWORK == set()

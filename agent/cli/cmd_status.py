@@ -74,6 +74,50 @@ def print_status(s: dict[str, Any]) -> None:
             f"  {name:<10} every {span(c['interval']):<6} {state}; "
             f"{c['records']} sent to outbox, {c['refused']} refused\n"
         )
+    health = s["collectors"].get("health") or {}
+    print_pbx(health.get("pbx"))
     bad = {n: c for n, c in s["components"].items() if c["restarts"]}
     for name, c in bad.items():
         out.write(f"  component {name}: {c['restarts']} restarts, last error {c['last_error']}\n")
+
+
+def print_pbx(pbx: dict[str, Any] | None) -> None:
+    """The PBX section: Asterisk over AMI, as the last health record saw it."""
+    out = sys.stdout
+    if not pbx or pbx.get("ami") is None:
+        out.write("pbx: AMI not configured (collectors.health.pbx.ami); processes only\n")
+        return
+    ami = pbx["ami"]
+    state = pbx.get("state") or "not asked yet"
+    line = f"pbx: {state}"
+    if pbx.get("reason"):
+        line += f" ({pbx['reason']}: {pbx.get('detail') or ''})".replace(": )", ")")
+    if ami.get("retry_in"):
+        line += f"; next try in {span(ami['retry_in'])}"
+    out.write(line + "\n")
+    out.write(
+        f"  AMI {ami['address']} as {ami['username']}: {ami['state']}, "
+        f"{ami['connects']} connects, {ami['drops']} drops\n"
+    )
+    if pbx.get("version") is None and pbx.get("uptime") is None:
+        return
+    up = span(pbx["uptime"]) if pbx.get("uptime") is not None else "?"
+    reload = span(pbx["since_reload"]) if pbx.get("since_reload") is not None else "?"
+    out.write(f"  Asterisk {pbx.get('version') or '?'}, up {up}, reloaded {reload} ago\n")
+    out.write(f"  calls up: {pbx.get('calls_up')}, channels: {pbx.get('channels')}\n")
+    down = pbx.get("trunks_down") or []
+    out.write(
+        f"  trunks: {pbx.get('trunks_up', 0)} up, {len(down)} down"
+        + (f" ({', '.join(down)})" if down else "")
+        + "\n"
+    )
+    ep = pbx.get("endpoints")
+    if ep:
+        out.write(
+            f"  endpoints: {ep['registered']} registered, {ep['unregistered']} unregistered, "
+            f"{ep['unavailable']} unavailable\n"
+        )
+    out.write(f"  queues: {pbx.get('queues', 0)}\n")
+    for name, why in (pbx.get("sections") or {}).items():
+        if why != "not_loaded":
+            out.write(f"  {name}: {why}\n")
