@@ -871,3 +871,26 @@ def fixture_text(name: str) -> str:
     text = (FIXTURES / name).read_text()
     body = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
     return body.lstrip("\n").replace("\n", "\r\n")
+
+
+def main() -> None:
+    """``python -m tests.support.ami_server [--big E,T,C]``: serve until stdin closes.
+
+    Prints the port on the first line of stdout; benchmarks run it in a process of
+    its own so that its CPU time is not counted as the client's.
+    """
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--big", help="endpoints,trunks,channels of PbxModel.big (else the sample)")
+    p.add_argument("--secret", default="s3cret-ami-pass")
+    args = p.parse_args()
+    model = PbxModel.big(*map(int, args.big.split(","))) if args.big else PbxModel.sample()
+    with AmiServer(model, secret=args.secret) as server:
+        print(server.port, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

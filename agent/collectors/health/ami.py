@@ -29,6 +29,7 @@ source on the box, like the CDR database, never the vendor.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import itertools
 import os
@@ -133,9 +134,24 @@ class _Pending:
 
 
 def parse_message(block: str) -> Message:
-    """``Key: Value`` lines into a dict; a line without a colon is kept under ``""``."""
+    """``Key: Value`` lines into a dict; a line without a colon is kept under ``""``.
+
+    The common message (every line ``Key: Value``, no key twice) is built by one
+    ``dict()`` over the split lines: this parse was two thirds of a collection's CPU.
+    """
+    lines = block.split("\r\n")
+    pairs = [line.split(": ", 1) for line in lines]
+    try:
+        msg: Message = dict(pairs)  # ValueError on a line without ": "
+    except ValueError:
+        return _parse_lines(lines)
+    return msg if len(msg) == len(pairs) else _parse_lines(lines)
+
+
+def _parse_lines(lines: list[str]) -> Message:
+    """The careful parse: repeated keys, ``Key:value`` without a space, stray lines."""
     msg: Message = {}
-    for line in block.split("\r\n"):
+    for line in lines:
         key, sep, value = line.partition(":")
         if not sep:
             if line:
@@ -389,23 +405,26 @@ class AmiClient:
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         """Read messages until the connection ends; hand each to the action it answers."""
-        buffer = b""
+        # One incremental decode per chunk, not one per message: a character split
+        # across two reads is completed by the next one.
+        decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        buffer = ""
         fault, detail = AmiFault.CLOSED, "Asterisk closed the connection"
         try:
             while True:
                 chunk = await reader.read(_READ)
                 if not chunk:
                     break
-                buffer += chunk
-                if b"\r\n\r\n" not in buffer:
+                buffer += decode(chunk)
+                if "\r\n\r\n" not in buffer:
                     if len(buffer) > MAX_MESSAGE:
                         fault, detail = AmiFault.PROTOCOL, "a message larger than 1 MiB"
                         break
                     continue
-                *blocks, buffer = buffer.split(b"\r\n\r\n")
+                *blocks, buffer = buffer.split("\r\n\r\n")
                 for block in blocks:
                     if block:
-                        self._dispatch(parse_message(block.decode("utf-8", "replace")))
+                        self._dispatch(parse_message(block))
         except (OSError, ValueError) as exc:
             detail = f"connection lost: {exc}"
         # The connection is gone: fail what waits; the next action reconnects.
