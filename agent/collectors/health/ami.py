@@ -247,7 +247,8 @@ class AmiClient:
             try:
                 if self.state == AmiState.CONNECTED and self._writer is not None:
                     with contextlib.suppress(AmiError, TimeoutError):
-                        async with asyncio.timeout(min(self.settings.timeout, 1.0)):
+                        # The daemon gives a collector 1 s to close: log off within half.
+                        async with asyncio.timeout(min(self.settings.timeout, 0.5)):
                             await self._exchange("Logoff", {}, is_list=False)
                 await self._disconnect()
                 self.state = AmiState.DISCONNECTED

@@ -25,6 +25,7 @@ from agent.collectors.callstats.settings import CallstatsSettings
 from agent.collectors.health.ages import ages
 from agent.collectors.health.machine import Machine
 from agent.collectors.health.settings import HealthSettings
+from agent.errors import AgentError, CollectorError
 from agent.policy.classes import DataClass
 
 if TYPE_CHECKING:
@@ -65,11 +66,16 @@ class HealthCollector:
     async def gather(self) -> dict[str, Any]:
         """One health body."""
         now = time.time()
-        async with asyncio.TaskGroup() as tg:
-            machine = tg.create_task(asyncio.to_thread(self._machine.gather))
-            processes = tg.create_task(asyncio.to_thread(self._machine.processes))
-            own = tg.create_task(asyncio.to_thread(ages, self._state_dir, now))
-            ami = tg.create_task(self._probe.gather(now)) if self._probe is not None else None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                machine = tg.create_task(asyncio.to_thread(self._machine.gather))
+                processes = tg.create_task(asyncio.to_thread(self._machine.processes))
+                own = tg.create_task(asyncio.to_thread(ages, self._state_dir, now))
+                ami = tg.create_task(self._probe.gather(now)) if self._probe is not None else None
+        except* AgentError as group:
+            # The scheduler reports an AgentError and tries again; not a group of them.
+            first = group.exceptions[0]
+            raise CollectorError(f"health: {first}") from first
         body = machine.result()
         body["agent"].update(self._agent_stats())
         procs = processes.result()
