@@ -378,3 +378,37 @@ def test_agent_side_ages(tmp_path: Path) -> None:
         "cdr": {"last_row_age": 600},
         "config": {"last_change_age": 99},
     }
+
+
+def test_config_change_is_dated_by_the_snapshot(tmp_path: Path) -> None:
+    """A snapshot that differs from the last one sent dates the change; an unchanged one not."""
+    import asyncio
+    import shutil
+
+    from agent.collectors.base import Record
+    from agent.collectors.health.ages import config_last_change
+    from agent.collectors.pbxconfig.collector import SnapshotCollector
+    from agent.collectors.pbxconfig.settings import SnapshotSettings
+
+    etc = tmp_path / "asterisk"
+    shutil.copytree(REPO / "tests" / "fixtures" / "pbx" / "etc" / "asterisk", etc)
+    state = tmp_path / "state"
+    settings = SnapshotSettings(roots=(etc,), exclude=())
+
+    def run_once(reason: str = "schedule") -> float | None:
+        def emit(record: Record) -> bool:
+            return True
+
+        c = SnapshotCollector(settings, state)
+        asyncio.run(c.collect(emit, reason=reason))
+        asyncio.run(c.aclose())
+        return config_last_change(state)
+
+    first = run_once()
+    assert first is not None
+    assert run_once() == first  # nothing changed
+    assert run_once("command") == first  # a full snapshot of the same files is no change
+    with (etc / "extensions_custom.conf").open("a") as f:
+        f.write("\n[from-internal-custom]\nexten => 555,1,Hangup()\n")
+    later = run_once()
+    assert later is not None and later > first
