@@ -11,7 +11,8 @@ import logging
 import os
 import re
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -74,3 +75,29 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+
+
+class Throttle:
+    """At most one log line per key and interval; the lines held back are counted.
+
+    For events a peer can cause at will (a refused control connection, a hostile
+    NOC command): each is counted where it is reported (status, the ledger), and
+    the log says so once per interval with how many it did not repeat, so that
+    nobody can fill the journal by knocking.
+    """
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def admit(self, key: str) -> int | None:
+        """None to stay quiet; else how many events of ``key`` were held back since the last."""
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)

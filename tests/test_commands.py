@@ -32,6 +32,7 @@ from agent.uplink.commands import (
     ALLOWED,
     FUTURE_SKEW,
     MAX_COMMAND_BYTES,
+    MAX_DEPTH,
     MAX_ID_LENGTH,
     CommandHandler,
     Reply,
@@ -133,8 +134,8 @@ def test_too_large(rig: Rig) -> None:
 
 @pytest.mark.parametrize("payload", [b"", b"\xff\xfe\x00", b"{", b"ping", b'{"v":1,}'])
 def test_not_json(rig: Rig, payload: bytes) -> None:
-    """Bytes that are not JSON get an error reply."""
-    refused(rig.send(payload), "not JSON")
+    """Bytes that are not JSON (or not UTF-8) get an error reply."""
+    refused(rig.send(payload), "not acceptable JSON")
 
 
 @pytest.mark.parametrize("payload", [b"[1,2]", b'"ping"', b"1", b"null", b"true"])
@@ -461,7 +462,9 @@ arbitrary_commands = st.fixed_dictionaries(
 well_formed_commands = st.fixed_dictionaries(
     {
         "v": st.just(1),
-        "id": st.text(min_size=1, max_size=MAX_ID_LENGTH),
+        "id": st.text(
+            st.characters(categories=["L", "N", "P", "S"]), min_size=1, max_size=MAX_ID_LENGTH
+        ),
         "ts": st.floats(min_value=NOW - MAX_AGE + 1, max_value=NOW + FUTURE_SKEW - 1),
         "cmd": st.sampled_from(ALLOWED),
     },
@@ -491,10 +494,22 @@ def _time_of(value: Any) -> float | None:
     return None
 
 
+def _strict(value: Any, depth: int = 0) -> bool:
+    """Finite numbers only, nested at most MAX_DEPTH containers deep."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict | list):
+        children = value.values() if isinstance(value, dict) else value
+        return depth < MAX_DEPTH and all(_strict(c, depth + 1) for c in children)
+    return True
+
+
 def _passes_checks(msg: dict[str, Any]) -> bool:
     """The protocol's rules for a command, written independently of the handler."""
+    if not _strict(msg):
+        return False
     ident = msg.get("id")
-    if not (isinstance(ident, str) and 1 <= len(ident) <= MAX_ID_LENGTH):
+    if not (isinstance(ident, str) and 1 <= len(ident) <= MAX_ID_LENGTH and ident.isprintable()):
         return False
     version = msg.get("v")
     if type(version) is not int or version != 1:  # an integer 1: not true, not 1.0

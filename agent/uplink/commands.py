@@ -3,9 +3,17 @@
 A command arrives on ``pbx/<device>/cmd`` as ``{"v":1,"id","ts","cmd","args"}``.
 Only the commands in :data:`ALLOWED` run, and none of them can widen what is
 sent or turn the switch on: ``narrow`` only removes classes, and the switch is
-not reachable from here at all. A payload that is too large, not JSON, of the
-wrong shape, too old, from the future, or replayed (an id already seen) gets
-an error reply and a ledger entry, and changes nothing.
+not reachable from here at all.
+
+Whatever arrives gets exactly one reply and one ledger entry, and
+:meth:`CommandHandler.handle` never raises: a payload that is too large, not
+strict JSON (:mod:`agent.strictjson`: UTF-8, no duplicate keys, no NaN, no lone
+surrogates, bounded depth and integers), of the wrong shape, too old, from the
+future, or replayed (an id already seen) is refused; so is one that trips an
+exception nobody foresaw, whatever its type. The ledger entry (and the id
+remembered against replays) is committed *before* the command takes effect: a
+command whose entry cannot be written does not run, and its reply says so.
+Work per command is bounded by the 16 KiB cap, checked before parsing.
 """
 
 from __future__ import annotations
@@ -15,17 +23,25 @@ import math
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+import structlog
+
+from agent import strictjson
 from agent.ledger import Ledger
+from agent.logs import Throttle
 from agent.policy.classes import DataClass
 from agent.policy.gate import Gate
 from agent.store import transaction
+from agent.strictjson import JSONRefused, printable
+
+log = structlog.get_logger(__name__)
 
 MAX_COMMAND_BYTES = 16 * 1024
 MAX_ID_LENGTH = 64
+MAX_DEPTH = 8  # a command is two levels deep (message, args); room to grow, not to recurse
 FUTURE_SKEW = 60.0  # seconds a command's ts may be ahead of our clock
 ALLOWED = ("ping", "collect", "policy", "narrow")
 
@@ -61,28 +77,72 @@ class Reply:
     error: str | None = None
 
     def payload(self) -> bytes:
-        """The reply as sent: ``{"v":1,"id","ok","result"|"error"}``."""
+        """The reply as sent: ``{"v":1,"id","ok","result"|"error"}``; never raises."""
         body: dict[str, Any] = {"v": 1, "id": self.id, "ok": self.ok}
         if self.ok:
             body["result"] = self.result
         else:
             body["error"] = self.error
-        return json.dumps(body, separators=(",", ":")).encode()
+        try:
+            return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError, RecursionError):
+            fallback = {"v": 1, "id": None, "ok": False, "error": "the reply could not be encoded"}
+            return json.dumps(fallback, separators=(",", ":")).encode()
+
+
+@dataclass(slots=True)
+class _Known:
+    """What has been learned of a command so far: named in its reply even when refused."""
+
+    id: str | None = None
+    cmd: str | None = None
+    spent: bool = False  # passed the envelope checks: its id may not be used again
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A checked command: its result, and its effect on the daemon (run once recorded)."""
+
+    result: Any
+    effect: Callable[[], None] = field(default=lambda: None)
+
+
+def _valid_id(value: object) -> str | None:
+    if (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_ID_LENGTH
+        and value.isprintable()  # no control characters, no lone surrogates
+    ):
+        return value
+    return None
 
 
 def _parse_ts(value: object) -> float:
     if isinstance(value, bool):
         raise Refused('"ts" must be a time')
     if isinstance(value, int | float):
-        if not math.isfinite(value):
+        try:
+            ts = float(value)
+        except OverflowError:
+            raise Refused('"ts" must be a finite time') from None
+        if not math.isfinite(ts):
             raise Refused('"ts" must be a finite time')
-        return float(value)
-    if isinstance(value, str):
+        return ts
+    if isinstance(value, str) and len(value) <= 64:
         try:
             return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            pass
+        except (ValueError, OverflowError, OSError):
+            pass  # e.g. year 9999 with a negative offset: out of the platform's range
     raise Refused('"ts" must be an ISO 8601 time or seconds since the epoch')
+
+
+def _best_effort_id(payload: bytes) -> str | None:
+    """The id of a payload the strict parser refused, so the NOC can match the refusal."""
+    try:
+        msg = json.loads(payload)
+    except Exception:  # anything at all: the refusal is already decided
+        return None
+    return _valid_id(msg.get("id")) if isinstance(msg, dict) else None
 
 
 class CommandHandler:
@@ -105,95 +165,176 @@ class CommandHandler:
         conn.execute(_SEEN_SCHEMA)
         self.handled = 0
         self.refused = 0
+        self.unexpected = 0  # refused after an exception nobody foresaw (a bug to report)
+        self.not_ledgered = 0  # refused because the ledger could not be written
+        self._quiet = Throttle()
+
+    def stats(self) -> dict[str, int]:
+        """Counters for status."""
+        return {
+            "handled": self.handled,
+            "refused": self.refused,
+            "unexpected": self.unexpected,
+            "not_ledgered": self.not_ledgered,
+        }
 
     def handle(self, payload: bytes, now: float | None = None) -> Reply:
-        """Answer one command payload, recording it in the ledger either way."""
-        now = time.time() if now is None else now
-        cmd_id: str | None = None
-        cmd: str | None = None
+        """Answer one command payload, recording it in the ledger; never raises."""
         try:
-            if len(payload) > MAX_COMMAND_BYTES:
-                raise Refused(
-                    f"command too large ({len(payload)} bytes; limit {MAX_COMMAND_BYTES})"
-                )
-            try:
-                msg = json.loads(payload)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise Refused(f"command is not JSON: {exc}") from None
-            except (ValueError, RecursionError) as exc:
-                # Integers past int_max_str_digits, or nesting deeper than the stack.
-                raise Refused(f"command is not acceptable JSON: {type(exc).__name__}") from None
-            if not isinstance(msg, dict):
-                raise Refused("command must be a JSON object")
-            raw_id = msg.get("id")
-            if isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_ID_LENGTH:
-                cmd_id = raw_id
-            else:
-                raise Refused(f'"id" must be a string of 1 to {MAX_ID_LENGTH} characters')
-            version = msg.get("v")
-            if type(version) is not int or version != 1:  # JSON true == 1 in Python
-                raise Refused('unsupported protocol version (expected "v": 1)')
-            raw_cmd = msg.get("cmd")
-            if not isinstance(raw_cmd, str):
-                raise Refused('"cmd" must be a string')
-            cmd = raw_cmd[:64]
-            ts = _parse_ts(msg.get("ts"))
-            if now - ts > self.max_age:
-                raise Refused(f"command too old ({now - ts:.0f} s; limit {self.max_age:.0f} s)")
-            if ts - now > FUTURE_SKEW:
-                raise Refused(f"command from the future ({ts - now:.0f} s ahead of this box)")
-            args = msg.get("args", {})
-            if args is None:
-                args = {}
-            if not isinstance(args, dict):
-                raise Refused('"args" must be an object')
-            if cmd not in ALLOWED:
-                raise Refused(f"command {cmd!r} is not allowed (allowed: {', '.join(ALLOWED)})")
-            self._remember(cmd_id, ts, now)
-            result = self._run(cmd, args)
-            reply = Reply(cmd_id, True, cmd, result=result)
-            self.handled += 1
-        except Refused as exc:
-            reply = Reply(cmd_id, False, cmd, error=str(exc))
+            return self._handle(payload, time.time() if now is None else now)
+        except Exception as exc:  # the last line: the command loop must live
             self.refused += 1
-        entry: dict[str, Any] = {"id": cmd_id, "cmd": cmd, "ok": reply.ok, "size": len(payload)}
-        if reply.error:
-            entry["error"] = reply.error
-        self.ledger.record("command", entry)
+            self.unexpected += 1
+            self._log_refusal("noc_command_failed", None, None, type(exc).__name__)
+            return Reply(None, False, None, error=_could_not(exc))
+
+    def _handle(self, payload: bytes, now: float) -> Reply:
+        known = _Known()
+        plan: _Plan | None = None
+        try:
+            plan = self._check(payload, now, known)
+            reply = Reply(known.id, True, known.cmd, result=plan.result)
+        except Refused as exc:
+            reply = Reply(known.id, False, known.cmd, error=str(exc))
+        except Exception as exc:  # any type: a payload found an unforeseen path
+            self.unexpected += 1
+            reply = Reply(known.id, False, known.cmd, error=_could_not(exc))
+        try:
+            reply = self._record(reply, len(payload), now, known)
+        except Exception as exc:  # sqlite, a full disk, an encoding: all alike
+            self.refused += 1
+            self.not_ledgered += 1
+            reason = printable(f"{type(exc).__name__}: {exc}", 120)
+            self._log_refusal("noc_command_not_ledgered", known.id, known.cmd, reason)
+            return Reply(
+                known.id,
+                False,
+                known.cmd,
+                error=f"command not run: the ledger could not be written ({reason})",
+            )
+        if reply.ok and plan is not None:
+            plan.effect()
+            self.handled += 1
+            log.info("noc_command", id=reply.id, cmd=reply.cmd, ok=True)
+        else:
+            self.refused += 1
+            self._log_refusal("noc_command_refused", reply.id, reply.cmd, reply.error)
         return reply
 
-    def _remember(self, cmd_id: str, ts: float, now: float) -> None:
-        with transaction(self.conn) as c:
-            c.execute("DELETE FROM seen_commands WHERE ts < ?", (now - 2 * self.max_age - 60,))
-            try:
-                c.execute("INSERT INTO seen_commands VALUES (?, ?)", (cmd_id, now))
-            except sqlite3.IntegrityError:
-                raise Refused(f"command id {cmd_id!r} was already handled (replay)") from None
+    def _check(self, payload: bytes, now: float, known: _Known) -> _Plan:
+        if len(payload) > MAX_COMMAND_BYTES:
+            raise Refused(f"command too large ({len(payload)} bytes; limit {MAX_COMMAND_BYTES})")
+        try:
+            msg = strictjson.loads(payload, max_depth=MAX_DEPTH)
+        except JSONRefused as exc:
+            known.id = _best_effort_id(payload)
+            raise Refused(f"command is not acceptable JSON: {exc}") from None
+        if not isinstance(msg, dict):
+            raise Refused("command must be a JSON object")
+        known.id = _valid_id(msg.get("id"))
+        if known.id is None:
+            raise Refused(f'"id" must be a string of 1 to {MAX_ID_LENGTH} printable characters')
+        version = msg.get("v")
+        if type(version) is not int or version != 1:  # JSON true == 1 in Python
+            raise Refused('unsupported protocol version (expected "v": 1)')
+        raw_cmd = msg.get("cmd")
+        if not isinstance(raw_cmd, str):
+            raise Refused('"cmd" must be a string')
+        known.cmd = printable(raw_cmd)
+        ts = _parse_ts(msg.get("ts"))
+        if now - ts > self.max_age:
+            raise Refused(f"command too old ({now - ts:.0f} s; limit {self.max_age:.0f} s)")
+        if ts - now > FUTURE_SKEW:
+            raise Refused(f"command from the future ({ts - now:.0f} s ahead of this box)")
+        args = msg.get("args", {})
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise Refused('"args" must be an object')
+        if raw_cmd not in ALLOWED:
+            raise Refused(f"command '{known.cmd}' is not allowed (allowed: {', '.join(ALLOWED)})")
+        known.spent = True
+        return self._plan(raw_cmd, args)
 
-    def _run(self, cmd: str, args: dict[str, Any]) -> Any:
+    def _record(self, reply: Reply, size: int, now: float, known: _Known) -> Reply:
+        """Remember the id and append the ledger entry in one transaction; a replay is refused."""
+        with transaction(self.conn) as c:
+            try:
+                if known.spent and known.id is not None:
+                    c.execute(
+                        "DELETE FROM seen_commands WHERE ts < ?", (now - 2 * self.max_age - 60,)
+                    )
+                    try:
+                        c.execute("INSERT INTO seen_commands VALUES (?, ?)", (known.id, now))
+                    except sqlite3.IntegrityError:
+                        reply = Reply(
+                            known.id,
+                            False,
+                            known.cmd,
+                            error=f"command id {known.id!r} was already handled (replay)",
+                        )
+                entry: dict[str, Any] = {
+                    "id": reply.id,
+                    "cmd": reply.cmd,
+                    "ok": reply.ok,
+                    "size": size,
+                }
+                if reply.error:
+                    entry["error"] = reply.error
+                self.ledger.append("command", entry)
+            except BaseException:
+                self.ledger.reload()
+                raise
+        return reply
+
+    def _plan(self, cmd: str, args: dict[str, Any]) -> _Plan:
         gate = self.host.gate
         if cmd == "ping":
-            return {"pong": time.time()}
+            return _Plan({"pong": time.time()})
         if cmd == "policy":
-            return {
-                "send": sorted(c.value for c in gate.policy.send),
-                "effective": gate.effective(),
-                "narrowed": sorted(gate.narrowed),
-                "switch": self.switch_word(),
-            }
+            return _Plan(
+                {
+                    "send": sorted(c.value for c in gate.policy.send),
+                    "effective": gate.effective(),
+                    "narrowed": sorted(gate.narrowed),
+                    "switch": self.switch_word(),
+                }
+            )
         if cmd == "collect":
             name = args.get("collector")
             known = self.host.collectors_known()
-            if name not in known:
-                raise Refused(f"unknown collector {str(name)[:64]!r} (known: {', '.join(known)})")
-            self.host.collect_now(str(name))
-            return {"collecting": name}
+            if not isinstance(name, str) or name not in known:
+                raise Refused(f"unknown collector {_quote(name)} (known: {', '.join(known)})")
+            collector: str = name
+            return _Plan({"collecting": collector}, lambda: self.host.collect_now(collector))
         if cmd == "narrow":
             name = args.get("class")
             try:
-                data_class = DataClass(str(name))
+                data_class = DataClass(name) if isinstance(name, str) else None
             except ValueError:
-                raise Refused(f"unknown data class {str(name)[:64]!r}") from None
-            gate.narrow(data_class)
-            return {"narrowed": data_class.value, "effective": gate.effective()}
+                data_class = None
+            if data_class is None:
+                raise Refused(f"unknown data class {_quote(name)}")
+            after = sorted(c.value for c in gate.policy.send - gate.narrowed - {data_class})
+            return _Plan(
+                {"narrowed": data_class.value, "effective": after},
+                lambda: gate.narrow(data_class),
+            )
         raise Refused(f"command {cmd!r} is not allowed")  # unreachable: ALLOWED is checked
+
+    def _log_refusal(self, event: str, cmd_id: str | None, cmd: str | None, error: Any) -> None:
+        # Every refusal is in the ledger; the log says so once per interval, with a count.
+        held = self._quiet.admit(event)
+        if held is not None:
+            log.warning(event, id=cmd_id, cmd=cmd, error=error, not_logged_since_last=held)
+
+
+def _quote(value: object) -> str:
+    """An untrusted argument, quoted for an error message: printable and short."""
+    if isinstance(value, str):
+        return repr(printable(value))
+    return f"of type {type(value).__name__}"
+
+
+def _could_not(exc: BaseException) -> str:
+    return f"command refused: it could not be handled ({type(exc).__name__})"

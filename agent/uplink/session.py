@@ -25,8 +25,11 @@ from typing import TYPE_CHECKING, Any
 import aiomqtt
 import paho.mqtt.client as paho_mqtt
 import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.errors import AgentError, BrokerRefused, TLSMaterialError, UplinkError
+from agent.logs import Throttle
 from agent.supervisor import backoff, cancel_and_wait, check_cancelled
 from agent.uplink import tls
 from agent.uplink.commands import CommandHandler, CommandHost
@@ -40,6 +43,34 @@ log = structlog.get_logger(__name__)
 
 SEVER_PUBLISH_TIMEOUT = 0.5
 DISCONNECT_TIMEOUT = 1.0
+# What the NOC can make us hold in memory (MQTT 5 CONNECT properties, honoured by the
+# broker): QoS 1 commands not yet answered, and the size of any packet sent to us.
+# A command is acknowledged only after its reply is published, so a flood waits at
+# the broker, not here. Larger payloads never arrive; those over 16 KiB that do are
+# refused by the handler.
+COMMAND_RECEIVE_MAXIMUM = 16
+MAX_PACKET_FROM_BROKER = 64 * 1024
+# QoS 0 commands are not flow-controlled by MQTT; beyond this many waiting they are
+# dropped (at most once is what QoS 0 promises) and counted.
+MAX_QUEUED_QOS0 = 64
+
+
+class _CommandQueue(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's queue of incoming messages, bounded for QoS 0 and never dropping QoS 1.
+
+    A QoS 1 message dropped here would never be acknowledged and would hold a slot
+    of the receive window until the connection ends; their number is bounded by
+    the window anyway.
+    """
+
+    on_drop: Callable[[], None] | None = None
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        if item.qos == 0 and self.qsize() >= MAX_QUEUED_QOS0:
+            if self.on_drop is not None:
+                self.on_drop()
+            return
+        super().put_nowait(item)
 
 
 class _Acks:
@@ -100,6 +131,8 @@ class UplinkSession:
         self.published = 0
         self.bytes_published = 0
         self.puback_errors = 0
+        self.commands_dropped = 0  # QoS 0 commands beyond MAX_QUEUED_QOS0
+        self._quiet = Throttle()
         self._wake = asyncio.Event()
         self._new_data = asyncio.Event()
         self._client: aiomqtt.Client | None = None
@@ -128,7 +161,7 @@ class UplinkSession:
             "bytes_published": self.bytes_published,
             "puback_errors": self.puback_errors,
             "last_error": self.last_error,
-            "commands": {"handled": self.commands.handled, "refused": self.commands.refused},
+            "commands": {**self.commands.stats(), "dropped_qos0": self.commands_dropped},
         }
 
     async def sever(self) -> None:
@@ -228,6 +261,9 @@ class UplinkSession:
         cfg = self.cfg
         tls.check_material(cfg.ca_file, cfg.cert_file, cfg.key_file, device_id=self.device_id)
         ctx = tls.client_context(cfg.ca_file, cfg.cert_file, cfg.key_file)
+        limits = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        limits.ReceiveMaximum = COMMAND_RECEIVE_MAXIMUM
+        limits.MaximumPacketSize = MAX_PACKET_FROM_BROKER
         client = aiomqtt.Client(
             cfg.host,
             cfg.port,
@@ -240,8 +276,13 @@ class UplinkSession:
             timeout=cfg.connect_timeout,
             # Without it, pipelined QoS 1 publishes wait on Nagle's algorithm for their turn.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            properties=limits,
+            queue_type=_CommandQueue,
         )
         client.pending_calls_threshold = 1_000_000
+        client._client.manual_ack_set(True)  # a command is acknowledged once answered
+        if isinstance(client._queue, _CommandQueue):
+            client._queue.on_drop = self._command_dropped
         self.state = "connecting"
         self._closed.clear()
         # paho's blocking connect (TCP and TLS handshake) runs in a worker thread that a
@@ -328,12 +369,27 @@ class UplinkSession:
             check_cancelled()
 
     async def _commands(self, client: aiomqtt.Client) -> None:
+        # handle() never raises and payload() never fails: whatever the NOC sends, this
+        # loop ends only with the connection. It is the one consumer of the message
+        # queue, which holds nothing but commands (the only subscription).
         async for message in client.messages:
-            payload = message.payload if isinstance(message.payload, bytes) else b""
+            raw = message.payload
+            payload = bytes(raw) if isinstance(raw, bytes | bytearray) else b""
             reply = self.commands.handle(payload)
-            log.info("noc_command", id=reply.id, cmd=reply.cmd, ok=reply.ok, error=reply.error)
             await client.publish(f"{self.prefix}/reply", reply.payload(), qos=1)
+            if message.qos > 0:
+                client._client.ack(message.mid, message.qos)
             check_cancelled()
+
+    def _command_dropped(self) -> None:
+        self.commands_dropped += 1
+        held = self._quiet.admit("dropped")
+        if held is not None:
+            log.warning(
+                "noc_command_dropped",
+                reason=f"more than {MAX_QUEUED_QOS0} QoS 0 commands waiting",
+                dropped=self.commands_dropped,
+            )
 
     async def _deliver(self, client: aiomqtt.Client, acks: _Acks) -> None:
         paho = client._client
