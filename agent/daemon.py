@@ -409,6 +409,7 @@ class Daemon:
             "outbox": self.outbox.stats(),
             "gate": self.gate.stats(),
             "components": {n: s.to_json() for n, s in self.supervisor.states.items()},
+            "control": self.control.stats(),
         }
 
     async def _uplink_status(self, req: dict[str, Any], peer: control.Peer) -> dict[str, Any]:
@@ -432,7 +433,7 @@ class Daemon:
 
     async def _collect_now(self, req: dict[str, Any], peer: control.Peer) -> dict[str, Any]:
         name = req.get("collector")
-        if name not in self.runs:
+        if not isinstance(name, str) or name not in self.runs:
             raise control.RequestError(
                 f"unknown collector {name!r} (known: {', '.join(sorted(self.runs))})"
             )

@@ -12,7 +12,8 @@ carries a message a person can act on. Errors of the libraries we use
     ├── StateError             state directory, switch file, outbox or ledger unusable
     ├── ControlError           talking to the daemon over the control socket failed
     │   ├── DaemonNotRunning   no daemon is listening on the socket (exit 69)
-    │   └── PermissionDenied   peer credentials do not allow the request (exit 77)
+    │   ├── PermissionDenied   peer credentials do not allow the request (exit 77)
+    │   └── DaemonRefused      the daemon answered with an error (exit: the code it named)
     ├── PolicyError            a record the gate must refuse (class denied, switch off)
     ├── CollectorError         a collector could not gather (source missing, unreadable)
     └── UplinkError            the uplink could not be set up or used
@@ -104,6 +105,19 @@ class PermissionDenied(ControlError):
     """The caller's credentials do not allow the request."""
 
     exit_code = EX_NOPERM
+
+
+class DaemonRefused(ControlError):
+    """The daemon answered a control request with an error, naming its exit status.
+
+    A ``StateError`` raised in the daemon (73) reaches ``agentctl``'s exit status
+    as 73, not as a generic "unavailable".
+    """
+
+    def __init__(self, message: str, *, code: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.code = code
+        self.exit_code = exit_code
 
 
 class PolicyError(AgentError):

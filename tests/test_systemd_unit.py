@@ -62,3 +62,15 @@ def test_unit_shape() -> None:
         assert re.search(rf"^InaccessiblePaths=-?{re.escape(spool)}$", text, re.M)
     assert re.search(r"^CapabilityBoundingSet=$", text, re.M)
     assert re.search(r"^ProtectSystem=strict$", text, re.M)
+
+
+def test_descriptor_limit_bounds_the_control_socket() -> None:
+    """LimitNOFILE= is set, and the control socket's connection limits sit well below it."""
+    from agent.control import Limits
+
+    match = re.search(r"^LimitNOFILE=(\d+)$", UNIT.read_text(), re.M)
+    assert match, "LimitNOFILE= must be set (soft and hard as one number)"
+    nofile = int(match.group(1))
+    limits = Limits.for_descriptors(nofile)
+    assert limits.total + limits.reserve <= nofile // 4
+    assert limits.reserve > 0 and limits.per_uid < limits.total

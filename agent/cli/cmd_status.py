@@ -76,6 +76,14 @@ def print_status(s: dict[str, Any]) -> None:
         )
     health = s["collectors"].get("health") or {}
     print_pbx(health.get("pbx"))
+    ctl = s.get("control")
+    if ctl and (ctl["refused"] or ctl["accept_pauses"] or ctl["failed_requests"]):
+        refused = ", ".join(f"{n} {why}" for why, n in sorted(ctl["refused"].items())) or "none"
+        out.write(
+            f"control socket: {ctl['connections']} connections; refused: {refused}; "
+            f"{ctl['timed_out']} idle closed, {ctl['accept_pauses']} accept pauses, "
+            f"{ctl['failed_requests']} failed requests\n"
+        )
     bad = {n: c for n, c in s["components"].items() if c["restarts"]}
     for name, c in bad.items():
         out.write(f"  component {name}: {c['restarts']} restarts, last error {c['last_error']}\n")

@@ -89,8 +89,18 @@ class AgentProcess:
         """The control socket."""
         return self.root / "run" / "control.sock"
 
-    def start(self, *, wait_ready: bool = True, env: dict[str, str] | None = None) -> float:
-        """Start ``agentctl run``; return seconds from spawn to READY=1."""
+    def start(
+        self,
+        *,
+        wait_ready: bool = True,
+        env: dict[str, str] | None = None,
+        nofile: int | None = None,
+    ) -> float:
+        """Start ``agentctl run``; return seconds from spawn to READY=1.
+
+        ``nofile`` sets the daemon's descriptor limit (soft and hard), as the unit's
+        ``LimitNOFILE=`` would, so that exhaustion is cheap to reach.
+        """
         if self.notify is None:
             self.notify_path.unlink(missing_ok=True)
             self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -104,8 +114,11 @@ class AgentProcess:
         }
         log = self.log_path.open("ab")
         t0 = time.monotonic()
+        argv = [sys.executable, "-m", "agent.cli", "-c", str(self.config_path), "run"]
+        if nofile is not None:
+            argv = ["prlimit", f"--nofile={nofile}:{nofile}", "--", *argv]  # execs in place
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "-c", str(self.config_path), "run"],
+            argv,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=full_env,
