@@ -195,6 +195,9 @@ def hostile_payloads(
     while made < count:
         kinds = list(KINDS)
         rng.shuffle(kinds)
+        if not seen and kinds.index("replay") < kinds.index("ok"):
+            kinds.remove("replay")
+            kinds.insert(kinds.index("ok") + 1, "replay")  # replay something accepted
         for kind in kinds:
             if made == count:
                 return
