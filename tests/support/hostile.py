@@ -62,9 +62,9 @@ def _id(rng: random.Random) -> str:
 
 def _wrong(rng: random.Random, target: str = "") -> Any:
     """A value of the wrong type (or out of range) for ``target``."""
-    values: list[Any] = [True, False, 0, -1, 1.5, "", "x" * 70, [], [1, 2], {"a": {"b": None}}]
+    values: list[Any] = [True, False, 0, -1, 1.5, "", "x" * 70, [], [1, 2]]
     if target != "args":
-        values += [None, {}]  # an absent or empty args is fine
+        values += [None, {}, {"a": {"b": None}}]  # any object (or none) is fine as args
     if target not in ("id", "collector", "class"):
         values.append("1")  # a fine id; not a collector or class name
     return rng.choice(values)
