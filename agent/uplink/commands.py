@@ -215,7 +215,9 @@ class CommandHandler:
         if reply.ok and plan is not None:
             plan.effect()
             self.handled += 1
-            log.info("noc_command", id=reply.id, cmd=reply.cmd, ok=True)
+            held = self._quiet.admit(f"accepted:{reply.cmd}")
+            if held is not None:
+                log.info("noc_command", id=reply.id, cmd=reply.cmd, not_logged_since_last=held)
         else:
             self.refused += 1
             self._log_refusal("noc_command_refused", reply.id, reply.cmd, reply.error)
@@ -323,7 +325,8 @@ class CommandHandler:
         raise Refused(f"command {cmd!r} is not allowed")  # unreachable: ALLOWED is checked
 
     def _log_refusal(self, event: str, cmd_id: str | None, cmd: str | None, error: Any) -> None:
-        # Every refusal is in the ledger; the log says so once per interval, with a count.
+        # Every command is in the ledger; the log says so once per interval and kind, with a
+        # count, so that a NOC cannot flood the journal.
         held = self._quiet.admit(event)
         if held is not None:
             log.warning(event, id=cmd_id, cmd=cmd, error=error, not_logged_since_last=held)
