@@ -140,6 +140,35 @@ def test_root_status_p99_under_a_reconnect_storm(daemon: AgentProcess) -> None:
 
 @needs_root
 @pytest.mark.integration
+def test_a_low_descriptor_limit_shrinks_the_limits(shared_root: Path) -> None:
+    """Under LimitNOFILE=128, 1,100 held connections leave the daemon descriptors to spare:
+    no accept() failure, root answered, and the health collector still runs (it used to fail
+    with EMFILE)."""
+    agent = AgentProcess(
+        shared_root, base_config(shared_root, collectors={"health": {"interval": "60s"}})
+    )
+    agent.start(nofile=128)
+    try:
+        limits = agent.status()["control"]["limits"]
+        assert limits["total"] + limits["reserve"] <= 128 // 4
+        with Hog(agent.socket_path, 1_100, uid=NOBODY, gid=NOGROUP) as hog:
+            assert hog.start()["open_now"] <= limits["per_uid"]
+            before = agent.status()["collectors"]["health"]["last_ok"]
+            control.request(agent.socket_path, "collect", collector="health")
+            health = wait_for(
+                lambda: (h := agent.status()["collectors"]["health"])["last_ok"] != before and h,
+                what="a health collection during the attack",
+            )
+            assert health["last_error"] is None
+            st = agent.status()["control"]
+        assert st["accept_pauses"] == 0 and st["refused"]["per-uid"] >= 1_100 - limits["per_uid"]
+        assert "Traceback" not in agent.log() and "EMFILE" not in agent.log()
+    finally:
+        agent.close()
+
+
+@needs_root
+@pytest.mark.integration
 def test_idle_connections_time_out_sooner_under_pressure(daemon: AgentProcess) -> None:
     """A lone idle read-group connection is left alone; once refusals start, idle ones close
     within about 2 s instead of 30 s."""
