@@ -8,6 +8,29 @@ directory descriptor with ``O_NOFOLLOW`` so that a link swapped in after the
 check is refused by the kernel rather than followed. Nothing outside the
 configured roots is followed either.
 
+A path check sees names, and a file can have more than one name:
+
+- A hard link is another name for the same inode, anywhere on the same
+  filesystem; nothing in its path says that it is also
+  ``/var/spool/asterisk/voicemail/.../msg0000.wav`` (systemd's
+  ``InaccessiblePaths=`` is by path too, so it does not stop it either). A
+  regular file with more than one link (``st_nlink > 1``) is therefore listed
+  in the manifest (reason ``hard-link``) and never opened. That rule alone
+  closes the hole: a file in a spool that is also reachable from a
+  configuration root has at least two links. Its link count is checked again
+  on the opened descriptor, so a link made between the ``lstat`` and the
+  ``open`` is not read either.
+- A bind mount is another name for a whole tree. A folder or file inside a
+  root that is a mount point (``/proc/self/mountinfo``, or a device other than
+  its root's) is not followed (reason ``mount-point``).
+- The forbidden trees' own (device, inode) pairs are taken with ``stat``
+  (which opens nothing) and anything inside a root with the same identity is
+  ``forbidden``. The trees' contents are deliberately not indexed: that would
+  mean listing the spools (opening their folders, which the service unit
+  forbids and the privacy tests watch for) and stat-ing every recording on
+  each scan, and it would add nothing: a file inside them reachable under
+  another name is a hard link, refused above.
+
 Every file that is not read is reported with a reason, never silently dropped.
 """
 
@@ -17,7 +40,7 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +49,7 @@ ALWAYS_FORBIDDEN: tuple[Path, ...] = (
     Path("/var/spool/asterisk"),
     Path("/etc/asterisk/keys"),
     Path("/var/lib/asterisk/keys"),
+    Path("/var/lib/asterisk/sounds/custom"),  # prompts recorded by people: recordings
 )
 
 #: File names that are key material by their extension: excluded, never opened.
@@ -99,9 +123,21 @@ class Skipped:
     mode: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A symbolic link inside the roots to a place inside the roots (sent where it points)."""
+
+    path: str
+    target: str  # the real location of what it points to
+
+
+#: What a walk yields, one at a time, in the order it meets them.
+Found = Candidate | Skipped | Link
+
+
 @dataclass(slots=True)
 class Walk:
-    """What a walk of the roots found."""
+    """What a walk of the roots found (:func:`walk`: all of it in memory, for small trees)."""
 
     files: list[Candidate] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
@@ -152,7 +188,13 @@ class PathPolicy:
         include: Iterable[str] = ("**",),
         exclude: Iterable[str] = (),
     ) -> None:
-        self.roots = [Path(os.path.abspath(r)) for r in roots]
+        # In path order (a folder as its name and a slash), each root once: one inside
+        # another is walked as part of it.
+        given = {Path(os.path.abspath(r)) for r in roots}
+        kept = [
+            r for r in given if not any(o != r and str(r).startswith(str(o) + "/") for o in given)
+        ]
+        self.roots = sorted(kept, key=lambda r: str(r) + ("/" if os.path.isdir(r) else ""))
         self.real_roots = [os.path.realpath(r) for r in self.roots]
         forb: set[str] = set()
         for f in (*ALWAYS_FORBIDDEN, *forbidden):
@@ -245,8 +287,74 @@ Want = Callable[[Candidate], bool]
 
 
 def walk(policy: PathPolicy, *, max_file: int, max_total: int, want: Want = lambda c: True) -> Walk:
-    """Find every file under the roots, reading those ``want`` asks for."""
+    """Find every file under the roots, reading those ``want`` asks for (all kept in memory)."""
+    out = Walk()
+    for found in iter_walk(policy, max_file=max_file, max_total=max_total, want=want):
+        if isinstance(found, Candidate):
+            out.files.append(found)
+        elif isinstance(found, Skipped):
+            out.skipped.append(found)
+        else:
+            out.links[found.path] = found.target
+    return out
+
+
+def iter_walk(
+    policy: PathPolicy, *, max_file: int, max_total: int, want: Want = lambda c: True
+) -> Iterator[Found]:
+    """Every file, skipped path and link under the roots, one at a time.
+
+    A candidate's bytes (read when ``want`` asks for them) are the caller's to
+    keep or drop: the walk holds nothing but the folders it is inside, so a
+    tree of any size is walked in bounded memory.
+    """
     return _Walker(policy, max_file, max_total, want).run()
+
+
+def mount_points(mountinfo: str = "/proc/self/mountinfo") -> frozenset[str]:
+    """Every mount point this process sees (empty when /proc is not there)."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return frozenset()
+    out: set[str] = set()
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) > 4:
+            # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
+            out.add(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
+    return frozenset(out)
+
+
+def _identity(paths: Iterable[str]) -> frozenset[tuple[int, int]]:
+    """(device, inode) of each path that exists; ``stat`` opens nothing."""
+    out: set[tuple[int, int]] = set()
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        out.add((st.st_dev, st.st_ino))
+    return frozenset(out)
+
+
+def _sort_key(e: os.DirEntry[str]) -> str:
+    return e.name + "/" if e.is_dir(follow_symlinks=False) else e.name
+
+
+def _shown_name(name: str) -> str | None:
+    """``name`` when it is valid UTF-8, else None (it cannot be sent or stored as text)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return name
+
+
+def _printable(name: str) -> str:
+    """A name that is not UTF-8, with its odd bytes written as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class _Walker:
@@ -258,44 +366,46 @@ class _Walker:
         self.max_total = max_total
         self.want = want
         self.total = 0
-        self.out = Walk()
         # An entry of a folder that is itself outside every forbidden tree lies in
         # one only if it *is* a forbidden path (one that starts deeper is met when
         # the walk gets there), so the check per entry is a set lookup, on the
         # path as shown and on its real location. Paths in policy.forbidden are
         # absolute and normalised, as are those the walk builds.
         self.forbidden_set = frozenset(policy.forbidden)
+        self.forbidden_ids = _identity(policy.forbidden)
+        self.mounts = mount_points()
+        self.root_dev = 0
 
-    def skip(
-        self, path: str, reason: str, detail: str, size: int | None = None, mode: int | None = None
-    ) -> None:
-        """Report a path that is not sent, and why."""
-        self.out.skipped.append(Skipped(path, reason, detail, size, mode))
-
-    def run(self) -> Walk:
+    def run(self) -> Iterator[Found]:
         """Walk every root in turn."""
         policy = self.policy
         for root, real_root in zip(policy.roots, policy.real_roots, strict=True):
             root_s = str(root)
             if policy.is_forbidden(root_s) or policy.is_forbidden(real_root):
-                self.skip(root_s, "forbidden", "the root is a forbidden tree")
+                yield Skipped(root_s, "forbidden", "the root is a forbidden tree")
                 continue
             try:
                 st = os.stat(root_s)
             except FileNotFoundError:
-                self.skip(root_s, "missing", "configured root does not exist")
+                yield Skipped(root_s, "missing", "configured root does not exist")
                 continue
             except OSError as exc:
-                self.skip(root_s, "unreadable", exc.strerror or str(exc))
+                yield Skipped(root_s, "unreadable", exc.strerror or str(exc))
                 continue
+            if (st.st_dev, st.st_ino) in self.forbidden_ids:
+                yield Skipped(
+                    root_s, "forbidden", "the root is a forbidden tree under another name"
+                )
+                continue
+            self.root_dev = st.st_dev
             if stat.S_ISDIR(st.st_mode):
                 try:
                     dfd = os.open(root_s, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 except OSError as exc:
-                    self.skip(root_s, "unreadable", exc.strerror or str(exc))
+                    yield Skipped(root_s, "unreadable", exc.strerror or str(exc))
                     continue
                 try:
-                    self.folder(dfd, root_s, real_root, root_s, 0, frozenset())
+                    yield from self.folder(dfd, root_s, real_root, root_s, 0, frozenset())
                 finally:
                     os.close(dfd)
             else:
@@ -303,19 +413,18 @@ class _Walker:
                 try:
                     dfd = os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 except OSError as exc:
-                    self.skip(root_s, "unreadable", exc.strerror or str(exc))
+                    yield Skipped(root_s, "unreadable", exc.strerror or str(exc))
                     continue
                 try:
                     real_parent = os.path.realpath(parent or "/")
                     real = os.path.join(real_parent, name)
                     # The parent folder was never checked: the full check, not the lookup.
                     if policy.is_forbidden(root_s) or policy.is_forbidden(real):
-                        self.skip(root_s, "forbidden", "spool or key material: never opened")
+                        yield Skipped(root_s, "forbidden", "spool or key material: never opened")
                     else:
-                        self.entry(dfd, name, root_s, real, root_s, 0, frozenset())
+                        yield from self.entry(dfd, name, root_s, real, root_s, 0, frozenset())
                 finally:
                     os.close(dfd)
-        return self.out
 
     def folder(
         self,
@@ -325,23 +434,30 @@ class _Walker:
         root: str,
         depth: int,
         seen: frozenset[tuple[int, int]],
-    ) -> None:
-        """Every entry of an allowed folder, in name order."""
+    ) -> Iterator[Found]:
+        """Every entry of an allowed folder, in path order."""
         try:
             with os.scandir(dfd) as it:
-                names = sorted(e.name for e in it)
+                # A folder sorts as its name and a slash: the walk then meets paths in
+                # the order of their full text (the state database's order as well).
+                names = [n for _, n in sorted((_sort_key(e), e.name) for e in it)]
         except OSError as exc:
-            self.skip(shown, "unreadable", exc.strerror or str(exc))
+            yield Skipped(shown, "unreadable", exc.strerror or str(exc))
             return
         shown_dir = shown if shown.endswith("/") else shown + "/"
         real_dir = real if real.endswith("/") else real + "/"
         forbidden = self.forbidden_set
         for name in names:
+            if _shown_name(name) is None:
+                # Never opened: a name that is not UTF-8 cannot be sent as text, and a
+                # configuration file does not have one.
+                yield Skipped(shown_dir + _printable(name), "undecodable-name", "not UTF-8")
+                continue
             child, real_child = shown_dir + name, real_dir + name
             if child in forbidden or real_child in forbidden:
-                self.skip(child, "forbidden", "spool or key material: never opened")
+                yield Skipped(child, "forbidden", "spool or key material: never opened")
                 continue
-            self.entry(dfd, name, child, real_child, root, depth, seen)
+            yield from self.entry(dfd, name, child, real_child, root, depth, seen)
 
     def entry(
         self,
@@ -352,51 +468,62 @@ class _Walker:
         root: str,
         depth: int,
         seen: frozenset[tuple[int, int]],
-    ) -> None:
+    ) -> Iterator[Found]:
         """One entry whose path the caller checked is outside every forbidden tree."""
         policy = self.policy
         try:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         except OSError as exc:
-            self.skip(shown, "unreadable", exc.strerror or str(exc))
+            yield Skipped(shown, "unreadable", exc.strerror or str(exc))
             return
         if stat.S_ISLNK(st.st_mode):
             try:
                 target = os.readlink(name, dir_fd=dfd)
             except OSError as exc:
-                self.skip(shown, "unreadable", exc.strerror or str(exc))
+                yield Skipped(shown, "unreadable", exc.strerror or str(exc))
                 return
             joined = os.path.normpath(os.path.join(os.path.dirname(real), target))
             why = policy.check(joined)
             if why is not None:
-                self.skip(shown, why, f"symbolic link to {target}")
+                yield Skipped(shown, why, f"symbolic link to {target}")
                 return
             # Inside the roots: the target is sent where the walk finds it, not twice.
-            self.out.links[shown] = os.path.realpath(joined)
-            return
-        if stat.S_ISDIR(st.st_mode):
-            self.subfolder(dfd, name, st, shown, real, root, depth, seen)
+            yield Link(shown, os.path.realpath(joined))
             return
         mode = stat.S_IMODE(st.st_mode)
+        if (st.st_dev, st.st_ino) in self.forbidden_ids:
+            yield Skipped(shown, "forbidden", "the same file as a forbidden tree", None, mode)
+            return
+        if st.st_dev != self.root_dev or real in self.mounts:
+            yield Skipped(shown, "mount-point", "another filesystem or a bind mount: not followed")
+            return
+        if stat.S_ISDIR(st.st_mode):
+            yield from self.subfolder(dfd, name, st, shown, real, root, depth, seen)
+            return
         if not stat.S_ISREG(st.st_mode):
-            self.skip(shown, "not-regular", "device, pipe or socket", None, mode)
+            yield Skipped(shown, "not-regular", "device, pipe or socket", None, mode)
             return
         size = st.st_size
+        if st.st_nlink > 1:
+            yield Skipped(shown, "hard-link", _HARD_LINK % st.st_nlink, size, mode)
+            return
         if policy.excluded(shown, root):
-            self.skip(shown, "excluded", "matches an exclude glob", size, mode)
+            yield Skipped(shown, "excluded", "matches an exclude glob", size, mode)
             return
         if not policy.included(shown, root):
-            self.skip(shown, "not-included", "matches no include glob", size, mode)
+            yield Skipped(shown, "not-included", "matches no include glob", size, mode)
             return
         by_name = classify_name(name)
         if by_name is not None:
-            self.skip(shown, by_name, "by its name; never opened", size, mode)
+            yield Skipped(shown, by_name, "by its name; never opened", size, mode)
             return
         if size > self.max_file:
-            self.skip(shown, "too-large", f"{size} bytes > max_file {self.max_file}", size, mode)
+            yield Skipped(
+                shown, "too-large", f"{size} bytes > max_file {self.max_file}", size, mode
+            )
             return
         if self.total + size > self.max_total:
-            self.skip(shown, "total-cap", f"max_total {self.max_total} reached", size, mode)
+            yield Skipped(shown, "total-cap", f"max_total {self.max_total} reached", size, mode)
             return
         self.total += size
         cand = Candidate(
@@ -405,15 +532,15 @@ class _Walker:
         if self.want(cand):
             data = _read(dfd, name, st, self.max_file)
             if isinstance(data, Skipped):
-                self.skip(shown, data.reason, data.detail, size, mode)
                 self.total -= size
+                yield Skipped(shown, data.reason, data.detail, size, mode)
                 return
             if b"\0" in data[:_BINARY_SNIFF]:
-                self.skip(shown, "binary", "holds NUL bytes", size, mode)
                 self.total -= size
+                yield Skipped(shown, "binary", "holds NUL bytes", size, mode)
                 return
             cand.data = data
-        self.out.files.append(cand)
+        yield cand
 
     def subfolder(
         self,
@@ -425,29 +552,37 @@ class _Walker:
         root: str,
         depth: int,
         seen: frozenset[tuple[int, int]],
-    ) -> None:
+    ) -> Iterator[Found]:
         """Descend into a folder, opened without following links and checked to be the one seen."""
         if depth >= MAX_DEPTH or (st.st_dev, st.st_ino) in seen:
-            self.skip(shown, "too-deep", "folder nesting or a loop")
+            yield Skipped(shown, "too-deep", "folder nesting or a loop")
             return
         if self.policy.excluded(shown + "/", root) or self.policy.excluded(shown, root):
-            self.skip(shown, "excluded", "matches an exclude glob")
+            yield Skipped(shown, "excluded", "matches an exclude glob")
             return
         try:
             sub = os.open(
                 name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd
             )
         except OSError as exc:
-            self.skip(shown, "unreadable", exc.strerror or str(exc))
+            yield Skipped(shown, "unreadable", exc.strerror or str(exc))
             return
         try:
             sst = os.fstat(sub)
             if (sst.st_dev, sst.st_ino) != (st.st_dev, st.st_ino):
-                self.skip(shown, "changed", "replaced while reading")
+                yield Skipped(shown, "changed", "replaced while reading")
                 return
-            self.folder(sub, shown, real, root, depth + 1, seen | {(st.st_dev, st.st_ino)})
+            yield from self.folder(
+                sub, shown, real, root, depth + 1, seen | {(st.st_dev, st.st_ino)}
+            )
         finally:
             os.close(sub)
+
+
+_HARD_LINK = (
+    "%d names for one file: a hard link is another name for the same inode, which a "
+    "path check cannot place; never opened"
+)
 
 
 def _read(dfd: int, name: str, st: os.stat_result, max_file: int) -> bytes | Skipped:
@@ -465,6 +600,8 @@ def _read(dfd: int, name: str, st: os.stat_result, max_file: int) -> bytes | Ski
         fst = os.fstat(fd)
         if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
             return Skipped(name, "changed", "replaced while reading")
+        if fst.st_nlink > 1:  # linked between the lstat and the open: not one byte is read
+            return Skipped(name, "hard-link", _HARD_LINK % fst.st_nlink)
         chunks: list[bytes] = []
         left = max_file + 1
         # First ask for the size lstat saw (plus one, to notice growth): os.read
