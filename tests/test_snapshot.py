@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.collectors.base import Record
-from agent.collectors.pbxconfig import snapshot
+from agent.collectors.pbxconfig import parts, snapshot
 from agent.collectors.pbxconfig.collector import SnapshotCollector
 from agent.collectors.pbxconfig.settings import SnapshotSettings
 from agent.policy.classes import DataClass
@@ -67,10 +67,24 @@ def tree(tmp_path: Path) -> Tree:
 
 
 def contents(bodies: list[dict[str, Any]]) -> dict[str, str]:
+    """Every text sent, snapshot after snapshot, each snapshot reassembled and verified."""
     out: dict[str, str] = {}
-    for b in bodies:
-        out.update(snapshot.decode_content(b))
+    ids = list(dict.fromkeys(b["snapshot"] for b in bodies))
+    for sid in ids:
+        out.update(parts.reassemble([b for b in bodies if b["snapshot"] == sid]).texts)
     return out
+
+
+def summary(bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary of a snapshot: it travels in the last part."""
+    (last,) = [b for b in bodies if "parts" in b]
+    result: dict[str, Any] = last["summary"]
+    return result
+
+
+def entries_of(bodies: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The manifest entries a snapshot's parts carry, by path."""
+    return {e["path"]: e for b in bodies for e in b.get("manifest", [])}
 
 
 def test_first_run_is_full_with_manifest_and_content(tree: Tree) -> None:
@@ -84,8 +98,8 @@ def test_first_run_is_full_with_manifest_and_content(tree: Tree) -> None:
     assert manifest[auth]["mode"] == "0644" or len(manifest[auth]["mode"]) == 4
     text = contents(bodies)[auth]
     assert "password=<redacted:secret-key:" in text and "Fx9!kTq2vLw8Rz" not in text
-    assert bodies[0]["summary"]["rules"]["secret-key"] >= 5
-    assert all(isinstance(v, int) for v in bodies[0]["summary"]["rules"].values())
+    assert summary(bodies)["rules"]["secret-key"] >= 5
+    assert all(isinstance(v, int) for v in summary(bodies)["rules"].values())
 
 
 def test_unchanged_tree_sends_nothing(tree: Tree) -> None:
@@ -153,7 +167,7 @@ def test_command_sends_a_full_snapshot(tree: Tree) -> None:
     tree.run(c)
     bodies = tree.run(c, reason="command")
     assert bodies and bodies[0]["mode"] == "full"
-    assert len(bodies[0]["manifest"]) == bodies[0]["summary"]["entries"]
+    assert len(entries_of(bodies)) == summary(bodies)["entries"]
 
 
 def test_weekly_full_snapshot(tree: Tree) -> None:
@@ -174,17 +188,23 @@ def test_state_survives_a_new_collector(tree: Tree) -> None:
 
 
 def test_big_snapshot_is_split_into_parts(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A snapshot over the part limit is split; every part names the snapshot and its place."""
-    monkeypatch.setattr(snapshot, "MAX_PART_CONTENT", 2000)
-    monkeypatch.setattr(snapshot, "_CHUNK_RAW", 1500)
+    """A snapshot over the part limit is split; the parts reassemble into the whole."""
+    monkeypatch.setattr(parts, "MAX_BODY", 3000)
+    monkeypatch.setattr(parts, "GROUP_MAX_RAW", 1200)  # bigger files travel in chunks
+    monkeypatch.setattr(parts, "MIN_CHUNK_ROOM", 256)
     bodies = tree.run(tree.collector())
-    assert len(bodies) > 1
+    assert len(bodies) > 3
     assert {b["snapshot"] for b in bodies} == {bodies[0]["snapshot"]}
     assert [b["part"] for b in bodies] == list(range(1, len(bodies) + 1))
-    assert all(b["parts"] == len(bodies) for b in bodies)
-    assert all(len(b["content"]["data"]) <= 2000 for b in bodies if "content" in b)
-    names = {e["path"] for e in bodies[0]["manifest"] if e["status"] == "ok"}
-    assert set(contents(bodies)) == names
+    assert [b.get("parts") for b in bodies] == [None] * (len(bodies) - 1) + [len(bodies)]
+    sizes = [len(json.dumps(b, separators=(",", ":"), ensure_ascii=False).encode()) for b in bodies]
+    assert max(sizes) <= 3000
+    assert any("chunk" in b for b in bodies) and any("content" in b for b in bodies)
+    whole = parts.reassemble(reversed(bodies))  # in any order
+    ok = {p for p, e in entries_of(bodies).items() if e["status"] == "ok"}
+    assert set(whole.texts) == ok
+    assert whole.summary["entries"] == len(entries_of(bodies)) == whole.summary["changed"]
+    assert whole.texts == contents(tree.run(tree.collector(), reason="command"))
 
 
 def test_key_file_is_private_and_stable(tree: Tree) -> None:
@@ -212,7 +232,7 @@ def test_bad_input_is_reported_never_fatal(tree: Tree) -> None:
     (tree.etc / "loop_b.conf").write_text("#include loop_a.conf\n")
     c = tree.collector(max_file=1024 * 1024)
     bodies = tree.run(c)
-    manifest = {e["path"]: e for e in bodies[0]["manifest"]}
+    manifest = entries_of(bodies)
     assert manifest[str(tree.etc / "huge.conf")]["reason"] == "too-large"
     assert manifest[str(tree.etc / "blob.conf")]["reason"] == "binary"
     assert manifest[str(tree.etc / "pipe.conf")]["reason"] == "not-regular"
@@ -220,7 +240,7 @@ def test_bad_input_is_reported_never_fatal(tree: Tree) -> None:
     assert latin["status"] == "ok" and "undecodable" in latin["problems"][0]
     text = contents(bodies)[str(tree.etc / "latin1.conf")]
     assert "Caf\ufffd" in text and "cret1" not in text
-    problems = " | ".join(p["problem"] for p in bodies[0]["summary"]["problems"])
+    problems = " | ".join(p["problem"] for p in summary(bodies)["problems"])
     assert "nosuch.conf: no such file" in problems
     assert "include loop" in problems
     status = c.status()

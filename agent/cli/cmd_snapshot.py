@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the plan read-only and print it."""
+    """Scan read-only and print what would be sent, or what changed."""
     from agent.collectors.pbxconfig import snapshot
     from agent.config import load
 
@@ -58,78 +58,86 @@ def run(args: argparse.Namespace) -> int:
                 "throwaway key and will differ from those sent",
                 file=sys.stderr,
             )
-        plan = snapshot.scan(settings, store, key, ephemeral_key=ephemeral)
-        snapshot.decide(plan, store, settings, full=bool(args.full), now=time.time())
+        scanned = snapshot.scan(settings, store, key, ephemeral_key=ephemeral)
         if args.diff:
-            return _print_diff(plan, store)
-        return _print_dry_run(plan, show_content=not args.no_content)
+            return _print_diff(scanned, store)
+        now = time.time()
+        out = snapshot.outgoing(scanned, store, settings, full=bool(args.full), now=now)
+        return _print_dry_run(out, store, now=now, show_content=not args.no_content)
     finally:
         store.close()
 
 
-def _print_dry_run(plan: Any, *, show_content: bool) -> int:
-    from agent.collectors.pbxconfig import snapshot
+def _print_dry_run(out: Any, store: Any, *, now: float, show_content: bool) -> int:
+    from agent.collectors.pbxconfig import parts
 
-    out = sys.stdout
-    if plan.mode == "unchanged":
-        out.write(
-            f"unchanged since snapshot {plan.base}: nothing would be sent "
-            f"({plan.files_scanned} files scanned)\n"
-        )
-        return 0
-    out.write(
-        f"# {plan.mode} snapshot, {len(plan.bodies)} part(s), "
-        f"{len(plan.texts)} file(s) with content\n"
-    )
-    for body in plan.bodies:
+    w = sys.stdout
+    base = f" against {out.base}" if out.mode == "delta" else ""
+    w.write(f"# {out.mode} snapshot{base}, {out.scan.files_scanned} files scanned\n")
+    pieces: dict[str, bytearray] = {}
+    for body in out.bodies(store, now=now):
         wire = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
-        out.write(
-            f"\n## part {body['part']}/{body['parts']}: body as offered to the gate "
+        last = f" of {body['parts']}" if "parts" in body else ""
+        w.write(
+            f"\n## part {body['part']}{last}: body as offered to the gate "
             f"({len(wire.encode())} bytes)\n"
         )
-        out.write(wire + "\n")
-    if show_content:
-        for body in plan.bodies:
-            for path, text in snapshot.decode_content(body).items():
-                out.write(f"\n## decoded content of {path} (part {body['part']})\n")
-                out.write(text if text.endswith("\n") or not text else text + "\n")
+        w.write(wire + "\n")
+        if not show_content:
+            continue
+        for path, text in parts.decode_content(body).items():
+            _print_text(w, path, text, body["part"])
+        chunk = parts.decode_chunk(body)
+        if chunk is not None:
+            path, _, final, data = chunk
+            pieces.setdefault(path, bytearray()).extend(data)
+            if final:
+                _print_text(w, path, pieces.pop(path).decode("utf-8"), body["part"])
+    if out.mode == "unchanged":
+        w.write(f"unchanged since snapshot {out.base}: nothing would be sent\n")
+        return 0
+    w.write(f"\n# {out.parts} part(s), {out.files_sent} file(s) with content\n")
     return 0
 
 
-def _print_diff(plan: Any, store: Any) -> int:
+def _print_text(w: Any, path: str, text: str, part: int) -> None:
+    w.write(f"\n## decoded content of {path} (part {part})\n")
+    w.write(text if text.endswith("\n") or not text else text + "\n")
+
+
+def _print_diff(scanned: Any, store: Any) -> int:
     import difflib
 
-    out = sys.stdout
-    if plan.base is None:
-        out.write("no snapshot has been sent yet: the next one is full\n")
-    sent = store.sent()
-    changed = [p for p in plan.manifest if sent.get(p) != plan.manifest[p]]
-    removed = sorted(set(sent) - set(plan.manifest))
-    if not changed and not removed:
-        out.write(f"no change since snapshot {plan.base}\n")
-        return 0
-    for path in changed:
-        new = plan.manifest[path]
-        old = sent.get(path)
-        if old is None:
-            out.write(f"added    {path} ({new['status']})\n")
+    w = sys.stdout
+    base = store.meta().get("snapshot_id")
+    if base is None:
+        w.write("no snapshot has been sent yet: the next one is full\n")
+    changes = 0
+    for path, entry, status, old, _ in store.against_sent(full=False):
+        if old == entry:
             continue
-        facts = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        out.write(f"changed  {path} ({', '.join(facts)})\n")
-        if "digest" in facts and new["status"] == "ok":
-            before = store.sent_text(path) or ""
-            after = plan.texts.get(path)
-            if after is None:
-                r = plan.results.get(path)
-                after = (r.text if r is not None else None) or store.cached_text(path) or ""
-            out.writelines(
+        new = json.loads(entry)
+        before = json.loads(old) if old is not None else None
+        if before == new:
+            continue
+        changes += 1
+        if before is None:
+            w.write(f"added    {path} ({status})\n")
+            continue
+        facts = [k for k in sorted(set(before) | set(new)) if before.get(k) != new.get(k)]
+        w.write(f"changed  {path} ({', '.join(facts)})\n")
+        if "digest" in facts and status == "ok":
+            w.writelines(
                 difflib.unified_diff(
-                    before.splitlines(keepends=True),
-                    after.splitlines(keepends=True),
+                    (store.sent_text(path) or "").splitlines(keepends=True),
+                    store.content(path).splitlines(keepends=True),
                     fromfile=f"{path} (sent)",
                     tofile=f"{path} (now)",
                 )
             )
-    for path in removed:
-        out.write(f"removed  {path}\n")
+    for path in store.gone_since_sent():
+        changes += 1
+        w.write(f"removed  {path}\n")
+    if not changes:
+        w.write(f"no change since snapshot {base}\n")
     return 0

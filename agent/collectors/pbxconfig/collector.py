@@ -1,20 +1,24 @@
 """The configuration-snapshot collector the daemon schedules.
 
-It scans the PBX configuration in a worker thread (file work must not stall
-the event loop), offers each part of a snapshot to the gate, and only when
-every part was accepted remembers the snapshot as the last one sent, so that a
-snapshot the switch refused is not silently skipped: the next run sends the
-changes again, against the last snapshot that really left.
+It scans the PBX configuration in a thread of its own (file work must not
+stall the event loop), then offers the snapshot's parts to the gate one at a
+time, each made in that thread only when the previous one was accepted: a tree
+of any size goes out in bounded memory. Only when every part was accepted is
+the snapshot remembered as the last one sent, so that a snapshot the switch
+refused part-way is not silently skipped: the next run sends the changes
+again, against the last snapshot that really left (the NOC discards the
+incomplete one; see the README's wire protocol).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -25,6 +29,8 @@ from agent.errors import AgentError, CollectorError
 from agent.policy.classes import DataClass
 
 log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
 
 
 class SnapshotCollector:
@@ -40,6 +46,9 @@ class SnapshotCollector:
         self._store: snapshot.Store | None = None
         self._key: bytes | None = None
         self._lock = asyncio.Lock()
+        # One thread of its own: SQLite and the file walk always run on it, and
+        # glibc gives it one malloc arena rather than one per pool thread.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="config-snapshot")
         self._stats: dict[str, Any] = {
             "runs": 0,
             "files_scanned": 0,
@@ -51,6 +60,8 @@ class SnapshotCollector:
             "last_snapshot": None,
             "last_sent_at": None,
             "parts_sent": 0,
+            "last_parts": 0,
+            "largest_part": 0,
             "refused": 0,
             "last_error": None,
         }
@@ -72,19 +83,21 @@ class SnapshotCollector:
             self._key, _ = snapshot.load_key(self.state_dir, create=True)
         return self._store, self._key
 
-    def _scan(self, full: bool, now: float) -> snapshot.Plan:
+    async def _run(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, functools.partial(fn, *args, **kwargs))
+
+    def _prepare(self, full: bool, now: float) -> snapshot.Outgoing:
         store, key = self._open()
-        plan = snapshot.scan(self.settings, store, key, forbidden=self.forbidden)
-        snapshot.decide(plan, store, self.settings, full=full, now=now)
-        store.save_cache(plan)
-        return plan
+        scanned = snapshot.scan(self.settings, store, key, forbidden=self.forbidden)
+        return snapshot.outgoing(scanned, store, self.settings, full=full, now=now)
 
     async def collect(self, emit: Emit, *, reason: str) -> None:
         """Scan; offer a full snapshot on ``command``, else only what changed."""
         async with self._lock:
             now = time.time()
             try:
-                plan = await asyncio.to_thread(self._scan, reason == "command", now)
+                await self._collect(emit, reason == "command", now)
             except AgentError as exc:
                 self._stats["last_error"] = str(exc)
                 raise CollectorError(f"config snapshot: {exc}") from exc
@@ -93,43 +106,71 @@ class SnapshotCollector:
                 raise CollectorError(
                     f"config snapshot: cannot read {exc.filename}: {exc.strerror}"
                 ) from exc
-            self._account(plan)
-            if plan.mode == "unchanged":
-                log.debug("config_snapshot_unchanged", files=plan.files_scanned)
-                return
-            for body in plan.bodies:
-                if not emit(Record(DataClass.CONFIG, body)):
-                    self._stats["refused"] += 1
-                    log.info(
-                        "config_snapshot_refused",
-                        snapshot=plan.snapshot_id,
-                        part=body["part"],
-                        parts=body["parts"],
-                    )
-                    return
-                self._stats["parts_sent"] += 1
-            store, _ = self._open()
-            await asyncio.to_thread(store.commit_sent, plan, now=now)
-            self._stats.update(last_snapshot=plan.snapshot_id, last_sent_at=now)
-            log.info(
-                "config_snapshot_sent",
-                snapshot=plan.snapshot_id,
-                mode=plan.mode,
-                parts=len(plan.bodies),
-                files=len(plan.texts),
-            )
 
-    def _account(self, plan: snapshot.Plan) -> None:
-        rules: Counter[str] = Counter(plan.fired)
+    async def _collect(self, emit: Emit, full: bool, now: float) -> None:
+        out = await self._run(self._prepare, full, now)
+        store, _ = self._open()
+        bodies = out.bodies(store, now=now)
+        try:
+            accepted = await self._offer(emit, out, bodies)
+            if accepted and out.mode != "unchanged":
+                await self._run(
+                    store.commit_sent,
+                    out.mode,
+                    out.scan.snapshot_id,
+                    now=now,
+                    differs=out.differs,
+                )
+        finally:
+            await self._run(_close, bodies, store)
+        self._account(out)
+        if out.mode == "unchanged":
+            log.debug("config_snapshot_unchanged", files=out.scan.files_scanned)
+            return
+        if not accepted:
+            return
+        self._stats.update(last_snapshot=out.scan.snapshot_id, last_sent_at=now)
+        log.info(
+            "config_snapshot_sent",
+            snapshot=out.scan.snapshot_id,
+            mode=out.mode,
+            parts=out.parts,
+            files=out.files_sent,
+            largest_part=out.largest,
+        )
+
+    async def _offer(
+        self, emit: Emit, out: snapshot.Outgoing, bodies: Iterator[dict[str, Any]]
+    ) -> bool:
+        """Offer every part in turn; False as soon as the gate refuses one."""
+        while True:
+            body = await self._run(next, bodies, None)
+            if body is None:
+                return True
+            if not emit(Record(DataClass.CONFIG, body)):
+                self._stats["refused"] += 1
+                log.info(
+                    "config_snapshot_refused",
+                    snapshot=out.scan.snapshot_id,
+                    part=body["part"],
+                    parts_offered=out.parts,
+                )
+                return False
+            self._stats["parts_sent"] += 1
+
+    def _account(self, out: snapshot.Outgoing) -> None:
+        s = out.scan
         self._stats.update(
             runs=self._stats["runs"] + 1,
-            files_scanned=plan.files_scanned,
-            files_read=len(plan.fresh),
-            skipped=dict(plan.skipped),
-            rules=dict(rules),
-            problems=len(plan.problems),
-            last_mode=plan.mode,
-            last_error=plan.problems[0]["problem"] if plan.problems else None,
+            files_scanned=s.files_scanned,
+            files_read=s.files_read,
+            skipped=dict(s.skipped),
+            rules=dict(s.fired),
+            problems=s.problems_total,
+            last_mode=out.mode,
+            last_parts=out.parts,
+            largest_part=out.largest,
+            last_error=s.first_problem,
         )
 
     def status(self) -> dict[str, Any]:
@@ -137,8 +178,17 @@ class SnapshotCollector:
         return dict(self._stats)
 
     async def aclose(self) -> None:
-        """Close the state database."""
+        """Close the state database and the worker thread."""
         async with self._lock:
             if self._store is not None:
-                self._store.close()
+                await self._run(self._store.close)
                 self._store = None
+        self._worker.shutdown(wait=False)
+
+
+def _close(bodies: Iterator[dict[str, Any]], store: snapshot.Store) -> None:
+    """Give up the parts not taken and free the scan table (in the worker thread)."""
+    close = getattr(bodies, "close", None)
+    if close is not None:
+        close()
+    store.end_scan()

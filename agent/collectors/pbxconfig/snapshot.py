@@ -1,9 +1,18 @@
-"""Snapshots: the manifest, what changed since the last delivered one, and the bodies to send.
+"""Snapshots: the manifest, what changed since the last delivered one, and the parts to send.
 
-A snapshot is a manifest (path, size, mode, digest of the *redacted* content)
-plus the redacted content of the files that changed since the last snapshot the
-gate accepted, compressed. An unchanged tree sends nothing. A full snapshot is
-sent on the NOC's ``collect`` command, on the weekly schedule, and the first time.
+A snapshot is a manifest (path, size, mode and digest of the *redacted*
+content of every file under the roots, and why any other path was not read)
+plus the redacted content of the files that changed since the last snapshot
+the gate accepted. An unchanged tree sends nothing. A full snapshot is sent on
+the NOC's ``collect`` command, on the weekly schedule, and the first time. Its
+wire form, parts of at most 256 KiB, is :mod:`.parts`.
+
+A tree of any size is snapshotted in bounded memory: nothing per file is kept
+in Python between one file and the next. A scan writes one row per path to a
+``scan`` table in SQLite's temporary store (pages spill to a temporary file, no
+fsync, gone with the connection), resolves includes with indexed look-ups in
+it, then streams it in path order, joined with what was last sent, into the
+parts, which the collector offers to the gate one at a time.
 
 State lives in one SQLite file in the state directory:
 
@@ -14,13 +23,15 @@ State lives in one SQLite file in the state directory:
   --diff`` compares against it);
 - ``meta``: the last snapshot's id and times.
 
+Manifest entries are stored in their canonical JSON (:func:`.parts.canonical`),
+so that "changed since sent" and the manifest digest are text comparisons.
+
 The fingerprint key for redaction markers is 32 random bytes in its own file
 (mode 0600), created on first use, never logged and never sent.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
@@ -30,7 +41,7 @@ import secrets
 import sqlite3
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -38,21 +49,31 @@ from typing import Any
 
 from agent.collectors.pbxconfig import filters
 from agent.collectors.pbxconfig.asterisk_conf import directives
+from agent.collectors.pbxconfig.parts import SCHEMA, Packer, canonical, decode_content
 from agent.collectors.pbxconfig.settings import SnapshotSettings
-from agent.collectors.pbxconfig.sources import Candidate, PathPolicy, Skipped, walk
+from agent.collectors.pbxconfig.sources import (
+    Candidate,
+    PathPolicy,
+    Skipped,
+    glob_regex,
+    iter_walk,
+)
 from agent.errors import StateError
 from agent.policy.redact import find_secret_material
 from agent.store import transaction
 
-SCHEMA = "pbx-config-snapshot/1"
+__all__ = ["SCHEMA", "Outgoing", "Scan", "Store", "decode_content", "scan"]
+
 STATE_DB = "config-snapshot.sqlite"
 KEY_FILE = "config-fingerprint.key"
-#: Base64 content per part; with the manifest the body stays under ~4 MiB.
-MAX_PART_CONTENT = 3 * 1024 * 1024
-#: The manifest travels in part 1 only; beyond this it is split over parts too.
-MAX_PART_MANIFEST = 512 * 1024
-_CHUNK_RAW = 8 * 1024 * 1024
+#: Rows written to SQLite at once while a tree is walked.
+BATCH = 512
+#: The summary lists problems up to this many bytes of JSON, then counts the rest.
+MAX_PROBLEM_BYTES = 64 * 1024
+#: An entry lists its include directives up to this many bytes of JSON, then counts the rest.
+MAX_NOTES_BYTES = 32 * 1024
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_ENTRY_FORMAT = "canonical-1"
 
 
 # -- the fingerprint key -----------------------------------------------------------
@@ -112,16 +133,36 @@ def key_id(key: bytes) -> str:
 
 # -- the state store ----------------------------------------------------------------
 
+_SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cache (
+    path TEXT PRIMARY KEY, stamp TEXT NOT NULL, key_id TEXT NOT NULL,
+    entry TEXT NOT NULL, fired TEXT NOT NULL, includes TEXT NOT NULL,
+    content BLOB);
+CREATE TABLE IF NOT EXISTS sent (
+    path TEXT PRIMARY KEY, entry TEXT NOT NULL, content BLOB);
+"""
+
+#: One row per path met by the scan in progress (the manifest, before it is sent).
+#: ``content`` holds fresh text only for a read-only store (``agentctl snapshot``),
+#: which cannot write it to the cache; ``cand`` marks files the cache keeps results for.
+_SCAN_SQL = """
+CREATE TEMP TABLE IF NOT EXISTS scan (
+    path TEXT PRIMARY KEY, entry TEXT NOT NULL, status TEXT NOT NULL, reason TEXT,
+    real TEXT, includes TEXT, target TEXT, content BLOB, cand INTEGER NOT NULL);
+CREATE TEMP TABLE IF NOT EXISTS notes (path TEXT PRIMARY KEY, entry TEXT NOT NULL);
+"""
+
 
 @dataclass(slots=True)
 class CacheRow:
-    """What the last scan learnt about one file."""
+    """What the last scan learnt about one file, as stored (JSON texts)."""
 
-    stamp: tuple[int, ...]
+    stamp: str
     key_id: str
-    entry: dict[str, Any]
-    fired: dict[str, int]
-    includes: list[list[Any]]
+    entry: str
+    fired: str
+    includes: str
 
 
 class Store:
@@ -130,18 +171,22 @@ class Store:
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
-        self._db: sqlite3.Connection | None = None
-        # Kept in memory between runs of one collector: a rescan reads no state.
-        self._cache: dict[str, CacheRow] | None = None
-        self._sent: dict[str, dict[str, Any]] | None = None
-        # Entry texts parsed by cache(), kept until sent() runs: most sent entries
-        # are the same text, so they need not be parsed twice.
-        self._entry_texts: dict[str, tuple[str, dict[str, Any]]] = {}
+        # Entries written before they were canonical are made so on the fly (read-only
+        # use) or once, when the file is next opened for writing.
+        self.canonical = True
         try:
             if readonly:
                 if path.exists():
                     uri = f"file:{path}?mode=ro"
-                    self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+                    self._db = sqlite3.connect(
+                        uri, uri=True, check_same_thread=False, isolation_level=None
+                    )
+                else:  # nothing yet: the same empty tables, in memory
+                    self._db = sqlite3.connect(
+                        ":memory:", check_same_thread=False, isolation_level=None
+                    )
+                    self._db.executescript(_SCHEMA_SQL)
+                self.canonical = self.meta().get("entry_format") == _ENTRY_FORMAT
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -149,114 +194,68 @@ class Store:
                 # No fsync per commit: a commit lost to a power cut only means a
                 # file is read again or a snapshot is sent again, never a skip.
                 self._db.execute("PRAGMA synchronous=NORMAL")
-                self._db.executescript(
-                    """
-                    CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
-                    CREATE TABLE IF NOT EXISTS cache (
-                        path TEXT PRIMARY KEY, stamp TEXT NOT NULL, key_id TEXT NOT NULL,
-                        entry TEXT NOT NULL, fired TEXT NOT NULL, includes TEXT NOT NULL,
-                        content BLOB);
-                    CREATE TABLE IF NOT EXISTS sent (
-                        path TEXT PRIMARY KEY, entry TEXT NOT NULL, content BLOB);
-                    """
-                )
+                self._db.executescript(_SCHEMA_SQL)
                 os.chmod(path, 0o600)
+                if self.meta().get("entry_format") != _ENTRY_FORMAT:
+                    self._make_canonical()
+            self._db.executescript(_SCAN_SQL)
         except sqlite3.Error as exc:
             raise StateError(f"{path}: cannot open the snapshot state: {exc}") from exc
 
     def close(self) -> None:
         """Close the database."""
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        self._db.close()
 
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        if self._db is None:
-            return []
         try:
             return self._db.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise StateError(f"{self.path}: cannot read the snapshot state: {exc}") from exc
 
+    def _iter(self, sql: str, args: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
+        try:
+            yield from self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: cannot read the snapshot state: {exc}") from exc
+
+    def _damaged(self, table: str) -> StateError:
+        # Only a damaged file gets here (each column was written by json.dumps).
+        return StateError(
+            f"{self.path}: the {table} table of the snapshot state is damaged; "
+            "remove the file to start again with a full snapshot"
+        )
+
+    def _make_canonical(self) -> None:
+        with self._tx() as db:
+            for table in ("cache", "sent"):
+                rows = db.execute(f"SELECT path, entry FROM {table}").fetchall()  # noqa: S608
+                try:
+                    fixed = [(canonical(json.loads(e)), p) for p, e in rows]
+                except ValueError:
+                    raise self._damaged(table) from None
+                # S608: the table name is one of two constants; values are bound.
+                db.executemany(f"UPDATE {table} SET entry = ? WHERE path = ?", fixed)  # noqa: S608
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('entry_format', ?)", (_ENTRY_FORMAT,))
+
     def meta(self) -> dict[str, str]:
         """The last delivered snapshot's id and times."""
         return {k: v for k, v in self._rows("SELECT k, v FROM meta")}
 
-    def cache(self) -> dict[str, CacheRow]:
-        """Every cached file result (content left in the database)."""
-        if self._cache is not None:
-            return self._cache
-        rows = self._rows("SELECT path, stamp, key_id, entry, fired, includes FROM cache")
-        # The first scan after a restart reads every row: one json.loads over the
-        # joined columns takes a third of the time of four json.loads per row.
-        doc = ",".join(f"[{st},{entry},{fired},{inc}]" for _, st, _, entry, fired, inc in rows)
-        out: dict[str, CacheRow] = {}
-        for (path, _, kid, text, _, _), (stamp, entry, fired, includes) in zip(
-            rows, self._load_json_list(f"[{doc}]", len(rows), "cache", width=4), strict=True
-        ):
-            out[path] = CacheRow(tuple(stamp), kid, entry, fired, includes)
-            self._entry_texts[path] = (text, entry)
-        if not self.readonly:
-            self._cache = out
-        return out
+    def cache_reader(self) -> _CacheReader:
+        """The cache read in path order, a page at a time, for a walk in path order."""
+        return _CacheReader(self)
 
-    def _load_json_list(self, doc: str, count: int, table: str, *, width: int = 0) -> list[Any]:
-        """``doc`` parsed: a list of ``count`` items (each a list of ``width``), one per row."""
-        try:
-            items = json.loads(doc)
-        except ValueError:
-            items = None
-        if (
-            not isinstance(items, list)
-            or len(items) != count
-            or (width and not all(isinstance(i, list) and len(i) == width for i in items))
-        ):
-            # Only a damaged file gets here (each column was written by json.dumps).
-            raise StateError(
-                f"{self.path}: the {table} table of the snapshot state is damaged; "
-                "remove the file to start again with a full snapshot"
-            )
-        return items
+    def cache_row(self, path: str) -> CacheRow | None:
+        """What the cache holds for ``path``."""
+        rows = self._rows(
+            "SELECT stamp, key_id, entry, fired, includes FROM cache WHERE path = ?", (path,)
+        )
+        return CacheRow(*rows[0]) if rows else None
 
     def cached_text(self, path: str) -> str | None:
         """The redacted content cached for ``path``."""
         rows = self._rows("SELECT content FROM cache WHERE path = ?", (path,))
         return _unpack(rows[0][0]) if rows and rows[0][0] is not None else None
-
-    def cached_texts(self, paths: Sequence[str]) -> dict[str, str]:
-        """The redacted content cached for each of ``paths`` that has some (few queries)."""
-        out: dict[str, str] = {}
-        step = 500  # well under SQLite's limit on bound parameters
-        for i in range(0, len(paths), step):
-            chunk = paths[i : i + step]
-            marks = ",".join("?" * len(chunk))
-            # S608: only "?" placeholders are formatted into the query; paths are bound.
-            query = f"SELECT path, content FROM cache WHERE path IN ({marks})"  # noqa: S608
-            for path, blob in self._rows(query, chunk):
-                if blob is not None:
-                    out[path] = _unpack(blob)
-        return out
-
-    def sent(self) -> dict[str, dict[str, Any]]:
-        """The manifest of the last delivered snapshot."""
-        if self._sent is not None:
-            return self._sent
-        rows = self._rows("SELECT path, entry FROM sent")
-        known, self._entry_texts = self._entry_texts, {}
-        sent: dict[str, dict[str, Any]] = {}
-        todo: list[tuple[str, str]] = []
-        for path, text in rows:
-            hit = known.get(path)
-            if hit is not None and hit[0] == text:
-                sent[path] = hit[1]  # the cache's dict: neither is ever changed in place
-            else:
-                todo.append((path, text))
-        doc = "[" + ",".join(text for _, text in todo) + "]"
-        entries = self._load_json_list(doc, len(todo), "sent")
-        sent.update((path, entry) for (path, _), entry in zip(todo, entries, strict=True))
-        if not self.readonly:
-            self._sent = sent
-        return sent
 
     def sent_text(self, path: str) -> str | None:
         """The redacted content of ``path`` as last delivered."""
@@ -265,63 +264,215 @@ class Store:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        if self._db is None or self.readonly:
+        if self.readonly:
             raise StateError(f"{self.path}: the snapshot state is open read-only")
         with transaction(self._db, f"{self.path}: cannot write the snapshot state") as db:
             yield db
 
-    def save_cache(self, plan: Plan) -> None:
-        """Remember this scan's results so the next one reads only what changed."""
-        gone = [(p,) for p in plan.cache_paths - plan.results.keys()]
-        if not plan.fresh and not gone:
-            return  # nothing read, nothing gone: no write transaction at all
-        with self._tx() as db:
-            db.executemany(
-                "INSERT OR REPLACE INTO cache VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        r.path,
-                        json.dumps(r.stamp),
-                        plan.key_id,
-                        json.dumps(r.entry),
-                        json.dumps(r.fired),
-                        json.dumps(r.includes),
-                        _pack(r.text) if r.text is not None else None,
-                    )
-                    for r in plan.fresh.values()
-                ],
-            )
-            db.executemany("DELETE FROM cache WHERE path = ?", gone)
-        if self._cache is not None:
-            for r in plan.fresh.values():
-                self._cache[r.path] = CacheRow(r.stamp, plan.key_id, r.entry, r.fired, r.includes)
-            for (p,) in gone:
-                self._cache.pop(p, None)
+    # -- the scan table ----------------------------------------------------------------
 
-    def commit_sent(self, plan: Plan, *, now: float) -> None:
-        """The gate accepted every part of ``plan``: it is now the last snapshot sent."""
-        with self._tx() as db:
-            if plan.mode == "full":
-                db.execute("DELETE FROM sent")
-            else:
-                db.executemany("DELETE FROM sent WHERE path = ?", [(p,) for p in plan.removed])
-            db.executemany(
-                "INSERT OR REPLACE INTO sent (path, entry, content) VALUES "
-                "(?, ?, (SELECT content FROM cache WHERE path = ?))",
-                [(p, json.dumps(plan.manifest[p]), p) for p in plan.changed],
+    def begin_scan(self) -> None:
+        """Forget the rows of any earlier scan."""
+        try:
+            self._db.execute("DROP INDEX IF EXISTS temp.scan_real")
+            self._db.execute("DELETE FROM temp.scan")
+            self._db.execute("DELETE FROM temp.notes")
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: cannot prepare a scan: {exc}") from exc
+
+    end_scan = begin_scan  # frees the temporary store once the parts are sent or given up
+
+    def write(self, scan_rows: list[tuple[Any, ...]], cache_rows: list[tuple[Any, ...]]) -> None:
+        """Add scan rows (and, writable, the cache rows of files read this time)."""
+        try:
+            if cache_rows and not self.readonly:
+                with self._tx() as db:
+                    db.executemany(
+                        "INSERT OR REPLACE INTO cache VALUES (?, ?, ?, ?, ?, ?, ?)", cache_rows
+                    )
+                    db.executemany(
+                        "INSERT OR IGNORE INTO temp.scan VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        scan_rows,
+                    )
+                return
+            # Only the temporary store changes: a deferred transaction never locks the file.
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO temp.scan VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", scan_rows
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: cannot record the scan: {exc}") from exc
+
+    def drop_gone(self) -> None:
+        """Forget cached results of files this scan did not find (no write if there are none)."""
+        if self.readonly:
+            return
+        gone = "SELECT path FROM cache WHERE path NOT IN (SELECT path FROM temp.scan WHERE cand)"
+        if self._rows(f"SELECT EXISTS ({gone})")[0][0]:
+            with self._tx() as db:
+                db.execute(f"DELETE FROM cache WHERE path IN ({gone})")  # noqa: S608
+
+    def with_includes(self) -> Iterator[tuple[str, str, str]]:
+        """(path, entry, includes) of every file that has include directives."""
+        return self._iter(
+            "SELECT path, entry, includes FROM temp.scan WHERE includes IS NOT NULL ORDER BY path"
+        )
+
+    def index_real(self) -> None:
+        """Index the scan by real location (only needed when there are includes)."""
+        self._db.execute("CREATE INDEX IF NOT EXISTS temp.scan_real ON scan (real)")
+
+    def scanned(self, path: str) -> tuple[str, str | None, str | None] | None:
+        """(status, reason, link target) of ``path`` in this scan."""
+        rows = self._rows("SELECT status, reason, target FROM temp.scan WHERE path = ?", (path,))
+        return rows[0] if rows else None
+
+    def ok_at(self, real: str) -> str | None:
+        """The path under which a file sent in this scan has its real location ``real``."""
+        rows = self._rows(
+            "SELECT path FROM temp.scan WHERE real = ? AND status = 'ok' LIMIT 1", (real,)
+        )
+        return str(rows[0][0]) if rows else None
+
+    def scanned_under(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(path, status) of every path of this scan that starts with ``prefix``."""
+        return self._iter(
+            "SELECT path, status FROM temp.scan WHERE path >= ? AND path < ? ORDER BY path",
+            (prefix, prefix + "\U0010ffff"),
+        )
+
+    def note(self, path: str, entry: str) -> None:
+        """Replace ``path``'s entry (with its include notes) once the includes are resolved."""
+        self._db.execute("INSERT OR REPLACE INTO temp.notes VALUES (?, ?)", (path, entry))
+
+    def apply_notes(self) -> None:
+        """Move the noted entries into the scan."""
+        self._db.execute(
+            "UPDATE temp.scan SET entry = (SELECT entry FROM temp.notes n WHERE n.path = scan.path)"
+            " WHERE path IN (SELECT path FROM temp.notes)"
+        )
+        self._db.execute("DELETE FROM temp.notes")
+
+    def against_sent(
+        self, *, full: bool
+    ) -> Iterator[tuple[str, str, str, str | None, bytes | None]]:
+        """(path, entry, status, entry last sent, packed content) of every path scanned,
+        in path order. The content comes along for a full snapshot only (a delta
+        reads it with :meth:`content` for the few files that changed)."""
+        if full:
+            return self._iter(
+                "SELECT s.path, s.entry, s.status, t.entry,"
+                " CASE WHEN s.status = 'ok' THEN COALESCE(s.content, c.content) END"
+                " FROM temp.scan s LEFT JOIN sent t ON t.path = s.path"
+                " LEFT JOIN cache c ON c.path = s.path ORDER BY s.path"
             )
-            meta = {"snapshot_id": plan.snapshot_id, "sent_at": str(now), "mode": plan.mode}
-            if plan.mode == "full":
+        return self._iter(
+            "SELECT s.path, s.entry, s.status, t.entry, NULL FROM temp.scan s"
+            " LEFT JOIN sent t ON t.path = s.path ORDER BY s.path"
+        )
+
+    def any_gone_since_sent(self) -> bool:
+        """Whether a path of the last snapshot sent is missing from this scan."""
+        query = "SELECT EXISTS (SELECT 1 FROM sent WHERE path NOT IN (SELECT path FROM temp.scan))"
+        return bool(self._rows(query)[0][0])
+
+    def gone_since_sent(self) -> Iterator[str]:
+        """Paths of the last snapshot sent that this scan did not find, in path order."""
+        for (path,) in self._iter(
+            "SELECT path FROM sent WHERE path NOT IN (SELECT path FROM temp.scan) ORDER BY path"
+        ):
+            yield str(path)
+
+    def content(self, path: str, packed: bytes | None = None) -> str:
+        """The redacted text of a file this scan found sendable (``packed``: already read)."""
+        blob = packed
+        if blob is None:
+            rows = self._rows(
+                "SELECT COALESCE(s.content, c.content) FROM temp.scan s"
+                " LEFT JOIN cache c ON c.path = s.path WHERE s.path = ?",
+                (path,),
+            )
+            blob = rows[0][0] if rows else None
+        if blob is None:  # the cache lost it: never send a digest without its content
+            raise StateError(
+                f"{self.path}: cached content of {path} is missing; "
+                "remove the file to rescan from scratch"
+            )
+        return _unpack(blob)
+
+    def commit_sent(self, mode: str, snapshot_id: str, *, now: float, differs: bool) -> None:
+        """The gate accepted every part: this scan is now the last snapshot sent.
+
+        ``differs``: it is not the same as the one before (a first snapshot counts);
+        ``changed_at`` then dates the configuration's last change (health reports it).
+        """
+        content = "CASE WHEN s.status = 'ok' THEN c.content END"
+        with self._tx() as db:
+            if mode == "full":
+                db.execute("DELETE FROM sent")
+                db.execute(
+                    f"INSERT INTO sent (path, entry, content) SELECT s.path, s.entry, {content}"  # noqa: S608
+                    " FROM temp.scan s LEFT JOIN cache c ON c.path = s.path"
+                )
+            else:
+                db.execute("DELETE FROM sent WHERE path NOT IN (SELECT path FROM temp.scan)")
+                db.execute(
+                    "INSERT OR REPLACE INTO sent (path, entry, content)"  # noqa: S608
+                    f" SELECT s.path, s.entry, {content} FROM temp.scan s"
+                    " LEFT JOIN sent t ON t.path = s.path LEFT JOIN cache c ON c.path = s.path"
+                    " WHERE t.entry IS NULL OR t.entry != s.entry"
+                )
+            meta = {"snapshot_id": snapshot_id, "sent_at": str(now), "mode": mode}
+            if mode == "full":
                 meta["full_at"] = str(now)
-            if plan.differs:
+            if differs:
                 meta["changed_at"] = str(now)
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
-        if self._sent is not None:
-            if plan.mode == "full":
-                self._sent = {}
-            for p in plan.removed:
-                self._sent.pop(p, None)
-            self._sent.update((p, plan.manifest[p]) for p in plan.changed)
+
+
+class _CacheReader:
+    """Cache rows for paths asked in increasing order (a merge with the walk).
+
+    Pages of rows are read with a key range, so no statement stays open while the
+    scan writes; a path asked out of order falls back to a look-up of its own.
+    """
+
+    PAGE = 256
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.buf: deque[tuple[Any, ...]] = deque()
+        self.after = ""
+        self.last = ""
+        self.done = False
+
+    def get(self, path: str) -> CacheRow | None:
+        """The cache row of ``path``, or None."""
+        if path < self.last:
+            return self.store.cache_row(path)
+        self.last = path
+        buf = self.buf
+        while True:
+            while buf and buf[0][0] < path:
+                buf.popleft()
+            if buf:
+                return CacheRow(*buf[0][1:]) if buf[0][0] == path else None
+            if self.done:
+                return None
+            rows = self.store._rows(
+                "SELECT path, stamp, key_id, entry, fired, includes FROM cache"
+                " WHERE path > ? ORDER BY path LIMIT ?",
+                (self.after, self.PAGE),
+            )
+            self.done = len(rows) < self.PAGE
+            if rows:
+                self.after = rows[-1][0]
+                buf.extend(rows)
 
 
 def _pack(text: str) -> bytes:
@@ -344,38 +495,39 @@ class FileResult:
     entry: dict[str, Any]
     fired: dict[str, int]
     includes: list[list[Any]]  # [directive, argument, line]; argument as written
-    text: str | None = None  # None: not read this time (cached) or not sendable
+    text: str | None = None  # None: not sendable
 
 
 @dataclass(slots=True)
-class Plan:
-    """What a scan found and what would be sent now."""
+class Scan:
+    """What a scan found (the manifest itself is in the store's scan table)."""
 
     snapshot_id: str
     taken_at: float
     key_id: str
     ephemeral_key: bool
-    mode: str  # full | delta | unchanged
-    base: str | None
-    manifest: dict[str, dict[str, Any]]
-    changed: list[str]  # paths whose entry (or content) is sent
-    removed: list[str]
-    results: dict[str, FileResult]
-    fresh: dict[str, FileResult]  # read this time (to cache)
-    cache_paths: set[str]
+    files_scanned: int = 0  # regular files considered (read, or taken from the cache)
+    files_read: int = 0
+    files_ok: int = 0
+    entries: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     fired: Counter[str] = field(default_factory=Counter)
-    problems: list[dict[str, Any]] = field(default_factory=list)
-    bodies: list[dict[str, Any]] = field(default_factory=list)
-    texts: dict[str, str] = field(default_factory=dict)  # redacted content sent, by path
-    #: Something differs from the last snapshot sent (a first snapshot counts): the
-    #: configuration changed, which health reports as ``pbx.config.last_change_age``.
-    differs: bool = False
+    problems: list[dict[str, Any]] = field(default_factory=list)  # the first few
+    problems_total: int = 0
+    _problem_bytes: int = 0
+
+    def problem(self, item: dict[str, Any]) -> None:
+        """Count a problem; keep it for the summary while there is room."""
+        self.problems_total += 1
+        size = len(json.dumps(item, ensure_ascii=False).encode("utf-8"))
+        if self._problem_bytes + size <= MAX_PROBLEM_BYTES:
+            self.problems.append(item)
+            self._problem_bytes += size
 
     @property
-    def files_scanned(self) -> int:
-        """How many files the scan looked at (read or taken from the cache)."""
-        return len(self.results)
+    def first_problem(self) -> str | None:
+        """The first problem's text (status shows it as the last error)."""
+        return str(self.problems[0]["problem"]) if self.problems else None
 
 
 def _process(c: Candidate, key: bytes, max_file: int) -> FileResult:
@@ -401,14 +553,6 @@ def _process(c: Candidate, key: bytes, max_file: int) -> FileResult:
     if found is not None:  # belt and braces: the filters should have dropped it
         entry = {**base, "status": "skipped", "reason": "key-material", "detail": found}
         return FileResult(c.path, c.stamp, entry, dict(red.fired), [])
-    if len(out) > MAX_PART_CONTENT and len(_b64z(out)) > MAX_PART_CONTENT:
-        entry = {
-            **base,
-            "status": "skipped",
-            "reason": "too-large-to-send",
-            "detail": "redacted content does not fit one message",
-        }
-        return FileResult(c.path, c.stamp, entry, dict(red.fired), [])
     digest = hashlib.sha256(out.encode("utf-8")).hexdigest()
     entry = {**base, "status": "ok", "kind": kind, "digest": f"sha256:{digest}"}
     if problems:
@@ -430,6 +574,31 @@ def _skipped_entry(s: Skipped) -> dict[str, Any]:
     return entry
 
 
+def _stamp_text(stamp: tuple[int, ...]) -> str:
+    return "[" + ", ".join(map(str, stamp)) + "]"  # json.dumps' spelling, at a tenth of its cost
+
+
+class _Rows:
+    """Scan and cache rows on their way to SQLite, a batch at a time."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.scan: list[tuple[Any, ...]] = []
+        self.cache: list[tuple[Any, ...]] = []
+
+    def add(self, row: tuple[Any, ...], cache_row: tuple[Any, ...] | None = None) -> None:
+        self.scan.append(row)
+        if cache_row is not None:
+            self.cache.append(cache_row)
+        if len(self.scan) >= BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.scan:
+            self.store.write(self.scan, self.cache)
+        self.scan, self.cache = [], []
+
+
 def scan(
     settings: SnapshotSettings,
     store: Store,
@@ -437,131 +606,164 @@ def scan(
     *,
     forbidden: Sequence[Path] = (),
     ephemeral_key: bool = False,
-) -> Plan:
-    """Walk the roots, redact what changed, and build the manifest (nothing is sent)."""
+) -> Scan:
+    """Walk the roots, redact what changed, and build the manifest in ``store`` (nothing sent)."""
     kid = key_id(key)
-    cache = store.cache()
     policy = PathPolicy(
         settings.roots, (*settings.never_read, *forbidden), settings.include, settings.exclude
     )
+    out = Scan(
+        snapshot_id=f"{int(time.time())}-{secrets.token_hex(4)}",
+        taken_at=time.time(),
+        key_id=kid,
+        ephemeral_key=ephemeral_key,
+    )
+    store.begin_scan()
+    hit: list[CacheRow | None] = [None]
+    cache = store.cache_reader()
 
     def want(c: Candidate) -> bool:
         # Unchanged when lstat still says what it said when the cached result was
         # made (inode, size, mtime, ctime, mode), with this key and redaction code.
         row = cache.get(c.path)
-        return row is None or row.key_id != kid or row.stamp != c.stamp
+        ok = row is not None and row.key_id == kid and row.stamp == _stamp_text(c.stamp)
+        hit[0] = row if ok else None
+        return not ok
 
-    w = walk(policy, max_file=settings.max_file, max_total=settings.max_total, want=want)
-    results: dict[str, FileResult] = {}
-    fresh: dict[str, FileResult] = {}
-    manifest: dict[str, dict[str, Any]] = {}
-    reals: dict[str, str] = {}
-    skipped: Counter[str] = Counter()
-    fired: Counter[str] = Counter()
-    for c in w.files:
-        if c.data is None:
-            row = cache[c.path]
-            # Shared with the cache, never changed: the manifest takes a copy.
-            r = FileResult(c.path, row.stamp, row.entry, row.fired, row.includes)
+    rows = _Rows(store)
+    fresh_content = store.readonly  # a read-only store keeps fresh texts in the scan table
+    for found in iter_walk(
+        policy, max_file=settings.max_file, max_total=settings.max_total, want=want
+    ):
+        if isinstance(found, Candidate):
+            out.files_scanned += 1
+            cache_row: tuple[Any, ...] | None = None
+            content: bytes | None = None
+            if found.data is None:
+                row = hit[0]
+                assert row is not None  # want() said the cache holds it
+                try:
+                    entry, fired, includes = json.loads(f"[{row.entry},{row.fired},{row.includes}]")
+                except ValueError:
+                    raise store._damaged("cache") from None
+                text = row.entry if store.canonical else canonical(entry)
+            else:
+                r = _process(found, key, settings.max_file)
+                found.data = None
+                out.files_read += 1
+                entry, fired, includes = r.entry, r.fired, r.includes
+                text = canonical(entry)
+                packed = _pack(r.text) if r.text is not None else None
+                cache_row = (
+                    found.path,
+                    _stamp_text(r.stamp),
+                    kid,
+                    text,
+                    json.dumps(fired),
+                    json.dumps(includes),
+                    packed,
+                )
+                content = packed if fresh_content else None
+            status = entry["status"]
+            if status == "ok":
+                out.files_ok += 1
+            else:
+                out.skipped[entry["reason"]] += 1
+            out.fired.update(fired)
+            for problem in entry.get("problems", ()):
+                out.problem({"path": found.path, "problem": problem})
+            rows.add(
+                (
+                    found.path,
+                    text,
+                    status,
+                    entry.get("reason"),
+                    found.real,
+                    json.dumps(includes) if includes else None,
+                    None,
+                    content,
+                    1,
+                ),
+                cache_row,
+            )
+        elif isinstance(found, Skipped):
+            out.skipped[found.reason] += 1
+            text = canonical(_skipped_entry(found))
+            rows.add((found.path, text, "skipped", found.reason, None, None, None, None, 0))
         else:
-            r = fresh[c.path] = _process(c, key, settings.max_file)
-        results[c.path] = r
-        reals[c.path] = c.real
-        manifest[c.path] = dict(r.entry)
-        if r.entry["status"] != "ok":
-            skipped[r.entry["reason"]] += 1
-        for rule, n in r.fired.items():
-            fired[rule] += n
-    for s in w.skipped:
-        manifest[s.path] = _skipped_entry(s)
-        skipped[s.reason] += 1
-    for link, target in w.links.items():
-        manifest[link] = {"path": link, "status": "link", "target": target}
-    problems = _check_includes(policy, results, manifest, w.links, reals)
-    for p, entry in manifest.items():
-        for text in entry.get("problems", ()):
-            problems.append({"path": p, "problem": text})
-    return Plan(
-        snapshot_id=f"{int(time.time())}-{secrets.token_hex(4)}",
-        taken_at=time.time(),
-        key_id=kid,
-        ephemeral_key=ephemeral_key,
-        mode="unchanged",
-        base=None,
-        manifest=dict(sorted(manifest.items())),
-        changed=[],
-        removed=[],
-        results=results,
-        fresh=fresh,
-        cache_paths=set(cache),
-        skipped=skipped,
-        fired=fired,
-        problems=problems,
-    )
+            text = canonical({"path": found.path, "status": "link", "target": found.target})
+            rows.add((found.path, text, "link", None, None, None, found.target, None, 0))
+        out.entries += 1
+    rows.flush()
+    store.drop_gone()
+    _check_includes(policy, store, out)
+    return out
 
 
-def _check_includes(
-    policy: PathPolicy,
-    results: dict[str, FileResult],
-    manifest: dict[str, dict[str, Any]],
-    links: dict[str, str],
-    reals: dict[str, str],
-) -> list[dict[str, Any]]:
-    """Resolve every include without opening anything; report refusals, misses and loops.
+def _check_includes(policy: PathPolicy, store: Store, out: Scan) -> None:
+    """Resolve every include without opening anything; note refusals, misses and loops.
 
-    ``reals`` maps each walked file to its real location as the walk found it
-    (the walk resolves folders as it descends), which spares a realpath per file.
+    Each file's notes are added to its manifest entry; the include graph is kept
+    in memory only for the files that have includes (to find loops).
     """
-    problems: list[dict[str, Any]] = []
     edges: dict[str, list[str]] = {}
-    if not any(r.includes for r in results.values()):
-        return problems
-    by_real = {reals[p]: p for p, r in results.items() if r.entry["status"] == "ok"}
-    for path, r in results.items():
-        if not r.includes:
-            continue
+    indexed = False
+    for path, entry_text, includes_text in store.with_includes():
+        if not indexed:
+            store.index_real()
+            indexed = True
         root = next(
             (str(rt) for rt in policy.roots if path == str(rt) or path.startswith(str(rt) + "/")),
             os.path.dirname(path),
         )
         base_dir = root if os.path.isdir(root) else os.path.dirname(root)
         notes: list[dict[str, Any]] = []
-        for directive, argument, line in r.includes:
+        omitted = 0
+        size = 0
+        for directive, argument, line in json.loads(includes_text):
             if directive == "exec":
-                notes.append({"directive": "exec", "line": line, "status": "recorded, not run"})
+                note: dict[str, Any] = {
+                    "directive": "exec",
+                    "line": line,
+                    "status": "recorded, not run",
+                }
+            elif directive in ("include", "tryinclude"):
+                target = argument if argument.startswith("/") else os.path.join(base_dir, argument)
+                target = os.path.normpath(target)
+                status, found = _resolve(policy, target, store)
+                note = {"directive": directive, "line": line, "target": target, "status": status}
+                edges.setdefault(path, []).extend(found)
+                if status in ("forbidden", "outside-roots"):
+                    out.problem(
+                        {
+                            "path": path,
+                            "line": line,
+                            "problem": f"#{directive} {target} refused: {status}",
+                        }
+                    )
+                elif status == "missing" and directive == "include":
+                    out.problem(
+                        {"path": path, "line": line, "problem": f"#include {target}: no such file"}
+                    )
+            else:
                 continue
-            if directive not in ("include", "tryinclude"):
+            size += len(canonical(note).encode("utf-8")) + 1
+            if size > MAX_NOTES_BYTES:
+                omitted += 1
                 continue
-            target = argument if argument.startswith("/") else os.path.join(base_dir, argument)
-            target = os.path.normpath(target)
-            status, found = _resolve(policy, target, manifest, links, by_real)
-            notes.append({"directive": directive, "line": line, "target": target, "status": status})
-            edges.setdefault(path, []).extend(found)
-            if status in ("forbidden", "outside-roots"):
-                problems.append(
-                    {
-                        "path": path,
-                        "line": line,
-                        "problem": f"#{directive} {target} refused: {status}",
-                    }
-                )
-            elif status == "missing" and directive == "include":
-                problems.append(
-                    {"path": path, "line": line, "problem": f"#include {target}: no such file"}
-                )
-        manifest[path]["includes"] = notes
+            notes.append(note)
+        entry = json.loads(entry_text)
+        entry["includes"] = notes
+        if omitted:
+            entry["includes_omitted"] = omitted
+        store.note(path, canonical(entry))
+    if indexed:
+        store.apply_notes()
     for path, cycle in _loops(edges):
-        problems.append({"path": path, "problem": "include loop: " + " -> ".join(cycle)})
-    return problems
+        out.problem({"path": path, "problem": "include loop: " + " -> ".join(cycle)})
 
 
-def _resolve(
-    policy: PathPolicy,
-    target: str,
-    manifest: dict[str, dict[str, Any]],
-    links: dict[str, str],
-    by_real: dict[str, str],
-) -> tuple[str, list[str]]:
+def _resolve(policy: PathPolicy, target: str, store: Store) -> tuple[str, list[str]]:
     magic = _GLOB_CHARS.search(target)
     prefix = target[: magic.start()] if magic else target
     prefix_dir = prefix if magic is None else (os.path.dirname(prefix) or "/")
@@ -569,30 +771,27 @@ def _resolve(
     if policy.is_forbidden(prefix_dir) or policy.is_forbidden(target):
         return "forbidden", []
     if magic is not None:
-        from agent.collectors.pbxconfig.sources import glob_regex
-
         rx = glob_regex(target)
-        hits = [p for p in manifest if rx.match(p)]
+        hits = [(p, st) for p, st in store.scanned_under(prefix) if rx.match(p)]
         if not hits:
             why = policy.check(prefix_dir)
             return (why or "missing"), []
-        ok = [p for p in hits if manifest[p]["status"] == "ok"]
+        ok = [p for p, st in hits if st == "ok"]
         return ("ok" if ok else "skipped"), ok
     why = policy.check(target)
     if why is not None:
         return why, []
-    entry = manifest.get(target)
-    if entry is None:
-        real = os.path.realpath(target)
-        if real in by_real:
-            return "ok", [by_real[real]]
-        return "missing", []
-    if entry["status"] == "link":
-        real = links.get(target, "")
-        return ("ok", [by_real[real]]) if real in by_real else ("skipped", [])
-    if entry["status"] == "ok":
+    row = store.scanned(target)
+    if row is None:
+        at = store.ok_at(os.path.realpath(target))
+        return ("ok", [at]) if at is not None else ("missing", [])
+    status, reason, link_target = row
+    if status == "link":
+        at = store.ok_at(link_target or "")
+        return ("ok", [at]) if at is not None else ("skipped", [])
+    if status == "ok":
         return "ok", [target]
-    return f"skipped: {entry.get('reason', '')}", []
+    return f"skipped: {reason or ''}", []
 
 
 def _loops(edges: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
@@ -614,134 +813,103 @@ def _loops(edges: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
     return found
 
 
-# -- deciding and packing -----------------------------------------------------------
+# -- deciding and sending -----------------------------------------------------------
 
 
-def decide(plan: Plan, store: Store, settings: SnapshotSettings, *, full: bool, now: float) -> None:
-    """Fill in ``plan.mode``, what changed since the last delivered snapshot, and the bodies."""
+@dataclass(slots=True)
+class Outgoing:
+    """A scanned snapshot on its way out: its mode, and its parts made one at a time."""
+
+    scan: Scan
+    mode: str  # full | delta; "unchanged" once a delta turned out to hold nothing
+    base: str | None
+    packer: Packer | None = None
+    #: Something differs from the last snapshot sent (a first snapshot counts): the
+    #: configuration changed, which health reports as ``pbx.config.last_change_age``.
+    differs: bool = False
+
+    @property
+    def parts(self) -> int:
+        """Parts made so far."""
+        return self.packer.parts if self.packer is not None else 0
+
+    @property
+    def files_sent(self) -> int:
+        """Files whose content the parts made so far carry."""
+        return self.packer.files_sent if self.packer is not None else 0
+
+    @property
+    def largest(self) -> int:
+        """Bytes of the largest body made so far."""
+        return self.packer.largest if self.packer is not None else 0
+
+    def bodies(self, store: Store, *, now: float) -> Iterator[dict[str, Any]]:
+        """The parts, in order, each made when the previous one has been taken.
+
+        Reads the scan table in path order joined with what was last sent; holds
+        at most one part (and one file's text) at a time. A delta with nothing in
+        it yields nothing and leaves ``mode`` as ``unchanged``.
+        """
+        full = self.mode == "full"
+        packer = self.packer = Packer(
+            snapshot_id=self.scan.snapshot_id,
+            mode=self.mode,
+            base=self.base,
+            taken_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        )
+        digest = hashlib.sha256()
+        self.differs = self.base is None
+        for path, entry, status, old, packed in store.against_sent(full=full):
+            digest.update(entry.encode("utf-8") + b"\n")
+            same = old is not None and (old == entry or _same(old, entry))
+            self.differs = self.differs or not same
+            if same and not full:
+                continue
+            packer.entry(entry)
+            if status == "ok":
+                packer.content(path, store.content(path, packed))
+            yield from packer.take()
+        if not full:
+            for path in store.gone_since_sent():
+                self.differs = True
+                packer.removed_path(path)
+                yield from packer.take()
+            if not packer.changed and not packer.removed:
+                self.mode = "unchanged"
+                return
+        elif not self.differs:
+            self.differs = store.any_gone_since_sent()
+        s = self.scan
+        packer.finish(
+            {
+                "files": s.files_ok,
+                "entries": s.entries,
+                "changed": packer.changed,
+                "removed": packer.removed,
+                "manifest_digest": f"sha256:{digest.hexdigest()}",
+                "skipped": dict(sorted(s.skipped.items())),
+                "rules": dict(sorted(s.fired.items())),
+                "problems": s.problems,
+                "problems_total": s.problems_total,
+            }
+        )
+        yield from packer.take()
+
+
+def _same(old: str, new: str) -> bool:
+    """Whether two spellings of an entry say the same (state from before canonical JSON)."""
+    try:
+        return bool(json.loads(old) == json.loads(new))
+    except ValueError:
+        return False
+
+
+def outgoing(
+    scanned: Scan, store: Store, settings: SnapshotSettings, *, full: bool, now: float
+) -> Outgoing:
+    """Full (asked for, first, or ``full_every`` passed) or a delta against the last one sent."""
     meta = store.meta()
-    sent = store.sent() if meta.get("snapshot_id") else {}
+    base = meta.get("snapshot_id")
     last_full = float(meta.get("full_at", "0"))
-    plan.base = meta.get("snapshot_id")
-    if full or plan.base is None or now - last_full >= settings.full_every:
-        plan.mode = "full"
-        plan.changed = list(plan.manifest)
-        plan.removed = []
-        plan.differs = plan.base is None or sent != plan.manifest
-    else:
-        plan.changed = [p for p, e in plan.manifest.items() if sent.get(p) != e]
-        plan.removed = sorted(set(sent) - set(plan.manifest))
-        plan.mode = "delta" if plan.changed or plan.removed else "unchanged"
-        plan.differs = plan.mode == "delta"
-    if plan.mode == "unchanged":
-        plan.bodies = []
-        return
-    texts: dict[str, str] = {}
-    wanted = [p for p in plan.changed if plan.manifest[p]["status"] == "ok"]
-    missing = [p for p in wanted if (r := plan.results.get(p)) is None or r.text is None]
-    cached = store.cached_texts(missing)
-    for p in wanted:
-        r = plan.results.get(p)
-        text = r.text if r is not None and r.text is not None else cached.get(p)
-        if text is None:  # the cache lost it: never send a digest without its content
-            raise StateError(
-                f"{store.path}: cached content of {p} is missing; "
-                "remove the file to rescan from scratch"
-            )
-        texts[p] = text
-    plan.texts = texts
-    plan.bodies = _bodies(plan, now)
-
-
-def _b64z(text: str) -> str:
-    # Deltas are small: squeeze them. Big full snapshots: favour speed (level 1).
-    raw = text.encode("utf-8")
-    level = 9 if len(raw) < 1024 * 1024 else 1
-    return base64.b64encode(zlib.compress(raw, level)).decode("ascii")
-
-
-def _pack_chunks(items: list[tuple[str, str]]) -> list[tuple[list[str], str]]:
-    """Group files into compressed blobs that each fit one part."""
-    out: list[tuple[list[str], str]] = []
-    chunk: list[tuple[str, str]] = []
-    size = 0
-
-    def flush(group: list[tuple[str, str]]) -> None:
-        if not group:
-            return
-        blob = _b64z(json.dumps(dict(group), ensure_ascii=False))
-        if len(blob) > MAX_PART_CONTENT and len(group) > 1:
-            half = len(group) // 2
-            flush(group[:half])
-            flush(group[half:])
-            return
-        out.append(([p for p, _ in group], blob))
-
-    for path, text in items:
-        if chunk and size + len(text) > _CHUNK_RAW:
-            flush(chunk)
-            chunk, size = [], 0
-        chunk.append((path, text))
-        size += len(text)
-    flush(chunk)
-    return out
-
-
-def _bodies(plan: Plan, now: float) -> list[dict[str, Any]]:
-    entries = [plan.manifest[p] for p in plan.changed]
-    manifest_parts: list[list[dict[str, Any]]] = [[]]
-    used = 0
-    for e in entries:
-        n = len(json.dumps(e))
-        if used + n > MAX_PART_MANIFEST and manifest_parts[-1]:
-            manifest_parts.append([])
-            used = 0
-        manifest_parts[-1].append(e)
-        used += n
-    chunks = _pack_chunks(sorted(plan.texts.items()))
-    count = max(len(chunks), len(manifest_parts), 1)
-    digest = hashlib.sha256(json.dumps(plan.manifest, sort_keys=True).encode()).hexdigest()
-    bodies: list[dict[str, Any]] = []
-    for i in range(count):
-        body: dict[str, Any] = {
-            "schema": SCHEMA,
-            "snapshot": plan.snapshot_id,
-            "part": i + 1,
-            "parts": count,
-            "mode": plan.mode,
-            "base": plan.base if plan.mode == "delta" else None,
-            "taken_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-        }
-        if i == 0:
-            body["summary"] = {
-                "files": sum(1 for e in plan.manifest.values() if e["status"] == "ok"),
-                "entries": len(plan.manifest),
-                "manifest_digest": f"sha256:{digest}",
-                "skipped": dict(sorted(plan.skipped.items())),
-                "rules": dict(sorted(plan.fired.items())),
-                "problems": plan.problems,
-            }
-            if plan.mode == "delta":
-                body["removed"] = plan.removed
-        if i < len(manifest_parts):
-            body["manifest"] = manifest_parts[i]
-        if i < len(chunks):
-            paths, blob = chunks[i]
-            body["content"] = {
-                "encoding": "zlib+base64",
-                "format": "json path->text",
-                "files": paths,
-                "data": blob,
-            }
-        bodies.append(body)
-    return bodies
-
-
-def decode_content(body: dict[str, Any]) -> dict[str, str]:
-    """The redacted texts a body carries (for ``--dry-run``, the NOC and tests)."""
-    content = body.get("content")
-    if not content:
-        return {}
-    raw = zlib.decompress(base64.b64decode(content["data"]))
-    texts: dict[str, str] = json.loads(raw.decode("utf-8"))
-    return texts
+    mode = "full" if full or base is None or now - last_full >= settings.full_every else "delta"
+    return Outgoing(scanned, mode, base)
