@@ -132,7 +132,7 @@ def build(data: LineMap, path: Path) -> AgentConfig:
     )
     paths = _paths(top.section("paths"))
     control = _control(top.section("control"))
-    collectors = _collectors(top.section("collectors"))
+    collectors = _collectors(top.section("collectors"), paths)
     policy = _policy(top.section("policy"))
     outbox_sec = top.section("outbox")
     outbox = OutboxConfig(
@@ -191,11 +191,21 @@ def _control(sec: Section) -> ControlConfig:
     return c
 
 
-def _collectors(sec: Section) -> CollectorsConfig:
+def _collectors(sec: Section, paths: PathsConfig) -> CollectorsConfig:
+    health = parse_health(sec.section("health"))
+    config_sec = sec.section("config")
+    callstats = parse_callstats(sec.section("callstats"))
+    # This installation's own private trees: a root must not reach them either.
+    guarded = {
+        str(paths.state_dir): "this agent's state and redaction key",
+        str(paths.runtime_dir): "this agent's control socket",
+    }
+    if callstats.enabled and callstats.csv is not None:
+        guarded[str(callstats.csv)] = "call detail records (collectors.callstats.source.csv)"
     c = CollectorsConfig(
-        health=parse_health(sec.section("health")),
-        config=parse_snapshot(sec.section("config")),
-        callstats=parse_callstats(sec.section("callstats")),
+        health=health,
+        config=parse_snapshot(config_sec, guarded=guarded),
+        callstats=callstats,
     )
     sec.finish()
     return c

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import struct
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -259,3 +260,149 @@ def test_suffix_of_is_splitext() -> None:
             assert suffix_of(name) == os.path.splitext(name)[1], name
     assert classify_name("Server.PEM") == "key-material"
     assert classify_name(".pem") is None  # a dot file named ".pem" has no suffix, as in splitext
+
+
+# -- another name for the same file: hard links, bind mounts --------------------------
+
+
+def test_hard_links_into_the_spool_and_keys_are_listed_unopened(
+    tmp_path: Path, audit: OpenAudit
+) -> None:
+    """Hard links to a voicemail and a key, under innocent names: listed, never opened.
+
+    inotify watches inodes, not names: an open through the link would show up
+    on the watched spool file itself.
+    """
+    etc, spool, keys = build(tmp_path)
+    msg = next(spool.rglob("msg0000.txt"))
+    os.link(msg, etc / "greeting.conf")
+    os.link(keys / "asterisk.key", etc / "tls_notes.conf")
+    audit.watch_tree(spool)
+    audit.watch_tree(keys)
+    bodies = collect(etc, spool, tmp_path / "state")
+    m = manifest_of(bodies)
+    for name in ("greeting.conf", "tls_notes.conf"):
+        entry = m[str(etc / name)]
+        assert entry["status"] == "skipped" and entry["reason"] == "hard-link", entry
+        assert "digest" not in entry
+    assert audit.events() == []
+    assert not [c for c in CANARIES if c in everything_sent(bodies)]
+
+
+def test_link_made_between_lstat_and_open_is_not_read(tmp_path: Path) -> None:
+    """A file that gains a second name after the walk's lstat is refused on its descriptor."""
+    from agent.collectors.pbxconfig.sources import Skipped, _read
+
+    f = tmp_path / "race.conf"
+    f.write_text("[x]\nsecret = CANARY-RACE\n")
+    st = os.stat(f, follow_symlinks=False)
+    assert st.st_nlink == 1
+    os.link(f, tmp_path / "spool-copy")  # what an attacker does in the window
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        got = _read(dfd, "race.conf", st, 1 << 20)
+    finally:
+        os.close(dfd)
+    assert isinstance(got, Skipped) and got.reason == "hard-link"
+
+
+@pytest.fixture
+def bind_mount() -> Iterator[Any]:
+    """Bind-mount a folder (root only), unmounted whatever the test does."""
+    mounted: list[Path] = []
+
+    def mount(source: Path, target: Path) -> None:
+        target.mkdir(exist_ok=True)
+        r = subprocess.run(
+            ["mount", "--bind", str(source), str(target)], capture_output=True, check=False
+        )
+        if r.returncode != 0:
+            pytest.skip(f"cannot bind-mount here: {r.stderr.decode().strip()}")
+        mounted.append(target)
+
+    yield mount
+    for target in reversed(mounted):
+        subprocess.run(["umount", str(target)], check=False)
+
+
+def test_bind_mount_of_the_spool_is_not_followed(
+    tmp_path: Path, audit: OpenAudit, bind_mount: Any
+) -> None:
+    """The spool bind-mounted inside a root, or as a root itself: refused, never opened."""
+    etc, spool, _ = build(tmp_path)
+    bind_mount(spool / "voicemail", etc / "vmbind")
+    outside = tmp_path / "looks-harmless"
+    bind_mount(spool, outside)
+    audit.watch_tree(spool)
+    bodies = collect(etc, spool, tmp_path / "state", extra_roots=(outside,))
+    m = manifest_of(bodies)
+    assert m[str(etc / "vmbind")]["reason"] == "mount-point"
+    assert m[str(outside)]["reason"] == "forbidden"
+    assert not [p for p in m if p.startswith(str(etc / "vmbind") + "/")]
+    assert audit.events() == []
+    assert not [c for c in CANARIES if c in everything_sent(bodies)]
+
+
+@pytest.mark.integration
+def test_hard_link_canary_never_reaches_the_broker(
+    tmp_path: Path, audit: OpenAudit, pki: Any, broker: Any
+) -> None:
+    """A real daemon over a root holding hard links into the spool: never opened, never sent.
+
+    The NOC subscriber reassembles every configuration snapshot it receives and
+    searches it, and the raw payloads, for the canaries.
+    """
+    from agent import control
+    from agent.collectors.pbxconfig import parts
+    from tests.support.daemon import AgentProcess, base_config, wait_for
+    from tests.support.noc import NocListener
+
+    etc, spool, keys = build(tmp_path / "pbx")
+    vm = spool / "voicemail" / "default" / "1000" / "INBOX"
+    (vm / "msg0001.wav").write_bytes(b"RIFF\0\0\0\0WAVE" + CANARIES[0].encode() * 64)
+    os.link(vm / "msg0001.wav", etc / "moh_custom.conf")
+    os.link(next(spool.rglob("msg0000.txt")), etc / "vm_notes.inc")
+    os.link(keys / "asterisk.key", etc / "http_custom.conf")
+    audit.watch_tree(spool)
+    audit.watch_tree(keys)
+    creds = pki.device("pbx-test-1")
+    cfg = base_config(tmp_path)
+    cfg["collectors"]["config"] = {
+        "interval": "1h",
+        "roots": [str(etc)],
+        "never_read": [str(spool)],
+    }
+    cfg["uplink"] = {
+        "broker": f"mqtts://localhost:{broker.port}",
+        "ca_file": str(pki.ca_file),
+        "cert_file": str(creds.cert),
+        "key_file": str(creds.key),
+    }
+    agent = AgentProcess(tmp_path, cfg)
+    try:
+        with NocListener(broker, "pbx/pbx-test-1/#") as noc:
+            agent.start()
+            wait_for(lambda: noc.envelopes("config"), timeout=30, what="a config snapshot")
+            control.request(agent.socket_path, "collect", collector="config")
+            wait_for(lambda: len(noc.envelopes("config")) >= 2, timeout=30, what="a second one")
+            wait_for(lambda: agent.status()["outbox"]["queued"] == 0, what="an empty outbox")
+            received = noc.snapshot()
+            envelopes = noc.envelopes("config")
+        status = agent.status()["collectors"]["config"]
+    finally:
+        agent.close()
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for env in envelopes:
+        by_id.setdefault(env["body"]["snapshot"], []).append(env["body"])
+    texts: dict[str, str] = {}
+    for bodies in by_id.values():
+        whole = parts.reassemble(bodies)
+        texts.update(whole.texts)
+        for name in ("moh_custom.conf", "vm_notes.inc", "http_custom.conf"):
+            entry = next(e for e in whole.entries if e["path"] == str(etc / name))
+            assert entry["reason"] == "hard-link", entry
+    assert texts, "no configuration content arrived at all"
+    wire = b"\n".join(m.payload for m in received) + json.dumps(texts).encode()
+    assert not [c for c in CANARIES if c.encode() in wire]
+    assert status["skipped"]["hard-link"] == 3
+    assert audit.events() == []

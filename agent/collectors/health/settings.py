@@ -23,6 +23,7 @@ loaded (``config check``, start, reload) and again before every login.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,12 @@ def parse_settings(sec: Section) -> HealthSettings:
     enabled = sec.bool("enabled", d.enabled)
     interval = sec.duration("interval", d.interval, min=1, max=86400)
     processes = sec.str_list("pbx_processes", list(d.pbx_processes))
+    for name in processes:
+        try:
+            re.compile(name)
+            re.compile(rf"^(?:{name})$")  # as machine.py matches it
+        except re.error as exc:
+            sec.problem("pbx_processes", f"invalid regular expression {name!r}: {exc}")
     pbx = sec.section("pbx")
     ami = _ami(pbx.section("ami")) if pbx.has("ami") else None
     pbx.raw("ami")

@@ -1,14 +1,54 @@
-"""The ``collectors.config`` section: where the PBX configuration lives and how much to read."""
+"""The ``collectors.config`` section: where the PBX configuration lives and how much to read.
+
+Roots are limited to configuration trees. A root that is, lies inside or
+contains a tree that holds something private or dangerous to copy (the whole
+machine, the kernel's trees, home directories, the spools, Asterisk's sounds
+and keys, logs and databases of call records, password hashes, SSH and TLS
+keys, this agent's own configuration and state) is a configuration error,
+reported with file, key and line: at run time such a tree would be walked
+file by file, and the walk's own refusals are the last line, not the first.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.collectors.pbxconfig.sources import ALWAYS_FORBIDDEN, glob_regex
 from agent.confreader import Section
 
 DEFAULT_ROOTS = (Path("/etc/asterisk"), Path("/etc/freepbx.conf"), Path("/etc/amportal.conf"))
 DEFAULT_EXCLUDE = ("/etc/asterisk/keys/**",)
+
+#: Trees no root may be, lie in, or contain; what each holds, for the message.
+GUARDED_TREES: Mapping[str, str] = {
+    "/proc": "the kernel's view of processes",
+    "/sys": "the kernel's view of devices",
+    "/dev": "device files",
+    "/run": "the runtime state of running services",
+    "/home": "home directories",
+    "/root": "root's home directory",
+    "/var/spool": "spools: voicemail, call recordings, mail",
+    "/var/lib/asterisk": "Asterisk's sounds, keys and database",
+    "/var/log": "logs and call detail records",
+    "/var/lib/mysql": "databases, call detail records among them",
+    "/etc/shadow": "password hashes",
+    "/etc/shadow-": "password hashes",
+    "/etc/gshadow": "group password hashes",
+    "/etc/gshadow-": "group password hashes",
+    "/etc/ssh": "SSH host keys",
+    "/etc/ssl/private": "TLS private keys",
+    "/etc/sudoers": "privilege rules",
+    "/etc/sudoers.d": "privilege rules",
+    "/etc/pbx-agent": "this agent's configuration and device key",
+    "/var/lib/pbx-agent": "this agent's state and redaction key",
+}
+#: Trees the walk never opens (key folders live inside /etc/asterisk): a root may
+#: contain them, but may not be or lie inside one.
+_NEVER_OPENED: Mapping[str, str] = {str(p): "spool or key material" for p in ALWAYS_FORBIDDEN}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,8 +68,38 @@ class SnapshotSettings:
     never_read: tuple[Path, ...] = ()
 
 
-def parse_settings(sec: Section) -> SnapshotSettings:
-    """Validate ``collectors.config``."""
+def root_problem(
+    root: Path, guarded: Mapping[str, str], never_opened: Mapping[str, str] = _NEVER_OPENED
+) -> str | None:
+    """Why ``root`` may not be a configuration root, or None.
+
+    The path is checked as written (normalised) and where it really leads, so a
+    link named like a configuration tree does not smuggle in ``/``.
+    """
+    spellings = [os.path.normpath(str(root))]
+    real = os.path.realpath(root)
+    if real not in spellings:
+        spellings.append(real)
+    for path in spellings:
+        shown = str(root) if path == spellings[0] else f"{root} (really {path})"
+        if path == "/":
+            return f"{shown} is the whole machine; list configuration trees such as /etc/asterisk"
+        for tree, what in {**guarded, **never_opened}.items():
+            if path == tree:
+                return f"{shown} holds {what}: it is never a configuration root"
+            if path.startswith(tree + "/"):
+                return f"{shown} lies inside {tree} ({what}): it is never a configuration root"
+            if tree in guarded and tree.startswith(path + "/"):
+                return (
+                    f"{shown} contains {tree} ({what}); list the configuration trees "
+                    "themselves, such as /etc/asterisk"
+                )
+    return None
+
+
+def parse_settings(sec: Section, *, guarded: Mapping[str, str] | None = None) -> SnapshotSettings:
+    """Validate ``collectors.config``; ``guarded`` adds trees of this installation
+    (state and runtime folders, the CDR file) to :data:`GUARDED_TREES`."""
     d = SnapshotSettings()
     s = SnapshotSettings(
         enabled=sec.bool("enabled", d.enabled),
@@ -42,5 +112,17 @@ def parse_settings(sec: Section) -> SnapshotSettings:
         max_total=sec.size("max_total", d.max_total, min=64 * 1024, max=1024**3),
         never_read=sec.path_list("never_read", []),
     )
+    trees = {**GUARDED_TREES, **(guarded or {})}
+    for root in s.roots:
+        if root.is_absolute():
+            why = root_problem(root, trees)
+            if why is not None:
+                sec.problem("roots", why)
+    for key in ("include", "exclude"):
+        for pattern in getattr(s, key):
+            try:
+                glob_regex(pattern)
+            except re.error as exc:
+                sec.problem(key, f"invalid glob {pattern!r}: {exc}")
     sec.finish()
     return s
