@@ -16,14 +16,14 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
 from agent import __version__, control, switch
 from agent.collectors.base import Collector, Record
 from agent.config import AgentConfig, load
-from agent.errors import EX_OK, AgentError, ConfigError, PolicyError
+from agent.errors import EX_OK, AgentError, CollectorError, ConfigError, PolicyError
 from agent.ledger import Ledger
 from agent.outbox import Outbox
 from agent.policy.gate import Gate
@@ -31,6 +31,9 @@ from agent.sdnotify import Notifier
 from agent.stacks import task_stacks, thread_stacks
 from agent.store import open_db
 from agent.supervisor import Supervisor, cancel_and_wait
+
+if TYPE_CHECKING:
+    from agent.collectors.factory import CollectorSpec
 
 log = structlog.get_logger(__name__)
 
@@ -59,17 +62,31 @@ class Uplink(Protocol):
 
 
 class CollectorRun:
-    """Schedules one collector and remembers how its runs went."""
+    """Makes one collector, schedules it, and remembers how its runs went.
 
-    def __init__(self, collector: Collector, emit: Callable[[Record], bool]) -> None:
-        self.collector = collector
+    The collector is made inside :meth:`loop`, which the supervisor runs: one that
+    cannot be made (a state file of a newer format, an unreadable source) fails
+    that task alone, is logged and shown in status with its reason, and is tried
+    again after the supervisor's backoff, while everything else runs on.
+    """
+
+    def __init__(self, spec: CollectorSpec, emit: Callable[[Record], bool]) -> None:
+        self.spec = spec
+        self.collector: Collector | None = None
         self.emit = emit
         self.trigger = asyncio.Event()
         self.last_run: float | None = None
         self.last_ok: float | None = None
         self.last_error: str | None = None
+        self.start_error: str | None = None
+        self.start_attempts = 0
         self.records = 0
         self.refused = 0
+
+    @property
+    def name(self) -> str:
+        """The collector's name (known before it is made)."""
+        return self.spec.name
 
     def _emit(self, record: Record) -> bool:
         ok = self.emit(record)
@@ -79,32 +96,55 @@ class CollectorRun:
             self.refused += 1
         return ok
 
-    async def once(self, reason: str) -> None:
+    async def start(self) -> Collector:
+        """Make the collector (in a thread: opening its state may take a while)."""
+        self.start_attempts += 1
+        try:
+            collector = await asyncio.to_thread(self.spec.make)
+        except (AgentError, OSError) as exc:
+            reason = str(exc) if isinstance(exc, AgentError) else f"{exc.filename}: {exc.strerror}"
+            self.start_error = reason
+            log.error(
+                "collector_start_failed",
+                collector=self.name,
+                error=reason,
+                attempt=self.start_attempts,
+            )
+            raise CollectorError(f"collector {self.name} cannot start: {reason}") from exc
+        if self.start_error is not None:
+            log.info("collector_started", collector=self.name, attempts=self.start_attempts)
+        self.start_error = None
+        self.collector = collector
+        return collector
+
+    async def once(self, collector: Collector, reason: str) -> None:
         """Run the collector once, bounded in time."""
         self.last_run = time.time()
         try:
-            async with asyncio.timeout(max(self.collector.interval, 60.0)):
-                await self.collector.collect(self._emit, reason=reason)
+            async with asyncio.timeout(max(collector.interval, 60.0)):
+                await collector.collect(self._emit, reason=reason)
         except AgentError as exc:
             self.last_error = str(exc)
-            log.warning("collector_failed", collector=self.collector.name, error=str(exc))
+            log.warning("collector_failed", collector=self.name, error=str(exc))
             return
         except TimeoutError:
             self.last_error = "timed out"
-            log.warning("collector_timed_out", collector=self.collector.name)
+            log.warning("collector_timed_out", collector=self.name)
             return
         self.last_ok = time.time()
         self.last_error = None
 
     async def loop(self) -> None:
-        """Run at each interval, or at once when triggered (NOC ``collect``)."""
-        reason = "schedule"
+        """Make the collector if need be, then run it at each interval, or at once when
+        triggered (NOC ``collect``)."""
+        collector = self.collector or await self.start()
+        reason = "command" if self.trigger.is_set() else "schedule"
         while True:
-            await self.once(reason)
+            await self.once(collector, reason)
             self.trigger.clear()
             reason = "schedule"
             try:
-                async with asyncio.timeout(self.collector.interval):
+                async with asyncio.timeout(collector.interval):
                     await self.trigger.wait()
                     reason = "command"
             except TimeoutError:
@@ -112,15 +152,20 @@ class CollectorRun:
 
     def status(self) -> dict[str, Any]:
         """What ``agentctl status`` shows for this collector."""
-        return {
-            "interval": self.collector.interval,
+        out: dict[str, Any] = {
+            "interval": self.spec.interval,
+            "started": self.collector is not None,
+            "start_error": self.start_error,
+            "start_attempts": self.start_attempts,
             "last_run": self.last_run,
             "last_ok": self.last_ok,
             "last_error": self.last_error,
             "records": self.records,
             "refused": self.refused,
-            **self.collector.status(),
         }
+        if self.collector is not None:
+            out.update(self.collector.status())
+        return out
 
 
 class Daemon:
@@ -195,14 +240,18 @@ class Daemon:
             "outbox": self.outbox.stats(),
             "gate": self.gate.stats(),
             "switch": self.switch.word,
-            "collector_errors": {n: r.last_error for n, r in self.runs.items() if r.last_error},
+            "collector_errors": {
+                n: r.start_error or r.last_error
+                for n, r in self.runs.items()
+                if r.start_error or r.last_error
+            },
         }
 
-    def build_collectors(self, config: AgentConfig) -> list[Collector]:
-        """The enabled collectors for ``config``."""
+    def collector_specs(self, config: AgentConfig) -> list[CollectorSpec]:
+        """The enabled collectors for ``config``, not made yet."""
         from agent.collectors import factory
 
-        return factory.build(config, self.agent_stats)
+        return factory.specs(config, self.agent_stats)
 
     def build_uplink(self, config: AgentConfig) -> Uplink | None:
         """The uplink session, or None when the configuration has no uplink."""
@@ -327,15 +376,17 @@ class Daemon:
 
     async def _close_collectors(self) -> None:
         for run in self.runs.values():
+            if run.collector is None:
+                continue
             try:
                 async with asyncio.timeout(1):
                     await run.collector.aclose()
             except (TimeoutError, AgentError, OSError) as exc:
-                log.warning("collector_close_failed", collector=run.collector.name, error=str(exc))
+                log.warning("collector_close_failed", collector=run.name, error=str(exc))
         self.runs.clear()
 
     async def _run_workers(self, config: AgentConfig) -> None:
-        self.runs = {c.name: CollectorRun(c, self.emit) for c in self.build_collectors(config)}
+        self.runs = {s.name: CollectorRun(s, self.emit) for s in self.collector_specs(config)}
         self.uplink = self.build_uplink(config)
         components: dict[str, Callable[[], Awaitable[None]]] = {
             f"collector:{name}": run.loop for name, run in self.runs.items()

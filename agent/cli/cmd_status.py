@@ -69,7 +69,12 @@ def print_status(s: dict[str, Any]) -> None:
     out.write(f"policy: sends {', '.join(s['policy']['effective']) or 'nothing'}\n")
     out.write("collectors:\n")
     for name, c in s["collectors"].items():
-        state = "error: " + c["last_error"] if c.get("last_error") else f"ok {ago(c['last_ok'])}"
+        if c.get("start_error"):
+            state = f"cannot start (attempt {c['start_attempts']}): {c['start_error']}"
+        elif c.get("last_error"):
+            state = "error: " + c["last_error"]
+        else:
+            state = f"ok {ago(c['last_ok'])}"
         out.write(
             f"  {name:<10} every {span(c['interval']):<6} {state}; "
             f"{c['records']} sent to outbox, {c['refused']} refused\n"
