@@ -537,5 +537,22 @@ def run(config_path: Path, log_level: str | None = None) -> int:
     # A stuck event loop stops the watchdog pings, and systemd then sends SIGABRT:
     # every thread's stack goes to stderr (the journal) as the process dies.
     faulthandler.enable(all_threads=True)
+    _preflight(config)
     daemon = Daemon(config)
     return asyncio.run(daemon.run())
+
+
+def _preflight(config: AgentConfig) -> None:
+    """What config check checks, for this process: a runtime folder it cannot make stops it
+    (StateError, exit 73); a TLS problem is an error event, and the daemon runs on."""
+    from agent import preflight
+
+    try:
+        preflight.ensure_runtime_dir(config.paths.runtime_dir)
+    except AgentError as exc:
+        log.error("runtime_dir_unusable", path=str(config.paths.runtime_dir), error=str(exc))
+        raise
+    for problem in preflight.check(config, user=preflight.ServiceUser.current()):
+        log.error(
+            "preflight_problem", setting=problem.key, line=problem.line, problem=problem.reason
+        )

@@ -1,4 +1,10 @@
-"""``agentctl config check [FILE]``: validate a configuration and print what takes effect."""
+"""``agentctl config check [FILE]``: validate a configuration and print what takes effect.
+
+Besides the file itself (:func:`agent.config.load`), the check runs what would
+fail only at run time (:func:`agent.preflight.check`: the uplink's TLS files,
+judged for the user the service runs as); ``--syntax-only`` skips that part,
+e.g. to check a file meant for another box.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "file", nargs="?", type=Path, help="file to check (default: the -c/--config file)"
     )
     check.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    check.add_argument(
+        "--syntax-only",
+        action="store_true",
+        help="check the file alone, not the files and folders it names on this box",
+    )
+    check.add_argument(
+        "--user",
+        metavar="NAME",
+        help="judge file access for this user (default: pbx-agent where it exists, else you)",
+    )
     check.set_defaults(func=run_check)
 
 
@@ -52,6 +68,14 @@ def run_check(args: argparse.Namespace) -> int:
     path: Path = args.file or args.config
     try:
         config = load(path)
+        if not args.syntax_only:
+            from agent import preflight
+
+            user = preflight.service_user(args.user)
+            found = preflight.check(config, user=user)
+            if found:
+                print(f"(run-time checks for {user})", file=sys.stderr)
+                raise ConfigError(found)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
