@@ -535,3 +535,24 @@ def test_unchanged_rescan_writes_nothing_to_the_state(tree: Tree) -> None:
     assert tree.run(c) == [] and tree.run(c) == []
     assert stamps() == before
     assert c.status()["files_read"] == 0
+
+
+def test_state_written_before_canonical_entries_is_migrated_not_resent(tree: Tree) -> None:
+    """Entries stored by the previous version (json.dumps' default spelling): rewritten once,
+    and an unchanged tree still sends nothing."""
+    tree.run(tree.collector())
+    db = snapshot.Store(tree.state / snapshot.STATE_DB)
+    with db._tx() as conn:
+        for table in ("cache", "sent"):
+            rows = conn.execute(f"SELECT path, entry FROM {table}").fetchall()
+            conn.executemany(
+                f"UPDATE {table} SET entry = ? WHERE path = ?",
+                [(json.dumps(json.loads(e)), p) for p, e in rows],
+            )
+        conn.execute("DELETE FROM meta WHERE k = 'entry_format'")
+    db.close()
+    assert tree.run(tree.collector()) == []
+    db = snapshot.Store(tree.state / snapshot.STATE_DB, readonly=True)
+    entries = [e for (e,) in db._rows("SELECT entry FROM sent")]
+    db.close()
+    assert entries and all(e == parts.canonical(json.loads(e)) for e in entries)

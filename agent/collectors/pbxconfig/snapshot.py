@@ -226,15 +226,26 @@ class Store:
         )
 
     def _make_canonical(self) -> None:
+        # Once, on the first open by this version: a page of rows at a time, so that a
+        # state of any size is rewritten in bounded memory.
         with self._tx() as db:
             for table in ("cache", "sent"):
-                rows = db.execute(f"SELECT path, entry FROM {table}").fetchall()  # noqa: S608
-                try:
-                    fixed = [(canonical(json.loads(e)), p) for p, e in rows]
-                except ValueError:
-                    raise self._damaged(table) from None
-                # S608: the table name is one of two constants; values are bound.
-                db.executemany(f"UPDATE {table} SET entry = ? WHERE path = ?", fixed)  # noqa: S608
+                after = ""
+                while True:
+                    rows = db.execute(
+                        f"SELECT path, entry FROM {table} WHERE path > ?"  # noqa: S608
+                        " ORDER BY path LIMIT 512",
+                        (after,),
+                    ).fetchall()
+                    if not rows:
+                        break
+                    after = rows[-1][0]
+                    try:
+                        fixed = [(canonical(json.loads(e)), p) for p, e in rows]
+                    except ValueError:
+                        raise self._damaged(table) from None
+                    # S608: the table name is one of two constants; values are bound.
+                    db.executemany(f"UPDATE {table} SET entry = ? WHERE path = ?", fixed)  # noqa: S608
             db.execute("INSERT OR REPLACE INTO meta VALUES ('entry_format', ?)", (_ENTRY_FORMAT,))
 
     def meta(self) -> dict[str, str]:
