@@ -140,8 +140,10 @@ class CollectorRun:
         collector = self.collector or await self.start()
         reason = "command" if self.trigger.is_set() else "schedule"
         while True:
-            await self.once(collector, reason)
+            # Cleared before the run, not after: a collect asked for during a run gets
+            # a run of its own once this one ends, instead of being lost.
             self.trigger.clear()
+            await self.once(collector, reason)
             reason = "schedule"
             try:
                 async with asyncio.timeout(collector.interval):
