@@ -303,7 +303,7 @@ def bench_huge(files: int) -> bool:
             f"CPU {again['cpu']:.2f} s, peak RSS {again['peak'] / mib:.1f} MiB, "
             f"{len(again['sizes'])} envelopes"
         )
-        return cold["peak"] < 128 * mib and max(sizes) <= 256 * 1024
+        return bool(cold["peak"] < 128 * mib and max(sizes) <= 256 * 1024)
 
 
 def main() -> None:
