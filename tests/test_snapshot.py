@@ -450,10 +450,12 @@ def test_forced_full_after_a_restart_takes_content_from_the_cache(tree: Tree) ->
 
 
 def _age_cache_rows(tree: Tree, sql: str = "", args: tuple[Any, ...] = ()) -> None:
-    """Make the state look written by the version before REDACTION_VERSION 2."""
+    """Make the state look written by the version before REDACTION_VERSION 2 (which kept
+    no fingerprint of its last scan)."""
     db = snapshot.Store(tree.state / snapshot.STATE_DB)
     with db._tx() as conn:
         conn.execute("UPDATE cache SET key_id = substr(key_id, 1, 16)")
+        conn.execute("DELETE FROM meta WHERE k IN ('fingerprint', 'scan_summary')")
         if sql:
             conn.execute(sql, args)
     db.close()
@@ -501,8 +503,9 @@ def test_damaged_cache_is_reported_with_the_way_out(tree: Tree) -> None:
     with db._tx() as conn:
         conn.execute("UPDATE cache SET fired = '{not json' WHERE rowid = 1")
     db.close()
+    # A scheduled rescan of the unchanged tree reads no cache row; a full snapshot reads all.
     with pytest.raises(CollectorError, match=r"config-snapshot\.sqlite.*damaged.*remove the file"):
-        tree.run(tree.collector())
+        tree.run(tree.collector(), reason="command")
 
 
 def test_include_by_real_path_under_a_linked_root_resolves(tree: Tree) -> None:
@@ -556,3 +559,19 @@ def test_state_written_before_canonical_entries_is_migrated_not_resent(tree: Tre
     entries = [e for (e,) in db._rows("SELECT entry FROM sent")]
     db.close()
     assert entries and all(e == parts.canonical(json.loads(e)) for e in entries)
+
+
+def test_quick_rescan_notices_links_and_skips_not_only_files(tree: Tree) -> None:
+    """The walk's fingerprint covers links and skipped paths: adding either is a delta."""
+    c = tree.collector()
+    tree.run(c)
+    assert tree.run(c) == []  # the quick path: nothing new
+    (tree.etc / "alias.conf").symlink_to(tree.etc / "http.conf")
+    os.mkfifo(tree.etc / "events.fifo")
+    bodies = tree.run(c)
+    assert bodies and bodies[0]["mode"] == "delta"
+    got = entries_of(bodies)
+    assert got[str(tree.etc / "alias.conf")]["status"] == "link"
+    assert got[str(tree.etc / "events.fifo")]["reason"] == "not-regular"
+    assert c.status()["files_read"] == 0  # no file's content changed
+    assert tree.run(c) == []

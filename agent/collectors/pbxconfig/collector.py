@@ -89,8 +89,15 @@ class SnapshotCollector:
 
     def _prepare(self, full: bool, now: float) -> snapshot.Outgoing:
         store, key = self._open()
+        mode, base = snapshot.choose_mode(store, self.settings, full=full, now=now)
+        if mode == "delta":  # the usual hourly case: first a walk that reads nothing
+            same = snapshot.unchanged_since_sent(
+                self.settings, store, key, forbidden=self.forbidden
+            )
+            if same is not None:
+                return snapshot.Outgoing(same, "unchanged", base)
         scanned = snapshot.scan(self.settings, store, key, forbidden=self.forbidden)
-        return snapshot.outgoing(scanned, store, self.settings, full=full, now=now)
+        return snapshot.Outgoing(scanned, mode, base)
 
     async def collect(self, emit: Emit, *, reason: str) -> None:
         """Scan; offer a full snapshot on ``command``, else only what changed."""
@@ -114,13 +121,7 @@ class SnapshotCollector:
         try:
             accepted = await self._offer(emit, out, bodies)
             if accepted and out.mode != "unchanged":
-                await self._run(
-                    store.commit_sent,
-                    out.mode,
-                    out.scan.snapshot_id,
-                    now=now,
-                    differs=out.differs,
-                )
+                await self._run(store.commit_sent, out, now=now)
         finally:
             await self._run(_close, bodies, store)
         self._account(out)

@@ -26,6 +26,13 @@ State lives in one SQLite file in the state directory:
 Manifest entries are stored in their canonical JSON (:func:`.parts.canonical`),
 so that "changed since sent" and the manifest digest are text comparisons.
 
+A scheduled rescan of an unchanged tree (the common case, hourly) does less:
+the walk's findings (each path with its ``lstat`` stamp, each skip and link)
+hashed with the key and the code's version make a fingerprint, kept with the
+last snapshot sent. A rescan first walks without reading and, when the
+fingerprint is the same, the manifest is the same: unchanged, with no file
+read and no row written.
+
 The fingerprint key for redaction markers is 32 random bytes in its own file
 (mode 0600), created on first use, never logged and never sent.
 """
@@ -53,6 +60,7 @@ from agent.collectors.pbxconfig.parts import SCHEMA, Packer, canonical, decode_c
 from agent.collectors.pbxconfig.settings import SnapshotSettings
 from agent.collectors.pbxconfig.sources import (
     Candidate,
+    Link,
     PathPolicy,
     Skipped,
     glob_regex,
@@ -74,6 +82,8 @@ MAX_PROBLEM_BYTES = 64 * 1024
 MAX_NOTES_BYTES = 32 * 1024
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _ENTRY_FORMAT = "canonical-1"
+#: Part of every fingerprint: a new agent whose entries differ must not match an old one.
+_SCAN_FORMAT = f"{SCHEMA}/{_ENTRY_FORMAT}/scan-1"
 
 
 # -- the fingerprint key -----------------------------------------------------------
@@ -416,12 +426,14 @@ class Store:
             )
         return _unpack(blob)
 
-    def commit_sent(self, mode: str, snapshot_id: str, *, now: float, differs: bool) -> None:
+    def commit_sent(self, out: Outgoing, *, now: float) -> None:
         """The gate accepted every part: this scan is now the last snapshot sent.
 
-        ``differs``: it is not the same as the one before (a first snapshot counts);
-        ``changed_at`` then dates the configuration's last change (health reports it).
+        Kept with it: its fingerprint and counters (an unchanged rescan needs no
+        more), and, when it is not the same as the one before (a first snapshot
+        counts), ``changed_at``, the configuration's last change (health reports it).
         """
+        mode, snapshot_id = out.mode, out.scan.snapshot_id
         content = "CASE WHEN s.status = 'ok' THEN c.content END"
         with self._tx() as db:
             if mode == "full":
@@ -441,8 +453,10 @@ class Store:
             meta = {"snapshot_id": snapshot_id, "sent_at": str(now), "mode": mode}
             if mode == "full":
                 meta["full_at"] = str(now)
-            if differs:
+            if out.differs:
                 meta["changed_at"] = str(now)
+            meta["fingerprint"] = out.scan.fingerprint
+            meta["scan_summary"] = out.scan.summary_json()
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
 
 
@@ -525,7 +539,35 @@ class Scan:
     fired: Counter[str] = field(default_factory=Counter)
     problems: list[dict[str, Any]] = field(default_factory=list)  # the first few
     problems_total: int = 0
+    fingerprint: str = ""
     _problem_bytes: int = 0
+
+    def summary_json(self) -> str:
+        """The counters kept with the last snapshot sent (for an unchanged rescan)."""
+        return json.dumps(
+            {
+                "files_scanned": self.files_scanned,
+                "files_ok": self.files_ok,
+                "entries": self.entries,
+                "skipped": dict(self.skipped),
+                "fired": dict(self.fired),
+                "problems": self.problems,
+                "problems_total": self.problems_total,
+            }
+        )
+
+    @classmethod
+    def unchanged(cls, previous: Scan, summary: str) -> Scan:
+        """A scan that found what the last snapshot sent found (nothing read)."""
+        d = json.loads(summary)
+        previous.files_scanned = int(d["files_scanned"])
+        previous.files_ok = int(d["files_ok"])
+        previous.entries = int(d["entries"])
+        previous.skipped = Counter(d["skipped"])
+        previous.fired = Counter(d["fired"])
+        previous.problems = list(d["problems"])
+        previous.problems_total = int(d["problems_total"])
+        return previous
 
     def problem(self, item: dict[str, Any]) -> None:
         """Count a problem; keep it for the summary while there is room."""
@@ -610,6 +652,77 @@ class _Rows:
         self.scan, self.cache = [], []
 
 
+class _Fingerprint:
+    """What a walk met, hashed: the same fingerprint means the same manifest.
+
+    Candidates are taken as ``want`` sees them, before any read, so that a walk
+    that reads nothing (:func:`unchanged_since_sent`) hashes what a full scan does.
+    """
+
+    def __init__(self, kid: str) -> None:
+        self._h = hashlib.blake2b(digest_size=20)
+        self._h.update(f"{_SCAN_FORMAT}\0{kid}\n".encode())
+
+    def _add(self, text: str) -> None:
+        self._h.update(text.encode("utf-8", "surrogateescape"))
+
+    def candidate(self, c: Candidate) -> None:
+        self._add(f"c\0{c.path}\0{c.real}\0{_stamp_text(c.stamp)}\n")
+
+    def found(self, item: Skipped | Link) -> None:
+        if isinstance(item, Link):
+            self._add(f"l\0{item.path}\0{item.target}\n")
+        elif not item.after_read:
+            self._add(f"s\0{item.path}\0{item.reason}\0{item.detail}\0{item.size}\0{item.mode}\n")
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def _policy(settings: SnapshotSettings, forbidden: Sequence[Path]) -> PathPolicy:
+    return PathPolicy(
+        settings.roots, (*settings.never_read, *forbidden), settings.include, settings.exclude
+    )
+
+
+def unchanged_since_sent(
+    settings: SnapshotSettings, store: Store, key: bytes, *, forbidden: Sequence[Path] = ()
+) -> Scan | None:
+    """The last snapshot sent's counters when the tree is as it was then, else None.
+
+    Walks with ``lstat`` only: no file is read, no row written.
+    """
+    meta = store.meta()
+    stored, summary = meta.get("fingerprint"), meta.get("scan_summary")
+    if not stored or not summary:
+        return None
+    kid = key_id(key)
+    fp = _Fingerprint(kid)
+
+    def want(c: Candidate) -> bool:
+        fp.candidate(c)
+        return False
+
+    for found in iter_walk(
+        _policy(settings, forbidden),
+        max_file=settings.max_file,
+        max_total=settings.max_total,
+        want=want,
+    ):
+        if not isinstance(found, Candidate):
+            fp.found(found)
+    if fp.hexdigest() != stored:
+        return None
+    out = Scan(
+        snapshot_id=f"{int(time.time())}-{secrets.token_hex(4)}",
+        taken_at=time.time(),
+        key_id=kid,
+        ephemeral_key=False,
+        fingerprint=stored,
+    )
+    return Scan.unchanged(out, summary)
+
+
 def scan(
     settings: SnapshotSettings,
     store: Store,
@@ -620,9 +733,7 @@ def scan(
 ) -> Scan:
     """Walk the roots, redact what changed, and build the manifest in ``store`` (nothing sent)."""
     kid = key_id(key)
-    policy = PathPolicy(
-        settings.roots, (*settings.never_read, *forbidden), settings.include, settings.exclude
-    )
+    policy = _policy(settings, forbidden)
     out = Scan(
         snapshot_id=f"{int(time.time())}-{secrets.token_hex(4)}",
         taken_at=time.time(),
@@ -632,8 +743,10 @@ def scan(
     store.begin_scan()
     hit: list[CacheRow | None] = [None]
     cache = store.cache_reader()
+    fp = _Fingerprint(kid)
 
     def want(c: Candidate) -> bool:
+        fp.candidate(c)
         # Unchanged when lstat still says what it said when the cached result was
         # made (inode, size, mtime, ctime, mode), with this key and redaction code.
         row = cache.get(c.path)
@@ -698,14 +811,17 @@ def scan(
                 cache_row,
             )
         elif isinstance(found, Skipped):
+            fp.found(found)
             out.skipped[found.reason] += 1
             text = canonical(_skipped_entry(found))
             rows.add((found.path, text, "skipped", found.reason, None, None, None, None, 0))
         else:
+            fp.found(found)
             text = canonical({"path": found.path, "status": "link", "target": found.target})
             rows.add((found.path, text, "link", None, None, None, found.target, None, 0))
         out.entries += 1
     rows.flush()
+    out.fingerprint = fp.hexdigest()
     store.drop_gone()
     _check_includes(policy, store, out)
     return out
@@ -861,6 +977,8 @@ class Outgoing:
         at most one part (and one file's text) at a time. A delta with nothing in
         it yields nothing and leaves ``mode`` as ``unchanged``.
         """
+        if self.mode == "unchanged":
+            return
         full = self.mode == "full"
         packer = self.packer = Packer(
             snapshot_id=self.scan.snapshot_id,
@@ -915,12 +1033,20 @@ def _same(old: str, new: str) -> bool:
         return False
 
 
-def outgoing(
-    scanned: Scan, store: Store, settings: SnapshotSettings, *, full: bool, now: float
-) -> Outgoing:
-    """Full (asked for, first, or ``full_every`` passed) or a delta against the last one sent."""
+def choose_mode(
+    store: Store, settings: SnapshotSettings, *, full: bool, now: float
+) -> tuple[str, str | None]:
+    """Full (asked for, first, or ``full_every`` passed) or a delta; and the last one sent."""
     meta = store.meta()
     base = meta.get("snapshot_id")
     last_full = float(meta.get("full_at", "0"))
     mode = "full" if full or base is None or now - last_full >= settings.full_every else "delta"
+    return mode, base
+
+
+def outgoing(
+    scanned: Scan, store: Store, settings: SnapshotSettings, *, full: bool, now: float
+) -> Outgoing:
+    """What to send of ``scanned``: full, or a delta against the last one sent."""
+    mode, base = choose_mode(store, settings, full=full, now=now)
     return Outgoing(scanned, mode, base)

@@ -121,6 +121,8 @@ class Skipped:
     detail: str = ""
     size: int | None = None
     mode: int | None = None
+    #: Found so on reading a candidate (unreadable, binary, changed); ``want`` saw it first.
+    after_read: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,11 +535,11 @@ class _Walker:
             data = _read(dfd, name, st, self.max_file)
             if isinstance(data, Skipped):
                 self.total -= size
-                yield Skipped(shown, data.reason, data.detail, size, mode)
+                yield Skipped(shown, data.reason, data.detail, size, mode, after_read=True)
                 return
             if b"\0" in data[:_BINARY_SNIFF]:
                 self.total -= size
-                yield Skipped(shown, "binary", "holds NUL bytes", size, mode)
+                yield Skipped(shown, "binary", "holds NUL bytes", size, mode, after_read=True)
                 return
             cand.data = data
         yield cand
