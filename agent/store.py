@@ -7,18 +7,23 @@ it returns, so an approved envelope survives kill -9 *and* power loss (NORMAL
 would survive kill -9 but may lose the last commits on power loss).
 
 A database that SQLite reports as corrupt is moved aside with a timestamped
-name and a fresh one is started; the move is logged and recorded as the first
-entry of the new ledger.
+name and a fresh one is started; the move is logged, the queued envelopes that
+can still be read are salvaged (:mod:`agent.salvage`) and the loss is recorded
+as the first entry of the new ledger (:mod:`agent.anchor` says what was lost).
+Each database is given a random ``db_id`` when it is created, so that one put
+in its place is told apart from the one the agent last wrote.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import structlog
 
@@ -45,6 +50,9 @@ CREATE TABLE IF NOT EXISTS ledger (
     hash TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_ts ON ledger(ts);
+-- NOC command ids already handled (agent/uplink/commands.py). Created here with the rest,
+-- so that no later component needs to write the schema on a disk that may be full by then.
+CREATE TABLE IF NOT EXISTS seen_commands (id TEXT PRIMARY KEY, ts REAL NOT NULL);
 """
 
 log = structlog.get_logger(__name__)
@@ -62,22 +70,36 @@ def _configure(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA busy_timeout=5000")
 
 
-def _check(conn: sqlite3.Connection) -> None:
+def _check(conn: sqlite3.Connection) -> bool:
+    """Check the file and create what is missing; True when there was no schema at all."""
     row = conn.execute("PRAGMA quick_check").fetchone()
     if row is None or row[0] != "ok":
         raise sqlite3.DatabaseError(f"quick_check: {row[0] if row else 'no answer'}")
+    created = conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
     conn.executescript(_SCHEMA)
     conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('db_id', ?)", (secrets.token_hex(8),))
+    return bool(created)
 
 
-def open_db(state_dir: Path) -> tuple[sqlite3.Connection, str | None]:
-    """Open (creating) the database; returns it and, if an old one was moved aside, why."""
+class Opened(NamedTuple):
+    """The database as the daemon opened it, and what that took."""
+
+    conn: sqlite3.Connection
+    created: bool  # there was no database (absent, empty, or moved aside just now)
+    moved: str | None = None  # why an old one was moved aside
+    aside: Path | None = None  # where it went
+
+
+def open_store(state_dir: Path) -> Opened:
+    """Open (creating) the database; a corrupt one is moved aside and a fresh one started."""
     path = db_path(state_dir)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StateError(f"cannot create the state directory {state_dir}: {exc.strerror}") from exc
     moved: str | None = None
+    aside: Path | None = None
     for attempt in range(2):
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -85,13 +107,15 @@ def open_db(state_dir: Path) -> tuple[sqlite3.Connection, str | None]:
             raise StateError(f"cannot open {path}: {exc}") from exc
         try:
             _configure(conn)
-            _check(conn)
+            created = _check(conn)
             if path.exists():
                 os.chmod(path, 0o640)
-            return conn, moved
+            return Opened(conn, created or moved is not None, moved, aside)
         except sqlite3.DatabaseError as exc:
             conn.close()
-            if attempt or (isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)):
+            # Only damage moves a database aside: a full disk, an I/O error or a lock
+            # (OperationalError) says nothing about the file, and a retry may well work.
+            if attempt or isinstance(exc, sqlite3.OperationalError):
                 raise StateError(f"cannot use {path}: {exc}") from exc
             aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
             for suffix in ("", "-wal", "-shm"):
@@ -103,6 +127,18 @@ def open_db(state_dir: Path) -> tuple[sqlite3.Connection, str | None]:
                 "database_corrupt_moved_aside", path=str(path), aside=str(aside), error=str(exc)
             )
     raise AssertionError("unreachable")
+
+
+def open_db(state_dir: Path) -> tuple[sqlite3.Connection, str | None]:
+    """Open (creating) the database; returns it and, if an old one was moved aside, why."""
+    opened = open_store(state_dir)
+    return opened.conn, opened.moved
+
+
+def database_id(conn: sqlite3.Connection) -> str:
+    """The random name this database was given when it was created (see :mod:`agent.anchor`)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()
+    return str(row[0]) if row else ""
 
 
 def open_readonly(state_dir: Path) -> sqlite3.Connection:
@@ -132,10 +168,16 @@ def transaction(conn: sqlite3.Connection, what: str | None = None) -> Iterator[s
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # A COMMIT that failed (SQLITE_FULL) may leave the transaction open, or SQLite
+            # may have rolled it back already; either way the next BEGIN must find none.
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the first error is the one worth reporting
             raise
-        conn.execute("COMMIT")
     except sqlite3.Error as exc:
         if what is None:
             raise
