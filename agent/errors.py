@@ -10,6 +10,7 @@ carries a message a person can act on. Errors of the libraries we use
     AgentError
     ├── ConfigError            bad configuration: names file, key path, line (exit 78)
     ├── StateError             state directory, switch file, outbox or ledger unusable
+    │   └── StateLocked        another daemon holds the state directory's lock (exit 75)
     ├── ControlError           talking to the daemon over the control socket failed
     │   ├── DaemonNotRunning   no daemon is listening on the socket (exit 69)
     │   ├── PermissionDenied   peer credentials do not allow the request (exit 77)
@@ -29,6 +30,7 @@ import os
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
+EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_OSERR = 71
@@ -87,6 +89,12 @@ class StateError(AgentError):
     """The state directory or a file in it cannot be used."""
 
     exit_code = EX_CANTCREAT
+
+
+class StateLocked(StateError):
+    """Another daemon holds the state directory: try again once it has stopped."""
+
+    exit_code = EX_TEMPFAIL
 
 
 class ControlError(AgentError):
