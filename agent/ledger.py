@@ -59,6 +59,31 @@ class Verdict:
     broken_at: int | None = None
     reason: str | None = None
     head: str | None = None  # hash of the last entry checked
+    resets: tuple[Entry, ...] = ()  # "reset" entries: the chain is whole only since them
+
+    @property
+    def lost(self) -> bool:
+        """Whether the chain is intact but earlier entries were lost (a reset)."""
+        return self.ok and bool(self.resets)
+
+
+def describe_reset(entry: Entry) -> str:
+    """One sentence on what a ``reset`` entry says was lost."""
+    data = entry.data
+    lost = data.get("lost")
+    why = str(data.get("reason", "no reason recorded"))
+    if not isinstance(lost, dict):
+        return f"reset at entry {entry.n}: {why}; what was lost before it is not known"
+    entries = lost.get("entries")
+    count = "an unknown number of" if entries is None else str(entries)
+    text = (
+        f"reset at entry {entry.n}: {count} earlier entries lost (old head: entry "
+        f"{lost.get('head_n')}, hash {lost.get('head_hash')}; last seq {lost.get('last_seq')}; "
+        f"{lost.get('queued')} envelopes were queued"
+    )
+    if "salvaged" in data:
+        text += f", {data['salvaged']} salvaged, {data.get('unreadable', 0)} unreadable"
+    return f"{text}). Why: {why}"
 
 
 class Ledger:
@@ -104,13 +129,13 @@ class Ledger:
         return self._last_n, self._last_hash
 
     def record(self, kind: str, data: dict[str, Any]) -> Entry:
-        """Append one entry in a transaction of its own."""
-        with transaction(self.conn):
-            try:
+        """Append one entry in a transaction of its own; :class:`StateError` if it fails."""
+        try:
+            with transaction(self.conn, f"ledger: cannot record a {kind} entry"):
                 return self.append(kind, data)
-            except BaseException:
-                self.reload()
-                raise
+        except BaseException:
+            self.reload()  # the entry was rolled back (a failed COMMIT included)
+            raise
 
     def reload(self) -> None:
         """Re-read the head after a rolled-back transaction (quietly, if the database is gone)."""
@@ -148,6 +173,7 @@ def read(
 def verify(conn: sqlite3.Connection) -> Verdict:
     """Walk the chain from the start; report the first entry whose link or hash is wrong."""
     prev, expected_n, count = GENESIS, 1, 0
+    resets: list[Entry] = []
     first = conn.execute("SELECT MIN(n) FROM ledger").fetchone()[0]
     if first is not None and first != 1:
         return Verdict(
@@ -165,5 +191,7 @@ def verify(conn: sqlite3.Connection) -> Verdict:
             return Verdict(False, count, n, "its link does not match the previous entry's hash")
         if entry_hash(prev, n, ts, kind, data) != digest:
             return Verdict(False, count, n, "its content does not match its hash (edited)")
+        if kind == "reset":
+            resets.append(Entry(n, ts, kind, json.loads(data), link, digest))
         prev, expected_n, count = digest, n + 1, count + 1
-    return Verdict(True, count, head=prev if count else None)
+    return Verdict(True, count, head=prev if count else None, resets=tuple(resets))

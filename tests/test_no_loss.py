@@ -22,13 +22,8 @@ from typing import Any
 import pytest
 
 from agent import control
-from agent.collectors.base import Record
-from agent.config import PolicyConfig
-from agent.ledger import Ledger
-from agent.outbox import Outbox
-from agent.policy.classes import DataClass
-from agent.policy.gate import Gate
-from agent.store import db_path, open_db
+from agent.store import db_path
+from tests.support.backlog import prefill
 from tests.support.daemon import AgentProcess, base_config, wait_for
 from tests.support.mosquitto import Mosquitto
 from tests.support.noc import NocListener
@@ -181,31 +176,6 @@ def test_broker_outage_loses_nothing(
             order = first_arrivals(noc, data_class)
             assert order == sorted(order), f"{data_class} out of order: {order}"
         assert agent.ctl("audit", "verify").returncode == 0
-
-
-def prefill(state_dir: Path, n: int) -> list[str]:
-    """Put ``n`` health envelopes through the real gate into the agent's outbox; their ids.
-
-    The outbox is the agent's own database, written before the daemon starts, so
-    the backlog is exactly what a long outage would have left behind.
-    """
-    conn, _ = open_db(state_dir)
-    try:
-        conn.execute("PRAGMA synchronous=OFF")  # setting up, not under test: spare the fsyncs
-        outbox = Outbox(conn, Ledger(conn), max_bytes=256 * 1024 * 1024)
-        gate = Gate(
-            policy=PolicyConfig(send=frozenset(DataClass)),
-            switch_on=lambda: True,
-            last_seq=outbox.last_seq,
-        )
-        ids = []
-        for i in range(n):
-            env = gate.approve(Record(DataClass.HEALTH, {"backlog": i, "pad": "h" * 300}))
-            outbox.put(env)
-            ids.append(env.id)
-        return ids
-    finally:
-        conn.close()
 
 
 def test_kill_9_mid_backlog_loses_nothing(

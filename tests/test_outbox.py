@@ -296,7 +296,7 @@ def test_corrupt_database_moved_aside_and_fresh_one_started(tmp_path: Path, wrec
 
 @pytest.mark.integration
 def test_daemon_starts_on_corrupt_database(tmp_path: Path) -> None:
-    """The daemon on a corrupt database moves it aside, records "reset" first, and serves status."""
+    """A corrupt database is moved aside, "reset" is entry 1, status serves, verify says lost."""
     agent = AgentProcess(tmp_path, base_config(tmp_path))
     try:
         agent.state_dir.mkdir(parents=True)
@@ -315,7 +315,9 @@ def test_daemon_starts_on_corrupt_database(tmp_path: Path) -> None:
         events = agent.log_events()
         assert any(e.get("event") == "database_corrupt_moved_aside" for e in events)
         assert agent.proc is not None and agent.proc.poll() is None
-        assert agent.ctl("audit", "verify").returncode == 0
+        verify = agent.ctl("audit", "verify")
+        assert verify.returncode == 66, verify.stdout  # intact since the reset, not before
+        assert "chain intact since reset at entry 1" in verify.stdout
     finally:
         agent.close()
 
