@@ -1,8 +1,10 @@
 """The daemon: wires collectors → gate → outbox → uplink, serves the control socket.
 
-Lifecycle: load the configuration (exit 78 if it is bad), open the state
-database, read the switch, bind the control socket, start the components,
-tell systemd READY=1. SIGHUP reloads the configuration: a reload that fails
+Lifecycle: load the configuration (exit 78 if it is bad), lock the state
+directory (exit 75 if another daemon holds it), open the state database and
+compare it with the anchor (a lost database is recorded as a ``reset``), read
+the switch, bind the control socket, start the components, tell systemd
+READY=1. SIGHUP reloads the configuration: a reload that fails
 validation keeps the running one and logs why. SIGTERM/SIGINT shut down in
 order (uplink first, so ``offline`` is published) within a few seconds.
 """
@@ -20,16 +22,25 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from agent import __version__, control, switch
+from agent import __version__, anchor, control, statelock, switch
 from agent.collectors.base import Collector, Record
 from agent.config import AgentConfig, load
-from agent.errors import EX_OK, AgentError, CollectorError, ConfigError, PolicyError
+from agent.errors import (
+    EX_OK,
+    AgentError,
+    CollectorError,
+    ConfigError,
+    PolicyError,
+    StateError,
+    StateLocked,
+)
 from agent.ledger import Ledger
 from agent.outbox import Outbox
 from agent.policy.gate import Gate
+from agent.salvage import salvage_outbox
 from agent.sdnotify import Notifier
 from agent.stacks import task_stacks, thread_stacks
-from agent.store import open_db
+from agent.store import Opened, database_id, open_store, transaction
 from agent.supervisor import Supervisor, cancel_and_wait
 
 if TYPE_CHECKING:
@@ -181,15 +192,33 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.reload_event = asyncio.Event()
         self.state_dir = config.paths.state_dir
+        # Before anything else: a second daemon must not touch the socket or the database.
+        self.lock = statelock.acquire(self.state_dir)
         self.switch = switch.read_switch(self.state_dir)
         self._switch_stat: tuple[int, int] | None = self._stat_switch()
-        conn, moved = open_db(self.state_dir)
-        self.db = conn
-        self.ledger = Ledger(conn)
-        if moved:
-            self.ledger.record("reset", {"reason": moved})
+        self._unledgered_flips: list[dict[str, Any]] = []  # flips the ledger could not take yet
+        self._pending_off: switch.Flip | None = None  # an "off" in force, not yet in the file
+        self._switch_lock = asyncio.Lock()
+        last = anchor.read_anchor(self.state_dir)
+        opened = open_store(self.state_dir)
+        self.db = opened.conn
+        self.db_id = database_id(self.db)
+        self.ledger = Ledger(self.db)
+        self.outbox = Outbox(
+            self.db,
+            self.ledger,
+            max_bytes=config.outbox.max_bytes,
+            floor_seq=last.seq if last else 0,
+        )
+        loss = anchor.check(
+            self.db, last, db_id=self.db_id, created=opened.created, moved=opened.moved
+        )
+        if loss is not None:
+            self._record_reset(loss, opened, last)
+        self.anchor = anchor.Anchor(self.state_dir, self._mark)
+        self.outbox.anchor = self.anchor
         self._ledger_offline_flips()
-        self.outbox = Outbox(conn, self.ledger, max_bytes=config.outbox.max_bytes)
+        self.anchor.touch(force=True)
         self.gate = Gate(
             policy=config.policy,
             switch_on=lambda: self.switch.on,
@@ -213,6 +242,32 @@ class Daemon:
         self.control.route("collect", self._collect_now, admin=True)
         self.control.route("reload", self._reload_request, admin=True)
 
+    def _record_reset(self, loss: anchor.Loss, opened: Opened, last: anchor.Mark | None) -> None:
+        """Say in the new ledger what was lost; queue what a corrupt file still holds."""
+        data = loss.ledger_data()
+        rows = []
+        if opened.aside is not None:
+            found = salvage_outbox(opened.aside, max_seq_hint=last.seq if last else 0)
+            rows = found.rows
+            data.update(aside=str(opened.aside), salvaged=len(rows), unreadable=found.unreadable)
+        with transaction(self.db, "recording the loss of the database"):
+            self.outbox.restore(rows)
+            self.ledger.append("reset", data)
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (self.outbox.last_seq,)
+            )
+        log.error("state_lost", **data, continues_at_seq=self.outbox.last_seq + 1)
+
+    def _mark(self) -> anchor.Mark:
+        n, digest = self.ledger.head
+        return anchor.Mark(
+            db_id=self.db_id,
+            seq=self.outbox.last_seq,
+            ledger_n=n,
+            ledger_hash=digest,
+            queued=self.outbox.count,
+        )
+
     def _ledger_offline_flips(self) -> None:
         # Flips made with agentctl while the daemon was down are in the switch file only.
         from agent import ledger
@@ -220,20 +275,46 @@ class Daemon:
         last = max((e.ts for e in ledger.read(self.db, kind="switch")), default=0.0)
         for flip in self.switch.history:
             if flip.at > last + 1e-3:
-                self.ledger.record(
-                    "switch", {"state": flip.state, "uid": flip.uid, "via": flip.via, "at": flip.at}
+                self._ledger_flip(
+                    {"state": flip.state, "uid": flip.uid, "via": flip.via, "at": flip.at}
                 )
+
+    def _ledger_flip(self, flip: dict[str, Any]) -> None:
+        """Record a flip, or keep it to record once the database takes writes again."""
+        self._unledgered_flips.append(flip)
+        self._flush_flips()
+
+    def _flush_flips(self) -> None:
+        while self._unledgered_flips:
+            try:
+                self.ledger.record("switch", self._unledgered_flips[0])
+            except StateError as exc:
+                log.warning(
+                    "switch_flip_not_ledgered_yet",
+                    error=str(exc),
+                    pending=len(self._unledgered_flips),
+                )
+                return
+            self._unledgered_flips.pop(0)
 
     # -- the data path -------------------------------------------------------------------
 
     def emit(self, record: Record) -> bool:
-        """Offer a record to the gate; store it in the outbox if approved."""
+        """Offer a record to the gate; store it in the outbox if approved.
+
+        A record that cannot be stored (a full disk) is refused, counted, and gives
+        its seq back, so seq has no gaps; False either way.
+        """
         try:
             envelope = self.gate.approve(record)
         except PolicyError as exc:
             log.debug("gate_refused", reason=str(exc))
             return False
-        self.outbox.put(envelope)
+        try:
+            self.outbox.put(envelope)
+        except StateError:
+            self.gate.withdraw(envelope)  # the outbox counted it and logged the episode
+            return False
         return True
 
     def agent_stats(self) -> dict[str, Any]:
@@ -241,7 +322,7 @@ class Daemon:
         return {
             "outbox": self.outbox.stats(),
             "gate": self.gate.stats(),
-            "switch": self.switch.word,
+            "switch": self.switch.shown,
             "collector_errors": {
                 n: r.start_error or r.last_error
                 for n, r in self.runs.items()
@@ -327,9 +408,12 @@ class Daemon:
             self.notifier.stopping()
             await self.control.close()
             await self._close_collectors()
+            self._flush_flips()
+            self.anchor.touch(force=True)
             self.db.close()
             self.notifier.close()
             log.info("daemon_stopped")
+            self.lock.release()
         return EX_OK
 
     async def _wait_stop_or_reload(self) -> str:
@@ -413,13 +497,23 @@ class Daemon:
         return (st.st_ino, st.st_mtime_ns)
 
     async def _watch_switch(self) -> None:
-        # agentctl writes the file itself when it cannot reach us; notice it promptly.
+        # agentctl writes the file itself when it cannot reach us; notice it promptly. The
+        # same beat retries what a full disk refused: the switch file, flips, the anchor.
         while True:
             await asyncio.sleep(SWITCH_POLL)
+            if not self._switch_lock.locked():  # an `off` in progress writes after its sever
+                self._persist_off()
+            self._flush_flips()
+            self.anchor.touch()
             stat = self._stat_switch()
-            if stat != self._switch_stat:
-                self._switch_stat = stat
-                await self._apply_switch(switch.read_switch(self.state_dir), source="file")
+            if stat == self._switch_stat:
+                continue
+            self._switch_stat = stat
+            state = switch.read_switch(self.state_dir)
+            if self._pending_off is not None and state.on:
+                continue  # the stale "on" that the customer's unwritten "off" overrides
+            async with self._switch_lock:
+                await self._apply_switch(state, source="file")
 
     async def _apply_switch(self, state: switch.SwitchState, *, source: str) -> None:
         was_on = self.switch.on
@@ -431,6 +525,65 @@ class Daemon:
             await self.uplink.sever()
         elif state.on and self.uplink is not None:
             self.uplink.wake()
+        self.notifier.status(self._status_line())
+
+    async def _switch_off(self, uid: int) -> None:
+        """Sever in memory and on the wire first; then write the file and the ledger."""
+        flip = switch.Flip(state="off", at=time.time(), uid=uid, via="daemon")
+        was_on = self.switch.on
+        # From this line the gate refuses every record and the uplink will not reconnect.
+        self.switch = self.switch._replace(on=False, error=None, unpersisted="being written")
+        self._pending_off = flip
+        async with self._switch_lock:
+            if was_on:
+                log.warning("uplink_switch", state="off", source=f"uid {uid}")
+            if self.uplink is not None:
+                await self.uplink.sever()
+            self._persist_off()
+            self._ledger_flip({"state": "off", "uid": uid, "via": "daemon", "at": flip.at})
+        self.notifier.status(self._status_line())
+
+    def _persist_off(self) -> None:
+        """Write the pending ``off`` to the switch file; on failure say why and stay off."""
+        flip = self._pending_off
+        if flip is None:
+            return
+        try:
+            new = switch.write_switch(self.state_dir, False, uid=flip.uid, via=flip.via, at=flip.at)
+        except StateError as exc:
+            if self.switch.unpersisted != str(exc):
+                log.error(
+                    "switch_off_not_persisted",
+                    error=str(exc),
+                    note="the uplink stays off in this process; writing it is retried every second",
+                )
+            self.switch = self.switch._replace(on=False, unpersisted=str(exc))
+            return
+        if self.switch.unpersisted not in (None, "being written"):
+            log.warning("switch_off_persisted", path=str(switch.switch_path(self.state_dir)))
+        self._pending_off = None
+        self._switch_stat = self._stat_switch()
+        self.switch = new
+
+    def _switch_on(self, uid: int) -> None:
+        """Write ``on`` first; if it cannot be written the uplink stays off (StateError)."""
+        try:
+            new = switch.write_switch(self.state_dir, True, uid=uid, via="daemon")
+        except StateError as exc:
+            log.error("switch_on_refused", error=str(exc), uid=uid)
+            raise StateError(
+                f"the uplink stays off: {exc}. An on that is not written would turn back "
+                f"into off at the next start; free space in {self.state_dir} and try again"
+            ) from exc
+        self._pending_off = None
+        self._switch_stat = self._stat_switch()
+        was_on = self.switch.on
+        self.switch = new
+        self._ledger_flip({"state": "on", "uid": uid, "via": "daemon", "at": new.history[-1].at})
+        if not was_on:
+            log.warning("uplink_switch", state="on", source=f"uid {uid}")
+            if self.uplink is not None:
+                self.uplink.wake()
         self.notifier.status(self._status_line())
 
     # -- control handlers ----------------------------------------------------------------
@@ -475,10 +628,10 @@ class Daemon:
         state = req.get("state")
         if state not in ("on", "off"):
             raise control.RequestError('uplink: "state" must be "on" or "off"')
-        new = switch.write_switch(self.state_dir, state == "on", uid=peer.uid, via="daemon")
-        self._switch_stat = self._stat_switch()
-        self.ledger.record("switch", {"state": new.word, "uid": peer.uid, "via": "daemon"})
-        await self._apply_switch(new, source=f"uid {peer.uid}")
+        if state == "off":
+            await self._switch_off(peer.uid)
+        else:
+            self._switch_on(peer.uid)
         return {
             "switch": self.switch.to_json(),
             "uplink": self.uplink.status() if self.uplink else {"configured": False},
@@ -498,7 +651,7 @@ class Daemon:
         return {"reload": "requested"}
 
     def _status_line(self) -> str:
-        up = "no uplink configured" if self.config.uplink is None else f"uplink {self.switch.word}"
+        up = "no uplink configured" if self.config.uplink is None else f"uplink {self.switch.shown}"
         return f"{self.config.device_id}: {up}; outbox {self.outbox.count} queued"
 
 
@@ -540,7 +693,11 @@ def run(config_path: Path, log_level: str | None = None) -> int:
     # every thread's stack goes to stderr (the journal) as the process dies.
     faulthandler.enable(all_threads=True)
     _preflight(config)
-    daemon = Daemon(config)
+    try:
+        daemon = Daemon(config)
+    except StateLocked as exc:
+        structlog.get_logger(__name__).error("state_directory_locked", error=str(exc))
+        raise
     return asyncio.run(daemon.run())
 
 

@@ -5,15 +5,21 @@ make. It is bounded in bytes; when full, the oldest envelopes are dropped and
 the drops counted (in status, in health, and in the ledger). An envelope is
 deleted only when the broker has acknowledged it, in the same transaction as
 the ledger's "delivered" entry: at-least-once, with the NOC de-duplicating by id.
+
+An envelope that cannot be stored (a full disk) is refused with
+:class:`StateError`; the caller gives its seq back to the gate, and the outbox
+counts it as *unstored*. The count reaches the ledger as a ``dropped`` entry in
+the first put that succeeds again, so the account stays whole.
 """
 
 from __future__ import annotations
 
 import hashlib
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -21,6 +27,10 @@ from agent.errors import StateError
 from agent.ledger import Ledger
 from agent.policy.gate import Envelope, approved
 from agent.store import transaction
+
+if TYPE_CHECKING:
+    from agent.anchor import Anchor
+    from agent.salvage import Row
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +48,9 @@ class Stored:
 class Outbox:
     """Bounded, durable queue of approved envelopes."""
 
-    def __init__(self, conn: sqlite3.Connection, ledger: Ledger, *, max_bytes: int) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, ledger: Ledger, *, max_bytes: int, floor_seq: int = 0
+    ) -> None:
         self.conn = conn
         self.ledger = ledger
         self.max_bytes = max_bytes
@@ -47,10 +59,17 @@ class Outbox:
         ).fetchone()
         self.count, self.bytes = int(row[0]), int(row[1])
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        self._last_seq = max(int(row[2]), int(meta.get("last_seq", 0)))
+        # floor_seq: the last seq issued as the anchor remembers it, should the database
+        # have lost it (agent.anchor); seq never goes back.
+        self._last_seq = max(int(row[2]), int(meta.get("last_seq", 0)), floor_seq)
         self.dropped = int(meta.get("dropped", 0))
         self.delivered_total = int(meta.get("delivered", 0))
+        self.unstored = int(meta.get("unstored", 0))
+        self._unstored_pending = 0  # refused since the last put that succeeded
+        self._unstored_first: float | None = None
+        self.store_error: str | None = None  # why the last put failed, until one succeeds
         self.listeners: list[Callable[[], None]] = []
+        self.anchor: Anchor | None = None
 
     @property
     def last_seq(self) -> int:
@@ -58,7 +77,11 @@ class Outbox:
         return self._last_seq
 
     def put(self, envelope: Envelope) -> None:
-        """Store an approved envelope durably; drops the oldest if over the bound."""
+        """Store an approved envelope durably; drops the oldest if over the bound.
+
+        Raises :class:`StateError` when it cannot be stored; it is then counted as
+        unstored and the caller must not treat its seq as issued.
+        """
         if not approved(envelope):
             raise TypeError("the outbox accepts only envelopes approved by the policy gate")
         size = len(envelope.payload)
@@ -76,9 +99,17 @@ class Outbox:
                 )
                 c.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (envelope.seq,))
                 dropped = self._trim(c, self.bytes + size)
+                if self._unstored_pending:
+                    self._ledger_unstored(c)
         except sqlite3.Error as exc:
             self.ledger.reload()
+            self._refused(envelope, exc)
             raise StateError(f"outbox: cannot store envelope {envelope.id}: {exc}") from exc
+        if self._unstored_pending:
+            log.warning("outbox_storing_again", unstored=self._unstored_pending)
+            self.unstored += self._unstored_pending
+            self._unstored_pending, self._unstored_first = 0, None
+        self.store_error = None
         self._last_seq = envelope.seq
         self.count += 1 - dropped[0]
         self.bytes += size - dropped[1]
@@ -90,8 +121,63 @@ class Outbox:
                 total=self.dropped,
                 max_bytes=self.max_bytes,
             )
+        if self.anchor is not None:
+            self.anchor.touch(force=True)  # a seq was issued: anchor it before the next one
         for listener in self.listeners:
             listener()
+
+    def _refused(self, envelope: Envelope, exc: sqlite3.Error) -> None:
+        if not self._unstored_pending:
+            # Once per episode: a full disk refuses every record until space returns.
+            log.error(
+                "outbox_cannot_store",
+                error=str(exc),
+                data_class=envelope.data_class.value,
+                note="records are dropped (and counted) until the store is writable again",
+            )
+            self._unstored_first = time.time()
+        self._unstored_pending += 1
+        self.store_error = str(exc)
+
+    def _ledger_unstored(self, c: sqlite3.Connection) -> None:
+        c.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('unstored', ?)",
+            (self.unstored + self._unstored_pending,),
+        )
+        self.ledger.append(
+            "dropped",
+            {
+                "count": self._unstored_pending,
+                "reason": f"not stored: {self.store_error}",
+                "since": self._unstored_first,
+            },
+        )
+
+    @property
+    def unstored_now(self) -> int:
+        """Records refused because they could not be stored, not yet in the ledger."""
+        return self._unstored_pending
+
+    def restore(self, rows: Sequence[Row]) -> None:
+        """Queue salvaged rows again, verbatim (inside the caller's transaction).
+
+        They were approved by the gate when they were first stored; their bytes,
+        ids and seqs are kept so that the NOC can de-duplicate them.
+        """
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO outbox VALUES (?, ?, ?, ?, ?)",
+            ((r.seq, r.id, r.data_class, r.ts, r.payload) for r in rows),
+        )
+        if rows:
+            top = max(r.seq for r in rows)
+            self._last_seq = max(self._last_seq, top)
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (self._last_seq,)
+            )
+        row = self.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
+        ).fetchone()
+        self.count, self.bytes = int(row[0]), int(row[1])
 
     def _trim(self, c: sqlite3.Connection, total: int) -> tuple[int, int]:
         if total <= self.max_bytes:
@@ -167,6 +253,8 @@ class Outbox:
         self.count -= removed
         self.bytes -= freed
         self.delivered_total += removed
+        if self.anchor is not None:
+            self.anchor.touch()  # at most once per interval on this path
 
     def stats(self) -> dict[str, Any]:
         """Counters for status and health."""
@@ -175,6 +263,8 @@ class Outbox:
             "bytes": self.bytes,
             "max_bytes": self.max_bytes,
             "dropped": self.dropped,
+            "unstored": self.unstored + self._unstored_pending,
+            "store_error": self.store_error,
             "delivered": self.delivered_total,
             "last_seq": self._last_seq,
         }

@@ -5,6 +5,12 @@ It is read before any connection is made. A missing file means the default
 (on: the secure connection is on by default, as the privacy policy says). A
 file that cannot be read or parsed means *off*: when in doubt, nothing leaves.
 Each flip is kept in the file's history with who (uid) and when.
+
+The daemon never waits on this file to sever: ``uplink off`` takes effect in
+memory and closes the connection first, then writes the file; a write that
+fails (a full disk) leaves the daemon off, says so, and is retried until it
+succeeds. ``uplink on`` is written first and refused if it cannot be: an
+``on`` the file does not hold would silently become ``off`` at the next start.
 """
 
 from __future__ import annotations
@@ -37,11 +43,17 @@ class SwitchState(NamedTuple):
     on: bool
     history: tuple[Flip, ...] = ()
     error: str | None = None  # why the file could not be trusted (then on is False)
+    unpersisted: str | None = None  # in force in the daemon, but the file says otherwise: why
 
     @property
     def word(self) -> str:
         """``"on"`` or ``"off"``."""
         return "on" if self.on else "off"
+
+    @property
+    def shown(self) -> str:
+        """The word, with ``(not persisted: why)`` when the file does not say it yet."""
+        return f"{self.word} (not persisted: {self.unpersisted})" if self.unpersisted else self.word
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able view for status replies."""
@@ -51,6 +63,8 @@ class SwitchState(NamedTuple):
             "changed_at": last.at if last else None,
             "changed_by_uid": last.uid if last else None,
             "error": self.error,
+            "persisted": self.unpersisted is None,
+            "not_persisted": self.unpersisted,
             "history": [f._asdict() for f in self.history[-10:]],
         }
 
@@ -83,10 +97,15 @@ def read_switch(state_dir: Path) -> SwitchState:
     return SwitchState(on=state == "on", history=history)
 
 
-def write_switch(state_dir: Path, on: bool, *, uid: int, via: str) -> SwitchState:
-    """Set the switch, keeping the flip in its history; durable when this returns."""
+def write_switch(
+    state_dir: Path, on: bool, *, uid: int, via: str, at: float | None = None
+) -> SwitchState:
+    """Set the switch, keeping the flip (made at ``at``, default now) in its history.
+
+    Durable when this returns; raises :class:`StateError` when it cannot be written.
+    """
     current = read_switch(state_dir)
-    flip = Flip(state="on" if on else "off", at=time.time(), uid=uid, via=via)
+    flip = Flip(state="on" if on else "off", at=time.time() if at is None else at, uid=uid, via=via)
     history = (*current.history, flip)[-HISTORY_KEPT:]
     payload = {"state": flip.state, "history": [f._asdict() for f in history]}
     try:

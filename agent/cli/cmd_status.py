@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from agent.cli.cmd_uplink import switch_word
 from agent.cli.common import ago, load_paths, size, span, when
 from agent.errors import EX_UNAVAILABLE, DaemonNotRunning
 
@@ -52,7 +53,7 @@ def print_status(s: dict[str, Any]) -> None:
         out.write(f"  last reload rejected: {d['last_reload_error']}\n")
     sw = s["switch"]
     by = f" by uid {sw['changed_by_uid']} at {when(sw['changed_at'])}" if sw["changed_at"] else ""
-    out.write(f"uplink switch: {sw['state']}{by}\n")
+    out.write(f"uplink switch: {switch_word(sw)}{by}\n")
     up = s["uplink"]
     if not up.get("configured", True):
         out.write("uplink: not configured (local only)\n")
@@ -61,11 +62,16 @@ def print_status(s: dict[str, Any]) -> None:
         if up.get("last_error"):
             line += f" (last error: {up['last_error']})"
         out.write(line + "\n")
+        if up.get("paused"):
+            out.write(f"  deliveries paused: {up['paused']}\n")
     ob = s["outbox"]
     out.write(
         f"outbox: {ob['queued']} queued ({size(ob['bytes'])} of {size(ob['max_bytes'])}), "
-        f"{ob['delivered']} delivered, {ob['dropped']} dropped\n"
+        f"{ob['delivered']} delivered, {ob['dropped']} dropped (outbox full), "
+        f"{ob.get('unstored', 0)} dropped (could not be stored)\n"
     )
+    if ob.get("store_error"):
+        out.write(f"  cannot store: {ob['store_error']}\n")
     out.write(f"policy: sends {', '.join(s['policy']['effective']) or 'nothing'}\n")
     out.write("collectors:\n")
     for name, c in s["collectors"].items():

@@ -3,12 +3,18 @@
 ``off`` and ``on`` go through the daemon when it runs (it records who asked,
 closes the connection and replies only once it is closed); when it does not,
 the switch file is written directly, and the daemon honours it on its next start.
+
+When the daemon cannot write the file (a full disk), ``off`` still takes effect
+at once: exit 0, with a warning that it is not persisted yet. ``on`` is refused
+(exit 73) and the uplink stays off: an ``on`` that is not written would be
+contradicted by the file at the next start.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from agent.cli.common import load_paths, when
@@ -51,7 +57,15 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"daemon_running": daemon, **result}, indent=2))
         return 0
     sw = result["switch"]
-    print(f"uplink switch: {sw['state']}")
+    print(f"uplink switch: {switch_word(sw)}")
+    if sw.get("not_persisted"):
+        print(
+            f"agentctl: warning: the uplink is {sw['state']} in the running daemon, but the "
+            f"switch file could not be written ({sw['not_persisted']}); the daemon keeps "
+            "trying. Free space in the state directory: until it is written, a restart "
+            "would read the old state",
+            file=sys.stderr,
+        )
     if sw.get("error"):
         print(f"  warning: {sw['error']}")
     if sw.get("changed_at"):
@@ -70,3 +84,10 @@ def run(args: argparse.Namespace) -> int:
                 f"    {when(flip['at'])}  {flip['state']:<3}  uid {flip['uid']}  via {flip['via']}"
             )
     return 0
+
+
+def switch_word(sw: dict[str, Any]) -> str:
+    """``on``, ``off``, or ``off (not persisted: why)`` from a status reply's switch."""
+    if sw.get("not_persisted"):
+        return f"{sw['state']} (not persisted: {sw['not_persisted']})"
+    return str(sw["state"])

@@ -8,7 +8,9 @@ For each record the gate checks, in order: the class is not hard-denied; the
 customer's switch is on; the local policy sends the class; no NOC ``narrow``
 is in force for it; the serialised body holds no key material. It then stamps
 a sortable id, the time, the next sequence number and the schema version.
-Every refusal is counted by class and reason; none is silent.
+Every refusal is counted by class and reason; none is silent. An envelope the
+outbox then cannot store (a full disk) is withdrawn: its seq is issued again,
+and it is counted as refused (``not-stored``), so seq has no gaps.
 """
 
 from __future__ import annotations
@@ -160,6 +162,25 @@ class Gate:
         return Envelope(
             _GATE_KEY, id=envelope_id, ts=ts, data_class=record.data_class, seq=seq, payload=payload
         )
+
+    def withdraw(self, envelope: Envelope) -> None:
+        """The outbox could not store ``envelope``: its seq goes to the next record.
+
+        Only the envelope approved last can be withdrawn; the daemon stores each one
+        before it approves the next (both on the event loop's thread), so a record
+        that is not stored leaves no gap in seq. It is counted as refused, reason
+        ``not-stored``.
+        """
+        if envelope.seq != self._seq:
+            raise RuntimeError(
+                f"only the last approved envelope (seq {self._seq}) can be withdrawn, "
+                f"not seq {envelope.seq}"
+            )
+        self._seq -= 1
+        self.approved[str(envelope.data_class)] -= 1
+        if not self.approved[str(envelope.data_class)]:
+            del self.approved[str(envelope.data_class)]
+        self.refused[(str(envelope.data_class), "not-stored")] += 1
 
     def _refusal(self, record: Record) -> str | None:
         data_class: Any = record.data_class

@@ -9,6 +9,12 @@ session watches paho's ``on_publish`` itself). A PUBACK with an error code
 (e.g. 135, not authorized) leaves the envelope in the outbox, is logged and
 counted, and ends the connection so that it is retried after the backoff.
 
+A delivery the outbox cannot record (a full disk) pauses the session instead of
+ending it: nothing new is published, the acknowledged envelopes are kept in
+memory and their commit retried (within a second of space returning), so a
+full disk costs at most one window of duplicates after a restart, never a
+reconnect loop that sends the window again and again.
+
 :meth:`UplinkSession.sever` is the switch: it publishes ``severed``, closes
 the connection and returns only when the socket is closed.
 """
@@ -28,7 +34,7 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.errors import AgentError, BrokerRefused, TLSMaterialError, UplinkError
+from agent.errors import AgentError, BrokerRefused, StateError, TLSMaterialError, UplinkError
 from agent.logs import Throttle
 from agent.supervisor import backoff, cancel_and_wait, check_cancelled
 from agent.uplink import tls
@@ -71,6 +77,8 @@ class _CommandQueue(asyncio.Queue[aiomqtt.Message]):
                 self.on_drop()
             return
         super().put_nowait(item)
+STALL_RETRY_BASE = 0.05  # seconds before retrying a delivery the store refused; doubles ...
+STALL_RETRY_MAX = 1.0  # ... up to this, so that recovery follows free space within a second
 
 
 class _Acks:
@@ -133,6 +141,7 @@ class UplinkSession:
         self.puback_errors = 0
         self.commands_dropped = 0  # QoS 0 commands beyond MAX_QUEUED_QOS0
         self._quiet = Throttle()
+        self.paused: str | None = None  # why deliveries are paused (the store refuses them)
         self._wake = asyncio.Event()
         self._new_data = asyncio.Event()
         self._client: aiomqtt.Client | None = None
@@ -160,6 +169,7 @@ class UplinkSession:
             "published": self.published,
             "bytes_published": self.bytes_published,
             "puback_errors": self.puback_errors,
+            "paused": self.paused,
             "last_error": self.last_error,
             "commands": {**self.commands.stats(), "dropped_qos0": self.commands_dropped},
         }
@@ -395,47 +405,90 @@ class UplinkSession:
         paho = client._client
         window = self.cfg.max_inflight
         inflight: dict[int, Stored] = {}
+        acked: list[Stored] = []  # acknowledged by the broker, their deletion not committed yet
         last_seq = 0
-        while True:
-            room = window - len(inflight)
-            if room > 0:
-                self._new_data.clear()
-                for item in self.outbox.pending(room, after_seq=last_seq):
-                    info = paho.publish(f"{self.prefix}/up/{item.data_class}", item.payload, qos=1)
-                    if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
-                        raise UplinkError(f"publish failed: {paho_mqtt.error_string(info.rc)}")
-                    inflight[info.mid] = item
-                    last_seq = item.seq
-            if not inflight:
-                await self._new_data.wait()
-                continue
-            if not acks.done:
-                # One event for both "a PUBACK came" and "the outbox grew": no futures per
-                # turn. No await since the outbox was read, so clearing here loses nothing.
-                self._new_data.clear()
-                await self._new_data.wait()
-            delivered: list[Stored] = []
-            failed: list[tuple[Stored, int]] = []
-            for mid, code in acks.take():
-                if mid not in inflight:
+        retry = 0
+        try:
+            while True:
+                # While a delivery cannot be recorded, nothing new goes out: each envelope
+                # sent then would be sent again after a restart, and a reconnect would send
+                # the whole window again at every PUBACK. The connection stays up.
+                room = 0 if acked else window - len(inflight)
+                if room > 0:
+                    self._new_data.clear()
+                    for item in self.outbox.pending(room, after_seq=last_seq):
+                        info = paho.publish(
+                            f"{self.prefix}/up/{item.data_class}", item.payload, qos=1
+                        )
+                        if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
+                            raise UplinkError(f"publish failed: {paho_mqtt.error_string(info.rc)}")
+                        inflight[info.mid] = item
+                        last_seq = item.seq
+                if acked:
+                    # Retry the commit after a pause, or sooner when more PUBACKs come in.
+                    self._new_data.clear()
+                    try:
+                        async with asyncio.timeout(
+                            min(STALL_RETRY_BASE * 2**retry, STALL_RETRY_MAX)
+                        ):
+                            await self._new_data.wait()
+                    except TimeoutError:
+                        pass
+                elif not inflight:
+                    await self._new_data.wait()
                     continue
-                item = inflight.pop(mid)
-                if code >= 0x80:
-                    failed.append((item, code))
-                else:
-                    delivered.append(item)
-            if delivered:
-                self.outbox.delivered(delivered)
-                self.published += len(delivered)
-                self.bytes_published += sum(len(i.payload) for i in delivered)
-            if failed:
-                self.puback_errors += len(failed)
-                item, code = failed[0]
-                raise BrokerRefused(
-                    f"the broker refused envelope seq {item.seq} ({item.data_class}) with "
-                    f"reason code {code} ({_reason(code)}); it stays in the outbox. Check that "
-                    f"the broker's ACL lets {self.device_id!r} publish under {self.prefix}/#"
-                )
+                elif not acks.done:
+                    # One event for both "a PUBACK came" and "the outbox grew": no futures per
+                    # turn. No await since the outbox was read, so clearing here loses nothing.
+                    self._new_data.clear()
+                    await self._new_data.wait()
+                failed: list[tuple[Stored, int]] = []
+                for mid, code in acks.take():
+                    if mid not in inflight:
+                        continue
+                    item = inflight.pop(mid)
+                    if code >= 0x80:
+                        failed.append((item, code))
+                    else:
+                        acked.append(item)
+                if acked:
+                    try:
+                        self.outbox.delivered(acked)
+                    except StateError as exc:
+                        retry = min(retry + 1, 30)
+                        self._pause(str(exc), len(acked))
+                    else:
+                        self.published += len(acked)
+                        self.bytes_published += sum(len(i.payload) for i in acked)
+                        acked = []
+                        retry = 0
+                        self._resume()
+                if failed:
+                    self.puback_errors += len(failed)
+                    item, code = failed[0]
+                    raise BrokerRefused(
+                        f"the broker refused envelope seq {item.seq} ({item.data_class}) with "
+                        f"reason code {code} ({_reason(code)}); it stays in the outbox. Check "
+                        f"that the broker's ACL lets {self.device_id!r} publish under "
+                        f"{self.prefix}/#"
+                    )
+        finally:
+            self.paused = None  # the next connection finds out again
+
+    def _pause(self, reason: str, waiting: int) -> None:
+        if self.paused is None:
+            log.error(
+                "uplink_deliveries_paused",
+                error=reason,
+                acknowledged_not_recorded=waiting,
+                note="nothing new is sent until the store is writable again",
+            )
+        self.paused = f"cannot record deliveries: {reason}"
+
+    def _resume(self) -> None:
+        if self.paused is not None:
+            log.warning("uplink_deliveries_resumed")
+            self.paused = None
 
 
 def _reason(code: int) -> str:
