@@ -60,6 +60,10 @@ demo: deps venv ## run the agent on the sample PBX tree with a local mTLS broker
 bench: deps venv ## run the benchmarks (minutes; results go in the README)
 	@for b in bench/bench_*.py; do echo "== $$b"; PYTHONPATH=. $(PY) $$b || exit 1; done
 
+.PHONY: chaos
+chaos: deps venv ## the long fault runs (about 10 minutes; root for the full disk): lost must be 0
+	PYTHONPATH=. $(PY) bench/chaos.py
+
 .PHONY: install
 install: ## (root) install the agent as a systemd service
 	getent group pbx-agent >/dev/null || groupadd --system pbx-agent

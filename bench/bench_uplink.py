@@ -1,6 +1,7 @@
 """Uplink benchmarks, run by hand; they print figures and the floors, they do not assert.
 
-1. Throughput, outbox → broker, QoS 1, the outbox durable (synchronous=FULL):
+1. Throughput, outbox → broker, QoS 1, the outbox durable (synchronous=FULL),
+   the anchor (agent/anchor.py) kept up to date as the daemon keeps it:
    the real Gate, Outbox and UplinkSession in this process against a real
    mosquitto with mutual TLS; next to it, in the same run, the bare paho
    publisher of bench/bench_bare_paho.py with the same window and payload size
@@ -35,6 +36,7 @@ import psutil
 import structlog
 
 from agent import control
+from agent.anchor import Anchor, Mark
 from agent.collectors.base import Record
 from agent.config import AgentConfig, PolicyConfig, loads
 from agent.errors import ControlError
@@ -42,7 +44,7 @@ from agent.ledger import Ledger
 from agent.outbox import Outbox, Stored
 from agent.policy.classes import DataClass
 from agent.policy.gate import Gate
-from agent.store import open_db
+from agent.store import database_id, open_db
 from agent.uplink.session import UplinkSession
 from bench.bench_bare_paho import Target, publish_run
 from tests.support.daemon import AgentProcess, base_config, wait_for
@@ -144,12 +146,28 @@ async def drain(config: AgentConfig, outbox: WatchedOutbox, gate: Gate) -> float
 
 
 def outbox_rate(
-    pki: PKI, broker: Mosquitto, n: int, size: int, window: int, profile: Path | None
+    pki: PKI,
+    broker: Mosquitto,
+    n: int,
+    size: int,
+    window: int,
+    profile: Path | None,
+    *,
+    anchor: bool = True,
 ) -> tuple[float, float, int]:
     """Envelopes/s and seconds for draining ``n`` durable envelopes; the payload size."""
     root = Path(tempfile.mkdtemp(prefix="pbx-bench-uplink-"))
     try:
         outbox, gate, payload_size = fill(root / "state", n, size)
+        # What the daemon does on this path: the anchor follows the ledger head.
+        db_id = database_id(outbox.conn)
+
+        def mark() -> Mark:
+            n_, digest = outbox.ledger.head
+            return Mark(db_id, outbox.last_seq, n_, digest, outbox.count)
+
+        if anchor:
+            outbox.anchor = Anchor(root / "state", mark)
         config = session_config(pki, broker, window)
         prof = cProfile.Profile() if profile else None
         if prof:

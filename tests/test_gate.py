@@ -352,3 +352,17 @@ def test_mypy_rejects_outbox_put_of_a_dict(tmp_path: Path) -> None:
     assert f"{snippet.name}:12:" in errors[0]
     assert '"put" of "Outbox"' in errors[0] and '"Envelope"' in errors[0]
     assert errors[0].endswith("[arg-type]")
+
+
+def test_withdrawn_envelope_gives_its_seq_to_the_next() -> None:
+    """An envelope the outbox could not store is withdrawn: no gap in seq, counted as not-stored."""
+    gate = make_gate()
+    first = gate.approve(health(1))
+    lost = gate.approve(health(2))
+    gate.withdraw(lost)
+    again = gate.approve(health(3))
+    assert (first.seq, lost.seq, again.seq) == (1, 2, 2)
+    assert gate.stats()["approved"] == {"health": 2}
+    assert gate.stats()["refused"] == {"health:not-stored": 1}
+    with pytest.raises(RuntimeError, match="only the last approved envelope"):
+        gate.withdraw(first)  # not the last: withdrawing it would reuse a stored seq

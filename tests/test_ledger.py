@@ -152,6 +152,32 @@ def test_append_after_reload_continues_chain(chain: sqlite3.Connection) -> None:
     assert ledger.verify(chain).ok
 
 
+def test_reset_entries_are_reported_by_verify(chain: sqlite3.Connection) -> None:
+    """A chain holding a reset verifies, and the verdict says entries were lost and which."""
+    lg = Ledger(chain)
+    lg.record(
+        "reset",
+        {
+            "reason": "agent.db was missing or empty",
+            "lost": {
+                "entries": 41,
+                "last_seq": 77,
+                "head_n": 41,
+                "head_hash": "ab" * 32,
+                "queued": 5,
+                "db_id": "x",
+            },
+        },
+    )
+    verdict = ledger.verify(chain)
+    assert verdict.ok and verdict.lost
+    (reset,) = verdict.resets
+    text = ledger.describe_reset(reset)
+    assert "reset at entry 7: 41 earlier entries lost" in text
+    assert "ab" * 32 in text and "last seq 77" in text and "5 envelopes were queued" in text
+    assert not ledger.verify(chain).resets[0].data.get("salvaged")
+
+
 # -- agentctl audit, as the customer runs it ----------------------------------------------
 
 
