@@ -9,7 +9,8 @@ mosquitto with mutual TLS and counts, at a real NOC subscriber, what arrived:
    by a restart;
 3. a full disk: the state directory on a tmpfs filled with dd for
    ``--full-disk`` seconds in the middle of the drain, then freed (needs root
-   to mount; skipped with a message otherwise);
+   to mount; skipped with a message otherwise), while a reader holds a
+   snapshot of the database so that SQLite cannot reuse the space it holds;
 4. the hostile-command flood: ``bench/bench_hostile.py --count N`` when it is
    present (it belongs to the hostile-input work); otherwise the phase says so.
 
@@ -246,16 +247,26 @@ def full_disk(pki: PKI, broker: Mosquitto, backlog: int, hold: float, window: in
             try:
                 agent.start()
                 wait_for(lambda: received(noc) >= min(2000, backlog // 4), timeout=60)
+                # A reader holding a snapshot (`agentctl audit | less` does) keeps SQLite from
+                # reusing its write-ahead log, so every commit needs new space: the worst case.
+                # Without one, deletions free pages that SQLite reuses, and delivery goes on.
+                reader = sqlite3.connect(f"file:{db_path(fs.path)}?mode=ro", uri=True)
+                reader.execute("BEGIN")
+                reader.execute("SELECT COUNT(*) FROM ledger").fetchone()
                 fs.fill()
                 at_fill = received(noc)
-                paused_seen = False
+                paused_for = 0.0
                 end = time.monotonic() + hold
+                last = time.monotonic()
                 while time.monotonic() < end:
-                    s = agent.status()
-                    paused_seen = paused_seen or bool(s["uplink"].get("paused"))
+                    is_paused = bool(agent.status()["uplink"].get("paused"))
+                    now = time.monotonic()
+                    paused_for += (now - last) if is_paused else 0.0
+                    last = now
                     time.sleep(0.5)  # sampling the episode, not waiting on a condition
                 during = received(noc) - at_fill
                 connects = agent.status()["uplink"]["connects"]
+                reader.close()
                 fs.free()
                 drained(agent, noc, ids, timeout=180)
                 unstored = agent.status()["outbox"]["unstored"]
@@ -267,7 +278,7 @@ def full_disk(pki: PKI, broker: Mosquitto, backlog: int, hold: float, window: in
                 ids,
                 noc,
                 t0,
-                f"(paused: {paused_seen}; NOC messages while full {during}; "
+                f"(paused about {paused_for:.0f} s; NOC messages while full {during}; "
                 f"connects {connects}; records not stored {unstored}; "
                 f"seq gaps {seq_gaps(fs.path)})",
             )
