@@ -25,8 +25,16 @@ from typing import Any
 
 import pytest
 
-from agent.errors import EX_CANTCREAT
-from agent.store import db_path
+from agent.collectors.base import Record
+from agent.config import PolicyConfig
+from agent.errors import EX_CANTCREAT, StateError
+from agent.ledger import Ledger
+from agent.ledger import read as ledger_read
+from agent.ledger import verify as ledger_verify
+from agent.outbox import Outbox
+from agent.policy.classes import DataClass
+from agent.policy.gate import Gate
+from agent.store import db_path, open_db
 from agent.switch import read_switch, switch_path
 from tests.support.backlog import prefill
 from tests.support.daemon import AgentProcess, base_config, wait_for
@@ -95,6 +103,41 @@ def read_db(state_dir: Path) -> tuple[list[dict[str, Any]], list[int], dict[str,
         queued = [int(s) for (s,) in conn.execute("SELECT seq FROM outbox ORDER BY seq")]
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         return ledger, queued, meta
+    finally:
+        conn.close()
+
+
+def test_outbox_on_a_full_disk_refuses_counts_and_recovers(state_fs: Tmpfs) -> None:
+    """A put the disk refuses raises StateError and is counted; once space returns the next
+    put succeeds (no transaction was left open), and the ledger says how many were dropped."""
+    conn, _ = open_db(state_fs.path)
+    try:
+        ledger = Ledger(conn)
+        outbox = Outbox(conn, ledger, max_bytes=1 << 30)
+        gate = Gate(policy=PolicyConfig(), switch_on=lambda: True, last_seq=0)
+        outbox.put(gate.approve(Record(DataClass.HEALTH, {"i": 0})))
+        state_fs.fill()
+        errors: list[str] = []
+        for i in range(1, 200):  # enough to outgrow whatever space SQLite already holds
+            envelope = gate.approve(Record(DataClass.HEALTH, {"i": i, "pad": "x" * 2000}))
+            try:
+                outbox.put(envelope)
+            except StateError as exc:
+                errors.append(str(exc))
+                gate.withdraw(envelope)
+        refused = len(errors)
+        assert refused > 0
+        assert all("disk is full" in e for e in errors)
+        assert not conn.in_transaction
+        assert outbox.stats()["unstored"] == refused
+        state_fs.free()
+        stored = gate.approve(Record(DataClass.HEALTH, {"i": "after"}))
+        outbox.put(stored)
+        assert stored.seq == outbox.last_seq == 200 - refused + 1  # no seq was skipped
+        drops = list(ledger_read(conn, kind="dropped"))
+        assert [d.data["count"] for d in drops] == [refused]
+        assert "not stored" in drops[0].data["reason"]
+        assert ledger_verify(conn).ok
     finally:
         conn.close()
 
