@@ -77,6 +77,8 @@ class _CommandQueue(asyncio.Queue[aiomqtt.Message]):
                 self.on_drop()
             return
         super().put_nowait(item)
+
+
 STALL_RETRY_BASE = 0.05  # seconds before retrying a delivery the store refused; doubles ...
 STALL_RETRY_MAX = 1.0  # ... up to this, so that recovery follows free space within a second
 
