@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path, PurePosixPath
 
@@ -21,7 +22,7 @@ if not SAMPLES.is_dir():
 
 
 def red(text: str, name: str = "test.conf") -> tuple[str, dict[str, int]]:
-    r = redact_text(text, kind_of(PurePosixPath(name), text), KEY)
+    r = redact_text(text, kind_of(PurePosixPath(name), text), KEY, name=name)
     return r.text, dict(r.fired)
 
 
@@ -53,7 +54,6 @@ def test_every_table_key_trips_the_fast_path_trigger() -> None:
         "oauth_secret",
         "refresh_token",
         "dbpass",
-        "dbsecret",
         "authpassword",
         "imapsecret",
         "pin",
@@ -89,7 +89,7 @@ def test_rule_freepbx_key() -> None:
 
 def test_rule_secretish_key() -> None:
     """A key whose name merely looks secret is masked too (conservative)."""
-    out, fired = red("[globals]\nTRUNK_PASS = Tp1\napi_token = Tk2\nuser_pin = 9911\n")
+    out, fired = red("[trunk]\nTRUNK_PASS = Tp1\napi_token = Tk2\nuser_pin = 9911\n")
     assert not any(s in out for s in ("Tp1", "Tk2", "9911"))
     assert fired == {"secretish-key": 3}
 
@@ -180,11 +180,17 @@ def test_commented_out_mailbox_is_still_personal_data() -> None:
 
 
 def test_rule_inline_secret() -> None:
-    """Secrets in comments and #exec arguments are masked; the comment text stays."""
-    out, fired = red("[x]\n;secret=OldPw1 ; the old one\n#exec /usr/bin/gen --password=Ex3c\n")
-    assert "OldPw1" not in out and "Ex3c" not in out
-    assert "; the old one" in out
-    assert fired.get("secret-key", 0) + fired.get("inline-secret", 0) == 2
+    """Secrets in comments, #exec arguments and connection strings are masked; the rest stays."""
+    out, fired = red(
+        "[x]\n;secret=OldPw1 ; the old one\n#exec /usr/bin/gen --password=Ex3c\n"
+        "; note: token = Tk9Inline, see the wiki\n"
+        "[dsn]\nconnection = Driver=MySQL\\;Server=db\\;UID=cdr\\;PWD=Odb7cPw\\;Database=x\n"
+    )
+    assert not any(s in out for s in ("OldPw1", "Ex3c", "Tk9Inline", "Odb7cPw"))
+    assert "; the old one" in out and "see the wiki" in out and "Server=db\\;UID=cdr" in out
+    assert "\\;Database=x" in out
+    assert fired["inline-secret"] == 2
+    assert fired.get("secret-key", 0) + fired.get("command-flag", 0) == 2
 
 
 def test_rule_unparsed_line() -> None:
@@ -195,11 +201,19 @@ def test_rule_unparsed_line() -> None:
     assert fired == {"unparsed-line": 1}
 
 
-def test_unmodelled_php_is_masked_whole() -> None:
-    """PHP we do not model but that mentions a password is masked whole."""
+def test_php_define_is_read_not_guessed() -> None:
+    """define() of a FreePBX password is read by the PHP tokenizer and only its value masked."""
     out, fired = red("<?php\ndefine('AMPDBPASS', 'Df1ned');\n", "freepbx.conf")
-    assert "Df1ned" not in out
-    assert fired == {"unparsed-line": 1}
+    assert "Df1ned" not in out and "define('AMPDBPASS', '<redacted:freepbx-key:" in out
+    assert fired == {"freepbx-key": 1}
+
+
+def test_php_that_cannot_be_read_is_masked_whole() -> None:
+    """An unterminated PHP string that mentions a password: every line from it on is masked."""
+    text = "<?php\n$a = 1;\n$amp_conf['AMPDBPASS'] = 'Unterm\nnext Line9x\n"
+    out, fired = red(text, "freepbx.conf")
+    assert "Unterm" not in out and "Line9x" not in out and "$a = 1;" in out
+    assert fired == {"unparsed-line": 2}
 
 
 def test_block_comment_splitting_a_secret_masks_the_line() -> None:
@@ -361,3 +375,289 @@ def test_mwi_without_host_is_masked_on_both_paths() -> None:
     text = "[general]\nmwi => alice:Mw1-S3cret\n"
     assert "Mw1-S3cret" not in redact_text(text, "asterisk", key).text
     assert "Mw1-S3cret" not in redact_asterisk(text, Redactor(key), voicemail=False)
+
+
+# -- rules added with the argument- and position-aware model (issue 10) --------------
+
+
+def test_rule_secret_variable() -> None:
+    """A secret-looking variable is masked wherever it is assigned; other variables stay."""
+    out, fired = red(
+        "[globals]\nAPI_AUTH = Gv1Auth\nRINGTIME = 20\n"
+        "[ctx]\nexten => s,1,Set(__DB_PASS=Gv2Pass)\n"
+        " same => n,Set(GLOBAL(Trunk_Token)=Gv3Tok)\n"
+        " same => n,MSet(A=1,b_secret=Gv4Sec,C=3)\n"
+        " same => n,Set(CURLOPT(userpwd)=bob:Gv5Pwd)\n"
+        " same => n,Set(DB(AMPUSER/${EXTEN}/password)=Gv6Db)\n"
+        " same => n,Set(CONFBRIDGE(user,pin)=Gv7Pin)\n"
+        " same => n,Set(KEYPAD_MODE=on)\n",
+        "extensions_custom.conf",
+    )
+    assert not any(f"Gv{i}" in out for i in range(1, 8))
+    assert "RINGTIME = 20" in out and "Set(KEYPAD_MODE=on)" in out and "MSet(A=1," in out
+    assert fired == {"secret-variable": 7}
+
+
+def test_secret_variable_in_setvar_and_set_var() -> None:
+    """Channel variables set from pjsip, sip, iax, manager and phoneprov configuration."""
+    out, fired = red(
+        "[100]\ntype=endpoint\nset_var=__API_TOKEN=Sv1\nset_var=LANGUAGE=en\n"
+        "[peer]\nsetvar=TRUNK_PASS=Sv2\n[polycom]\nsetvar => PROV_SECRET=Sv3\n",
+        "pjsip.endpoint.conf",
+    )
+    assert "Sv1" not in out and "Sv2" not in out and "Sv3" not in out
+    assert "set_var=LANGUAGE=en" in out and "set_var=__API_TOKEN=<redacted:secret-variable:" in out
+    assert fired == {"secret-variable": 3}
+
+
+def test_rule_secret_argument() -> None:
+    """Secret arguments of dialplan applications and functions, by position, as Asterisk splits."""
+    out, fired = red(
+        "[ctx]\nexten => 1,1,Authenticate(Sa1,a,4)\n"
+        " same => n,DISA(Sa2,disa-ctx)\n"
+        " same => n,DISA(no-password,disa-ctx)\n"
+        " same => n,MeetMe(100,dM,Sa3,extra)\n"
+        ' same => n,Authenticate("Sa4")\n'
+        " same => n,Authenticate(/etc/asterisk/pins.txt)\n"
+        " same => n,Authenticate(${VMPIN})\n"
+        " same => n,Dial(PJSIP/bridge,,D(ww1234#Sa5))\n"
+        " same => n,SendDTMF(Sa6#)\n"
+        " same => n,Set(X=${AES_ENCRYPT(Sa7,${DATA})})\n"
+        " same => n,ExecIf($[1]?Authenticate(Sa8):NoOp(pin))\n",
+        "extensions.conf",
+    )
+    assert not any(f"Sa{i}" in out for i in range(1, 9))
+    assert "DISA(no-password,disa-ctx)" in out and "(/etc/asterisk/pins.txt)" in out
+    assert "Authenticate(${VMPIN})" in out and "MeetMe(100,dM,<redacted:" in out
+    assert 'Authenticate("<redacted:secret-argument:' in out  # the quotes stay
+    assert fired == {"secret-argument": 8}
+
+
+def test_rule_positional_field() -> None:
+    """MeetMe rooms keep the room number and mask the user and admin PINs."""
+    out, fired = red("[rooms]\nconf => 600,Pf1111,Pf2222\nconf => 601\n", "meetme.conf")
+    assert "Pf1111" not in out and "Pf2222" not in out
+    assert "conf => 600,<redacted:positional-field:" in out and "conf => 601\n" in out
+    assert fired == {"positional-field": 2}
+    out, _ = red("conf => 700,Pf3333\n", "meetme_additional.conf")
+    assert "Pf3333" not in out and "700" in out
+
+
+def test_rule_url_parameter() -> None:
+    """Secret-named query parameters are masked; the URL's scheme, host, port and path stay."""
+    out, fired = red(
+        "[globals]\nHOOK = https://api.example.com:8443/v1/notify?apikey=Up1&room=7&access_token=Up2\n",
+        "extensions_custom.conf",
+    )
+    assert "Up1" not in out and "Up2" not in out
+    assert "https://api.example.com:8443/v1/notify?apikey=<redacted:url-parameter:" in out
+    assert "&room=7&" in out
+    assert fired == {"url-parameter": 2}
+
+
+def test_rule_user_password() -> None:
+    """A user:password pair handed to a client is masked; host:port and sip:100 are not."""
+    out, fired = red(
+        "[globals]\nCRM_LOGIN = crm:Upw1xyz\nDB_HOST = db.example.com:3306\nURI = sip:100\n"
+        "[ctx]\nexten => 1,1,Set(LOGIN=admin:Upw2xyz)\n",
+        "extensions_custom.conf",
+    )
+    assert "Upw1xyz" not in out and "Upw2xyz" not in out
+    assert "crm:<redacted:user-password:" in out and "db.example.com:3306" in out
+    assert "sip:100" in out
+    assert fired == {"user-password": 2}
+
+
+def test_rule_command_flag() -> None:
+    """Credentials on command lines: System(), #exec, AGI, mysql -p, curl -u, --password."""
+    out, fired = red(
+        "[ctx]\nexten => 1,1,System(mysqldump -uroot -pCf1 asterisk > /tmp/x)\n"
+        " same => n,System(curl -s -u api:Cf2 https://h/x)\n"
+        " same => n,AGI(notify.sh,--token=Cf3)\n"
+        " same => n,System(sshpass -p Cf4 ssh pbx)\n"
+        " same => n,System(mkdir -p /var/spool/x)\n"
+        "#exec /usr/local/bin/getconf --password Cf5 --host db\n",
+        "extensions.conf",
+    )
+    assert not any(f"Cf{i}" in out for i in range(1, 6))
+    assert "mkdir -p /var/spool/x" in out and "-uroot -p<redacted:command-flag:" in out
+    assert "--host db" in out and "curl -s -u api:<redacted:" in out
+    assert fired == {"command-flag": 5}
+
+
+def test_rule_auth_header() -> None:
+    """Authorization headers keep their scheme; the credentials and Bearer tokens go."""
+    out, fired = red(
+        "[ctx]\nexten => 1,1,SIPAddHeader(Authorization: Basic QWxhZGRpbjpvcGVu)\n"
+        " same => n,Set(CURLOPT(httpheader)=X-Api-Key: Ah2Key)\n"
+        "; curl -H 'Authorization: Bearer Ah3TokenValue'\n",
+        "extensions.conf",
+    )
+    assert "QWxhZGRpbjpvcGVu" not in out and "Ah2Key" not in out and "Ah3TokenValue" not in out
+    assert "SIPAddHeader(Authorization: Basic <redacted:auth-header:" in out
+    assert fired == {"auth-header": 3}
+
+
+def test_rule_token_format() -> None:
+    """Tokens whose format gives them away are masked under any key."""
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJlLXZhbHVl"
+    out, fired = red(f"[x]\nwebhook = {jwt}\nnote = AKIAIOSFODNN7EXAMPLE\n")
+    assert jwt not in out and "AKIAIOSFODNN7EXAMPLE" not in out
+    assert fired == {"token-format": 2}
+
+
+def test_rule_local_key() -> None:
+    """A local key pattern makes a name secret in every syntax."""
+    from agent.policy.local_rules import compile_rules
+
+    rules, problems = compile_rules(["^crm_"], [], [])
+    assert problems == []
+    for name, text in (
+        ("x.conf", "[a]\ncrm_login = Lk1value\n"),
+        ("extensions.conf", "[c]\nexten => 1,1,Set(CRM_LOGIN=Lk2value)\n"),
+        ("freepbx.conf", "<?php\n$crm_login = 'Lk3value';\n"),
+    ):
+        r = redact_text(text, kind_of(PurePosixPath(name), text), KEY, name=name, local=rules)
+        assert "value" not in r.text.replace("<redacted", ""), name
+        assert r.fired == {"local-key": 1}, name
+
+
+def test_rule_local_value() -> None:
+    """A local value pattern masks what it matches (its first group when it has one)."""
+    from agent.policy.local_rules import compile_rules
+
+    rules, _ = compile_rules([], [r"ticket=(\w+)", r"ACME-[0-9]{6}"], [])
+    text = "[a]\nnote = ticket=Lv1abc for ACME-123456\n; ACME-654321 in a comment\n"
+    r = redact_text(text, "asterisk", KEY, local=rules)
+    assert "Lv1abc" not in r.text and "123456" not in r.text and "654321" not in r.text
+    assert "note = ticket=<redacted:local-value:" in r.text
+    assert r.fired == {"local-value": 3}
+
+
+def test_rule_local_argument() -> None:
+    """A local rule names a secret argument of a custom application or subroutine."""
+    from agent.policy.local_rules import compile_rules
+
+    rules, _ = compile_rules([], [], [("CheckCode", [2])])
+    text = "[c]\nexten => 1,1,CheckCode(100,La1code,x)\n same => n,checkcode(1,La2code)\n"
+    r = redact_text(text, "asterisk", KEY, name="extensions.conf", local=rules)
+    assert "La1code" not in r.text and "La2code" not in r.text and "CheckCode(100," in r.text
+    assert r.fired == {"local-argument": 2}
+
+
+def test_local_rules_only_add() -> None:
+    """With local rules, every built-in rule still fires: they cannot remove masking."""
+    from agent.policy.local_rules import compile_rules
+
+    text = "[a]\nsecret = Bi1\n[b]\npassword=Bi2\n"
+    base = redact_text(text, "asterisk", KEY)
+    rules, _ = compile_rules(["nomatch"], ["zzz"], [("NoSuchApp", [1])])
+    more = redact_text(text, "asterisk", KEY, local=rules)
+    assert more.text == base.text and more.fired == base.fired
+
+
+def test_markers_compose_into_one_per_secret() -> None:
+    """Two rules on one secret give one marker; a URL keeps scheme, host, port and path."""
+    out, _ = red(
+        "[x]\npassword = https://svc:Mc1Pw@api.example.com:8443/v2/hook\n"
+        "; password=https://u:Mc2Pw@h.example.org/p\n"
+        "register => tls://acct:Mc3Pw@sip.example.com:5061/100\n"
+    )
+    assert "Mc1Pw" not in out and "Mc2Pw" not in out and "Mc3Pw" not in out
+    assert "https://svc:<redacted:secret-key:" in out and "@api.example.com:8443/v2/hook" in out
+    assert "https://u:<redacted:" in out and "@h.example.org/p" in out
+    assert "tls://acct:<redacted:register-line:" in out and "@sip.example.com:5061/100" in out
+    assert out.count("<redacted:") == 3
+    assert not re.search(r"<redacted:[^>]*<redacted", out)
+
+
+def test_secret_url_without_credentials_masks_its_path() -> None:
+    """A secret-named URL with no userinfo or parameter: its path is taken as the token."""
+    out, _ = red(
+        "[globals]\nSLACK_TOKEN_URL = https://hooks.example.com/services/Su1Path\n",
+        "extensions_custom.conf",
+    )
+    assert "Su1Path" not in out and "https://hooks.example.com<redacted:" in out
+
+
+@pytest.mark.parametrize(
+    ("data", "args"),
+    [
+        ("a,b,c", ["a", "b", "c"]),
+        ("a,(b,c),d", ["a", "(b,c)", "d"]),
+        ('a,"b,c",d', ["a", '"b,c"', "d"]),
+        ("a,$[x,y],d", ["a", "$[x,y]", "d"]),
+        ("a\\,b,c", ["a\\,b", "c"]),
+        ("a,,", ["a", "", ""]),
+    ],
+)
+def test_arguments_split_as_asterisk_splits_them(data: str, args: list[str]) -> None:
+    """Commas inside parentheses, brackets and quotes, or escaped, do not split (main/app.c)."""
+    from agent.policy.dialplan import split_args
+
+    assert [data[a:b] for a, b in split_args(data, 0, len(data))] == args
+
+
+def test_last_declared_argument_takes_the_rest() -> None:
+    """MeetMe declares three arguments: a PIN holding commas is masked whole."""
+    out, _ = red("[c]\nexten => 1,1,MeetMe(100,,Lt1,Lt2)\n", "extensions.conf")
+    assert "Lt1" not in out and "Lt2" not in out and out.count("<redacted:") == 1
+
+
+def test_every_application_in_the_table_is_documented() -> None:
+    """Each entry names the Asterisk source that documents its arguments."""
+    from agent.policy.dialplan import APPLICATIONS, NO_SECRET_ARGUMENTS
+
+    for spec in APPLICATIONS.values():
+        assert spec.doc and spec.secret and all(1 <= p <= spec.nargs for p in spec.secret)
+    assert not set(APPLICATIONS) & set(NO_SECRET_ARGUMENTS)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "DB_PASS",
+        "__API_TOKEN",
+        "trunkSecret",
+        "vm_pin",
+        "USERPIN",
+        "api-key",
+        "CREDS",
+        "AUTH",
+        "SESSION_COOKIE",
+        "Authorization",
+        "GLOBAL(X_PWD)",
+        "CURLOPT(userpwd)",
+        "pincode",
+        "PINS",
+    ],
+)
+def test_secret_variable_names(name: str) -> None:
+    """Any case, any prefix: these names are secret."""
+    from agent.policy.secret_names import is_secret_variable
+
+    assert is_secret_variable(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "KEYPAD",
+        "PING",
+        "MAPPING",
+        "DTMF_PASSTHROUGH",
+        "BYPASS",
+        "CREDIT_LIMIT",
+        "LINEKEYS",
+        "HOTKEY",
+        "KEYWORD",
+        "RINGTIME",
+        "CALLERID(num)",
+        "PICKUPMARK",
+    ],
+)
+def test_benign_variable_names(name: str) -> None:
+    """Words that merely contain a secret word are not secret (measured on the samples)."""
+    from agent.policy.secret_names import is_secret_variable
+
+    assert not is_secret_variable(name)

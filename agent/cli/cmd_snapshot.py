@@ -1,8 +1,11 @@
 """``agentctl snapshot``: see exactly what a configuration snapshot would send, locally.
 
 ``--dry-run`` prints the bodies the collector would offer to the gate now (the
-JSON as sent, then the decoded redacted content); ``--diff`` shows what changed
-since the last snapshot that was delivered. Both work without the daemon and
+JSON as sent, then the decoded redacted content); with ``--explain`` it also
+lists, per file, which rule masked something on which line (rule id, line and
+the name that made it fire, never the value), so an administrator can see why
+a line was masked and write a local rule; ``--diff`` shows what changed since
+the last snapshot that was delivered. Both work without the daemon and
 never change the collector's state: the state file is opened read-only, and
 when no fingerprint key exists yet a throwaway one is used (and said so).
 """
@@ -38,6 +41,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="with --dry-run: print the bodies only, not the decoded content",
     )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="with --dry-run: per file, which rule fired on which line (never the value)",
+    )
     p.set_defaults(func=run)
 
 
@@ -58,12 +66,16 @@ def run(args: argparse.Namespace) -> int:
                 "throwaway key and will differ from those sent",
                 file=sys.stderr,
             )
-        scanned = snapshot.scan(settings, store, key, ephemeral_key=ephemeral)
+        explain = bool(args.explain) and not args.diff
+        scanned = snapshot.scan(settings, store, key, ephemeral_key=ephemeral, explain=explain)
         if args.diff:
             return _print_diff(scanned, store)
         now = time.time()
         out = snapshot.outgoing(scanned, store, settings, full=bool(args.full), now=now)
-        return _print_dry_run(out, store, now=now, show_content=not args.no_content)
+        code = _print_dry_run(out, store, now=now, show_content=not args.no_content)
+        if explain:
+            _print_explain(scanned)
+        return code
     finally:
         store.close()
 
@@ -98,6 +110,20 @@ def _print_dry_run(out: Any, store: Any, *, now: float, show_content: bool) -> i
         return 0
     w.write(f"\n# {out.parts} part(s), {out.files_sent} file(s) with content\n")
     return 0
+
+
+def _print_explain(scanned: Any) -> None:
+    """Per file, each rule that fired with its line; values never appear."""
+    w = sys.stdout
+    w.write("\n# explain: the rules that masked something, by file and line\n")
+    for path in sorted(scanned.findings):
+        w.write(f"\n{path}\n")
+        for f in sorted(scanned.findings[path], key=lambda f: (f.line, f.rule)):
+            why = f" ({f.why})" if f.why else ""
+            where = f"line {f.line}" if f.line else "the whole file"
+            w.write(f"  {where}: {f.rule}{why}\n")
+    if not scanned.findings:
+        w.write("no rule fired: nothing was masked\n")
 
 
 def _print_text(w: Any, path: str, text: str, part: int) -> None:

@@ -1,32 +1,47 @@
 """Redacting whole files: pick the syntax, mask every secret, keep every other byte.
 
 The collector hands each file's text here with its kind (Asterisk, voicemail,
-FreePBX's PHP or shell-style files, or text of no known syntax) and gets back
-the text to send and the rules that fired. Lines are masked in place so a
+AEL, Lua, PHP, shell-style files, or text of no known syntax) and name, and
+gets back the text to send, the rules that fired and, when asked, where they
+fired (``agentctl snapshot --explain``). Lines are masked in place so a
 reviewer can diff what was sent against the file on the box.
 
-Speed: a full snapshot reads tens of megabytes. A line that matches none of
-:data:`agent.policy.redact.TRIGGER` cannot need masking, so files without block
-comments are scanned for trigger lines only; voicemail files and files with
-``;--`` blocks take the line-by-line path (a test checks both agree).
+Speed: a full snapshot reads tens of megabytes. A line that holds none of the
+needles below cannot need masking, so Asterisk files without block comments
+are scanned for candidate lines only; voicemail, MeetMe, features and other
+small files whose secrets stand in plain positions, and files with ``;--``
+blocks, are read line by line in full (tests check both ways agree).
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from agent.collectors.pbxconfig import freepbx
+from agent.collectors.pbxconfig.ael import redact_ael
 from agent.collectors.pbxconfig.asterisk_conf import Kind, Line, classify, lex, split_comments
-from agent.policy.redact import TRIGGER, Redactor, find_secret_material, is_secretish_key
+from agent.collectors.pbxconfig.freepbx import redact_shell
+from agent.collectors.pbxconfig.lua import redact_lua
+from agent.collectors.pbxconfig.php import redact_php
+from agent.policy.conf_fields import (
+    DIALPLAN_FAMILIES,
+    FULL_PARSE_FAMILIES,
+    SECTIONED_FAMILIES,
+    family_of,
+)
+from agent.policy.local_rules import NO_LOCAL_RULES, LocalRules
+from agent.policy.redact import Finding, Redactor, Where, find_secret_material, is_secretish_key
 
 ASTERISK = "asterisk"
 VOICEMAIL = "voicemail"
 FREEPBX_PHP = "freepbx-php"
 SHELL_VARS = "shell-vars"
+AEL = "ael"
+LUA = "lua"
 TEXT = "text"
 
 #: Bump on any change that can alter the redacted text of some input: results
@@ -34,18 +49,58 @@ TEXT = "text"
 #: 2: positions of trigger lines no longer shift after a "İ" (its lower case is
 #: two characters long), which let the line after it through unmasked.
 # 3: mwi lines without a host are masked on the line-by-line path too
-REDACTION_VERSION = 3
+# 4: argument- and position-aware rules (dialplan applications, MeetMe rooms,
+#    setvar/set_var, [globals]), value shapes on every value, PHP/AEL/Lua readers,
+#    markers merged per value
+REDACTION_VERSION = 4
 
 #: Sections of voicemail.conf that hold settings; every other section holds mailboxes.
 VOICEMAIL_SETTINGS_SECTIONS = frozenset({"general", "zonemessages"})
 
-#: A line can only change if it holds one of these words (lower case) ...
-_SECRET_WORDS = ("pass", "secret", "pwd", "token", "cred", "key", "pin")
-#: ... or a '@' with a ':' (credentials embedded in a dial string, URL or registration) ...
-#: ... or is an auth/register/mwi line with a ':' or '#' (user:secret, user#md5secret).
-_CRED_WORDS = ("auth", "regist", "mwi")
+#: A line can only change if it holds one of these (lower case) ...
+_SECRET_WORDS = ("pass", "secret", "pwd", "token", "cred", "key", "pin", "cookie", "bearer")
+_NEEDLES = (
+    *_SECRET_WORDS,
+    # channel variables set from a channel's configuration
+    "setvar",
+    "set_var",
+    # dialplan applications and functions with a secret argument (agent.policy.dialplan)
+    "disa(",
+    "meetme(",
+    "senddtmf(",
+    "aes_",
+    "mysql(",
+    "authenticate",
+    # token formats (agent.policy.value_shapes)
+    "eyj",
+    "akia",
+    "xox",
+    "ghp_",
+    "glpat-",
+    "k_live_",
+    "aiza",
+)
+#: ... or one of these words together with one of their marks ...
+_WORDS_WITH_MARKS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("@",), (":",)),  # credentials in a dial string, URL or registration
+    (("regist", "mwi"), (":", "#")),  # register => user:secret@host
+    # auth lines, headers, URL parameters, Authenticate() and other dialplan calls
+    (("auth",), (":", "#", "?", "&", "$[", "set(")),
+    (("dial",), ("d(",)),  # Dial()'s D(digits) option
+    (("set(",), (":",)),  # Set(LOGIN=user:pass)
+)
+#: ... and in dialplan files ([globals], extensions*), any variable: "auth" and user:pass.
+_DIALPLAN_NEEDLES = ("auth", ":")
 _SECRET_WORD = re.compile(r"(?i)pass|secret|pwd|token|cred|key|pin(?:code)?(?![a-z])")
 _WORDLIKE = re.compile(r"[\w./@-]+")
+#: ... or a command-line flag that can carry a credential: -pX, -p X, -u user:pass,
+#: any --long option, and the short flags of the tools in agent.policy.value_shapes
+#: (-w, -a, -c, -x, -k); the same boundary as the shape rules. One regular
+#: expression: it looks only at each "-", in C.
+_FLAG = re.compile(r"-(?<![\w\-./]-)(?:[puwacxk]|-)")
+_SECTION = re.compile(r"^[ \t]*\[([^\]\n]*)\]", re.M)
+#: Sections whose values hold secrets by position, whatever the file is called.
+_POSITIONAL_SECTION = re.compile(r"(?i)\[(?:rooms|applicationmap)\]")
 
 
 @dataclass(slots=True)
@@ -56,15 +111,20 @@ class Redacted:
     fired: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
     dropped: str | None = None  # reason when the file must not be sent at all
+    findings: list[Finding] | None = None  # with explain: each rule fired, by line
 
 
 def kind_of(path: PurePosixPath, text: str) -> str:
     """Which syntax a file is written in, from its name (and PHP's opening tag)."""
     name = path.name.lower()
-    if name == "freepbx.conf" or text.lstrip().startswith("<?php"):
+    if name == "freepbx.conf" or name.endswith(".php") or text.lstrip().startswith("<?php"):
         return FREEPBX_PHP
     if name == "amportal.conf" or name.endswith(".env"):
         return SHELL_VARS
+    if name.endswith(".ael"):
+        return AEL
+    if name.endswith(".lua"):
+        return LUA
     if name.startswith("voicemail") or name.startswith("vm_"):
         return VOICEMAIL
     if name.endswith((".conf", ".custom", ".inc")) or ".conf." in name:
@@ -72,23 +132,53 @@ def kind_of(path: PurePosixPath, text: str) -> str:
     return TEXT
 
 
-def redact_text(text: str, kind: str, key: bytes) -> Redacted:
-    """Mask every secret in ``text`` written in syntax ``kind``; see the module docstring."""
-    redactor = Redactor(key)
+def redaction_id(local: LocalRules = NO_LOCAL_RULES) -> str:
+    """What a redacted result depends on besides the text: the code and the local rules."""
+    return f"{REDACTION_VERSION}" + (f"+{local.digest}" if local else "")
+
+
+def redact_text(
+    text: str,
+    kind: str,
+    key: bytes,
+    *,
+    name: str = "",
+    local: LocalRules = NO_LOCAL_RULES,
+    explain: bool = False,
+) -> Redacted:
+    """Mask every secret in ``text`` written in syntax ``kind``; see the module docstring.
+
+    ``name`` is the file's name (its type decides positional rules); ``local``
+    the administrator's extra rules; ``explain`` lists each rule fired by line.
+    """
+    redactor = Redactor(key, local=local, explain=explain)
     reason = find_secret_material(text)
     if reason is not None:
         return Redacted("", Counter({"pem-private-key": 1}), [], dropped=reason)
+    family = family_of(name)
     if kind == FREEPBX_PHP:
-        out = freepbx.redact_php(text, redactor)
+        out = redact_php(text, redactor)
     elif kind == SHELL_VARS:
-        out = freepbx.redact_shell(text, redactor)
+        out = redact_shell(text, redactor)
+    elif kind == AEL:
+        out = redact_ael(text, redactor)
+    elif kind == LUA:
+        out = redact_lua(text, redactor)
     elif kind == TEXT:
-        out = _on_trigger_lines(text, _text_line, redactor)
-    elif kind == ASTERISK and ";--" not in text:
-        out = _on_trigger_lines(text, _fast_asterisk_line, redactor)
+        out = _on_candidate_lines(text, _text_line, redactor, "")
+    elif kind == ASTERISK and _fast_path_fits(text, family, local):
+        out = _on_candidate_lines(text, _fast_asterisk_line, redactor, family)
     else:
-        out = redact_asterisk(text, redactor, voicemail=kind == VOICEMAIL)
-    return Redacted(out, Counter(redactor.fired))
+        out = redact_asterisk(text, redactor, voicemail=kind == VOICEMAIL, family=family)
+    out = redactor.local_pass(out)
+    return Redacted(out, Counter(redactor.fired), findings=redactor.findings)
+
+
+def _fast_path_fits(text: str, family: str, local: LocalRules) -> bool:
+    """Whether candidate lines are enough: no blocks, no positional file, no local key rule."""
+    if ";--" in text or family in FULL_PARSE_FAMILIES or local.keys:
+        return False
+    return _POSITIONAL_SECTION.search(text) is None
 
 
 #: Lower case for the trigger words, one character for one. ``str.lower`` is not
@@ -114,28 +204,38 @@ def _fold(text: str) -> str:
 def _lines_holding(low: str, needle: str, also: tuple[str, ...], starts: set[int]) -> None:
     """Add to ``starts`` the start of each line of ``low`` holding ``needle``
     and, when ``also`` is not empty, one of the strings in ``also``."""
-    find = low.find
+    find, rfind, add = low.find, low.rfind, starts.add
     pos = find(needle)
+    if not also:
+        while pos >= 0:
+            add(rfind("\n", 0, pos) + 1)
+            end = find("\n", pos)
+            if end < 0:
+                return
+            pos = find(needle, end)
+        return
+    for_one = also[0] if len(also) == 1 else None
     while pos >= 0:
-        start = low.rfind("\n", 0, pos) + 1
+        start = rfind("\n", 0, pos) + 1
         end = find("\n", pos)
         stop = len(low) if end < 0 else end
-        if not also or any(find(a, start, stop) >= 0 for a in also):
-            starts.add(start)
+        if for_one is not None:
+            if find(for_one, start, stop) >= 0:
+                add(start)
+        else:
+            for a in also:
+                if find(a, start, stop) >= 0:
+                    add(start)
+                    break
         if end < 0:
             return
         pos = find(needle, end)
 
 
-#: Words that count only on a line that also holds one of the marks.
-_WORDS_WITH_MARKS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
-    (("@",), (":",)),
-    (_CRED_WORDS, (":", "#")),
-)
-
-
-def _candidate_starts(text: str) -> list[int]:
-    """Starts of the lines any rule could change (a superset; see the words above).
+def _candidate_starts(
+    text: str, dialplan: bool = False, local: LocalRules = NO_LOCAL_RULES
+) -> list[int]:
+    """Starts of the lines any rule could change (a superset; see the needles above).
 
     Python pays per occurrence found, so for the words that count only next to a
     mark the loop runs over whichever is rarer in this file, the words or the
@@ -143,10 +243,19 @@ def _candidate_starts(text: str) -> list[int]:
     """
     low = _fold(text)
     starts: set[int] = set()
-    for word in _SECRET_WORDS:
+    for word in _NEEDLES:
         _lines_holding(low, word, (), starts)
-    for words, marks in _WORDS_WITH_MARKS:
-        n_marks = sum(low.count(m) for m in marks)
+    if dialplan:
+        for word in _DIALPLAN_NEEDLES:
+            _lines_holding(low, word, (), starts)
+    for m in _FLAG.finditer(low):
+        starts.add(low.rfind("\n", 0, m.start()) + 1)
+    for words, all_marks in _WORDS_WITH_MARKS:
+        if not any(w in low for w in words):
+            continue
+        counts = {m: low.count(m) for m in all_marks}
+        marks = tuple(m for m, n in counts.items() if n)
+        n_marks = sum(counts.values())
         if n_marks == 0:
             continue
         # Few marks (at most one per KiB): looping over them is cheaper than
@@ -155,30 +264,57 @@ def _candidate_starts(text: str) -> list[int]:
         pairs = [(m, words) for m in marks] if by_marks else [(w, marks) for w in words]
         for needle, also in pairs:
             _lines_holding(low, needle, also, starts)
+    for app in local.arguments:
+        _lines_holding(low, app + "(", (), starts)
+    for pattern in local.values:
+        for m in pattern.finditer(text):
+            starts.add(text.rfind("\n", 0, m.start()) + 1)
     return sorted(starts)
 
 
-def _on_trigger_lines(text: str, fix: Callable[[str, Redactor], str], redactor: Redactor) -> str:
+_LineFix = Callable[[str, Redactor, Where], str]
+
+
+def _on_candidate_lines(text: str, fix: _LineFix, redactor: Redactor, family: str) -> str:
     """Apply ``fix`` to each candidate line; other lines are copied as they are."""
-    starts = _candidate_starts(text)
+    starts = _candidate_starts(text, family in DIALPLAN_FAMILIES, redactor.local)
     if not starts:
         return text
+    # Sections matter only in some types of file ([globals] of a dialplan …).
+    sections = (
+        [(m.start(), m.group(1)) for m in _SECTION.finditer(text)]
+        if family in SECTIONED_FAMILIES
+        else []
+    )
+    positions = [p for p, _ in sections]
+    plain = Where(family)
+    explain = redactor.findings is not None
     out: list[str] = []
     append = out.append
     find = text.find
     last = 0
+    line_no, counted = 1, 0
     for start in starts:
         end = find("\n", start)
         if end < 0:
             end = len(text)
         append(text[last:start])
-        append(fix(text[start:end], redactor))
+        if sections:
+            i = bisect.bisect_right(positions, start) - 1
+            where = Where(family, sections[i][1] if i >= 0 else "")
+        else:
+            where = plain
+        if explain:
+            line_no += text.count("\n", counted, start)
+            counted = start
+            redactor.line = line_no
+        append(fix(text[start:end], redactor, where))
         last = end
     append(text[last:])
     return "".join(out)
 
 
-def _text_line(line: str, redactor: Redactor) -> str:
+def _text_line(line: str, redactor: Redactor, where: Where) -> str:
     changed = redactor.free_text(line)
     if changed is not None:
         return changed
@@ -187,7 +323,7 @@ def _text_line(line: str, redactor: Redactor) -> str:
     return line
 
 
-def _fast_asterisk_line(raw: str, redactor: Redactor) -> str:
+def _fast_asterisk_line(raw: str, redactor: Redactor, where: Where) -> str:
     body = raw.rstrip("\r")
     if ";" not in body and "\\" not in body and "=" in body:
         # The common generated line "key=value": no comment, no escape, no block.
@@ -205,34 +341,41 @@ def _fast_asterisk_line(raw: str, redactor: Redactor) -> str:
                 start += 1
             while end > start and body[end - 1].isspace():
                 end -= 1
-            new = redactor.assignment(key, body[start:end])
+            new = redactor.conf_value(key, body[start:end], where)
             if new is None:
                 return raw
             return body[:start] + new + body[end:] + raw[len(body) :]
     segs, _ = split_comments(body, 0)
     line = Line(number=0, raw=body, segments=segs)
     classify(line)
-    return redact_line(line, redactor, mailbox=False) + raw[len(body) :]
+    return redact_line(line, redactor, where) + raw[len(body) :]
 
 
-def redact_asterisk(text: str, redactor: Redactor, *, voicemail: bool) -> str:
-    """The line-by-line path: block comments and voicemail mailbox sections."""
+def redact_asterisk(text: str, redactor: Redactor, *, voicemail: bool, family: str = "") -> str:
+    """The line-by-line path: every line parsed, block comments and sections followed."""
     out: list[str] = []
     section = ""
-    for line in lex(text):
+    lines = lex(text)
+    # voicemail.conf's aliasescontext names a section of "alias => mailbox@context".
+    settings = set(VOICEMAIL_SETTINGS_SECTIONS)
+    if voicemail:
+        settings.update(
+            ln.value.lower()
+            for ln in lines
+            if ln.kind is Kind.ASSIGN and ln.key.lower() == "aliasescontext"
+        )
+    for line in lines:
         if line.kind is Kind.SECTION:
-            section = line.section.lower()
-        if not voicemail and not TRIGGER.search(line.raw):
-            out.append(line.raw)
-            continue
-        mailbox = voicemail and bool(section) and section not in VOICEMAIL_SETTINGS_SECTIONS
+            section = line.section
+        mailbox = voicemail and bool(section) and section.lower() not in settings
         ending = line.raw[len(line.raw.rstrip("\r\n")) :]
         line.raw = line.raw[: len(line.raw) - len(ending)]
-        out.append(redact_line(line, redactor, mailbox=mailbox) + ending)
+        redactor.line = line.number
+        out.append(redact_line(line, redactor, Where(family, section, mailbox)) + ending)
     return "".join(out)
 
 
-def redact_line(line: Line, redactor: Redactor, *, mailbox: bool) -> str:
+def redact_line(line: Line, redactor: Redactor, where: Where) -> str:
     """One Asterisk line with its secrets masked; the line ending is not part of ``raw``."""
     raw = line.raw
     pieces: list[str] = []
@@ -240,18 +383,17 @@ def redact_line(line: Line, redactor: Redactor, *, mailbox: bool) -> str:
     whole = False
     if line.kind is Kind.ASSIGN and len(code_segs) > 1:
         # A block comment splits the value: Asterisk joins the parts; mask it all.
-        new = redactor.assignment(line.key, line.value, mailbox=mailbox)
-        whole = new is not None
+        whole = bool(redactor.conf_masks(line.key, line.value, where))
     elif line.kind is Kind.UNKNOWN and _SECRET_WORD.search(line.code):
         whole = True
     for seg in line.segments:
         text = raw[seg.start : seg.end]
         if seg.comment:
-            pieces.append(_comment(text, redactor, mailbox=mailbox))
+            pieces.append(_comment(text, redactor, where))
         elif whole:
             pieces.append(redactor.whole_line(text) if text.strip() else text)
         elif line.kind is Kind.ASSIGN:
-            pieces.append(_assignment(text, line, redactor, mailbox=mailbox))
+            pieces.append(_assignment(text, line, redactor, where))
         elif line.kind in (Kind.DIRECTIVE, Kind.UNKNOWN):
             pieces.append(redactor.free_text(text) or text)
         else:
@@ -259,7 +401,7 @@ def redact_line(line: Line, redactor: Redactor, *, mailbox: bool) -> str:
     return "".join(pieces)
 
 
-def _assignment(text: str, line: Line, redactor: Redactor, *, mailbox: bool) -> str:
+def _assignment(text: str, line: Line, redactor: Redactor, where: Where) -> str:
     eq = text.find("=")
     if eq < 0:
         return text
@@ -271,14 +413,13 @@ def _assignment(text: str, line: Line, redactor: Redactor, *, mailbox: bool) -> 
         start += 1
     while end > start and text[end - 1].isspace():
         end -= 1
-    value = text[start:end]
-    new = redactor.assignment(line.key, value, mailbox=mailbox)
+    new = redactor.conf_value(line.key, text[start:end], where)
     if new is None:
         return text
     return text[:start] + new + text[end:]
 
 
-def _comment(text: str, redactor: Redactor, *, mailbox: bool) -> str:
+def _comment(text: str, redactor: Redactor, where: Where) -> str:
     # Keep the comment's marks; read what is between as Asterisk would if it were
     # uncommented (a commented-out "secret=old ; note" still holds a secret).
     lead = len(text) - len(text.lstrip(";-"))
@@ -291,15 +432,15 @@ def _comment(text: str, redactor: Redactor, *, mailbox: bool) -> str:
     for seg in segs:
         part = body[seg.start : seg.end]
         if seg.comment:
-            pieces.append(_comment(part, redactor, mailbox=mailbox))
+            pieces.append(_comment(part, redactor, where))
         elif inner.kind is Kind.ASSIGN and _WORDLIKE.fullmatch(inner.key):
-            mbox = mailbox and inner.op == "=>"
-            pieces.append(_assignment(part, inner, redactor, mailbox=mbox))
+            inner_where = Where(where.family, where.section, where.mailbox and inner.op == "=>")
+            pieces.append(_assignment(part, inner, redactor, inner_where))
         else:
             pieces.append(redactor.free_text(part) or part)
     return text[:lead] + "".join(pieces) + text[len(text) - tail_len :]
 
 
 def secretish(key: str) -> bool:
-    """Re-exported for the FreePBX readers: whether a key's name looks secret."""
+    """Whether a key's name looks secret (re-exported for tools)."""
     return is_secretish_key(key)

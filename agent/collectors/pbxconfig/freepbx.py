@@ -1,25 +1,101 @@
-"""FreePBX's own settings files: /etc/freepbx.conf (PHP) and /etc/amportal.conf (KEY=value).
+"""FreePBX's shell-style settings (/etc/amportal.conf, ``*.env``) and helpers for its PHP.
 
-FreePBX keeps its database and manager passwords here. Neither file is
-Asterisk syntax, so each has its own small reader; a line that mentions a
-secret but does not fit the one form we understand is masked whole (fail
-closed) rather than guessed at.
+amportal.conf is read by FreePBX's scripts as ``KEY=value`` lines, with shell
+quoting: ``'…'`` takes everything up to the next ``'`` (lines included),
+``"…"`` knows backslash escapes, a bare value ends at a blank and a trailing
+backslash continues it on the next line. A value whose name looks secret (or
+is one of FreePBX's password settings) is masked; a line that mentions a
+secret but is no assignment is masked whole (fail closed). /etc/freepbx.conf
+is PHP and is read by :mod:`agent.collectors.pbxconfig.php`.
 """
 
 from __future__ import annotations
 
 import re
 
-from agent.policy.redact import Redactor, is_secretish_key
+from agent.policy.masks import Mask, shift
+from agent.policy.redact import Redactor
+from agent.policy.secret_names import FREEPBX_SECRET_KEYS, is_secret_variable
+from agent.policy.value_shapes import shape_masks, user_password_masks
+
+__all__ = ["parse_amp_conf", "parse_shell_vars", "redact_shell", "shell_value_end"]
 
 # $amp_conf['AMPDBPASS'] = 'value';   (either quote, optional spaces, trailing comment)
 _PHP_ASSIGN = re.compile(
     r"""^(\s*\$amp_conf\s*\[\s*(['"])(\w+)\2\s*\]\s*=\s*)(['"])((?:\\.|(?!\4).)*)\4(\s*;.*)$""",
     re.S,
 )
-_PHP_COMMENT = re.compile(r"^\s*(?://|#|/\*|\*)")
-_SHELL_ASSIGN = re.compile(r"^(\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*)(.*?)(\s*)$", re.S)
-_SECRET_WORD = re.compile(r"(?i)pass|secret|pwd|token|cred|key|pin(?:code)?(?![a-z])")
+_SHELL_ASSIGN = re.compile(r"[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)=")
+_SHELL_LINE = re.compile(r"^(\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*)(.*?)(\s*)$", re.S)
+_SECRET_WORD = re.compile(r"(?i)pass|secret|pwd|token|cred|key|pin|auth|cookie|bearer")
+
+
+def shell_value_end(text: str, start: int) -> int:
+    """Where the shell word starting at ``start`` ends (quotes and continuations followed)."""
+    i, n = start, len(text)
+    while i < n:
+        c = text[i]
+        if c == "'":
+            j = text.find("'", i + 1)
+            i = n if j < 0 else j + 1
+        elif c == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            i = min(n, j + 1)
+        elif c == "\\":
+            i += 2
+        elif c in " \t\n;&|":
+            break
+        else:
+            i += 1
+    return min(i, n)
+
+
+def _content(text: str, a: int, b: int) -> tuple[int, int]:
+    """The value without one pair of surrounding quotes."""
+    if b - a >= 2 and text[a] in "'\"" and text[b - 1] == text[a]:
+        return a + 1, b - 1
+    return a, b
+
+
+def redact_shell(text: str, redactor: Redactor) -> str:
+    """Mask secrets in amportal.conf-style ``KEY=value`` files."""
+    masks: list[Mask] = []
+    pos, n = 0, len(text)
+    line_no = 1
+    while pos < n:
+        eol = text.find("\n", pos)
+        eol = n if eol < 0 else eol
+        line = text[pos:eol]
+        stripped = line.strip()
+        m = _SHELL_ASSIGN.match(text, pos)
+        if stripped.startswith("#") or not stripped:
+            masks += shift(shape_masks(line), pos)
+        elif m is not None and m.end() <= eol:
+            name = m.group(1)
+            end = shell_value_end(text, m.end())
+            a, b = _content(text, m.end(), end)
+            if b > a:
+                if name.lower() in FREEPBX_SECRET_KEYS:
+                    masks.append(Mask(a, b, "freepbx-key", name))
+                elif redactor.local.key_matches(name):
+                    masks.append(Mask(a, b, "local-key", name))
+                elif is_secret_variable(name):
+                    masks.append(Mask(a, b, "secret-variable", name))
+                else:
+                    masks += shift(user_password_masks(text[a:b]), a)
+            eol = text.find("\n", end)
+            eol = n if eol < 0 else eol
+            masks += shift(shape_masks(text[m.end() : eol]), m.end())
+        elif _SECRET_WORD.search(line):
+            lead = len(line) - len(line.lstrip())
+            masks.append(Mask(pos + lead, pos + len(line.rstrip()), "unparsed-line"))
+        else:
+            masks += shift(shape_masks(line), pos)
+        line_no += text.count("\n", pos, eol + 1)
+        pos = eol + 1
+    return redactor.render(text, masks, first_line=1)
 
 
 def _lines(text: str) -> list[tuple[str, str]]:
@@ -30,67 +106,8 @@ def _lines(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def redact_php(text: str, redactor: Redactor) -> str:
-    """Mask secrets in freepbx.conf: ``$amp_conf['KEY'] = '…';`` lines and anything else."""
-    out: list[str] = []
-    for body, ending in _lines(text):
-        out.append(_php_line(body, redactor) + ending)
-    return "".join(out)
-
-
-def _php_line(body: str, redactor: Redactor) -> str:
-    m = _PHP_ASSIGN.match(body)
-    if m is not None:
-        key, value = m.group(3), m.group(5)
-        new = redactor.assignment(key, value) if value else None
-        if new is None:
-            return body
-        return f"{m.group(1)}{m.group(4)}{new}{m.group(4)}{m.group(6)}"
-    changed = redactor.free_text(body)
-    if _PHP_COMMENT.match(body):
-        return changed if changed is not None else body
-    if _SECRET_WORD.search(body):
-        # PHP we do not model (define(), getenv(), arrays): never guess, mask it all.
-        return redactor.whole_line(body)
-    return changed if changed is not None else body
-
-
-def redact_shell(text: str, redactor: Redactor) -> str:
-    """Mask secrets in amportal.conf-style ``KEY=value`` files."""
-    out: list[str] = []
-    for body, ending in _lines(text):
-        out.append(_shell_line(body, redactor) + ending)
-    return "".join(out)
-
-
-def _shell_line(body: str, redactor: Redactor) -> str:
-    stripped = body.strip()
-    if not stripped:
-        return body
-    if stripped.startswith("#"):
-        return redactor.free_text(body) or body
-    m = _SHELL_ASSIGN.match(body)
-    if m is None:
-        if _SECRET_WORD.search(body):
-            return redactor.whole_line(body)
-        return redactor.free_text(body) or body
-    key, value = m.group(2), m.group(3)
-    if not value:
-        return body
-    if is_secretish_key(key):
-        new: str | None = redactor.assignment(key, value)
-        if new is not None and not new.startswith("<redacted:"):
-            # A secret-looking key the tables let through (a setting): still whole.
-            new = redactor.marker("secretish-key", value)
-    else:
-        new = redactor.assignment(key, value)
-    if new is None:
-        return body
-    return f"{m.group(1)}{new}{m.group(4)}"
-
-
 def parse_amp_conf(text: str) -> dict[str, str]:
-    """The ``$amp_conf`` settings of a freepbx.conf, for tools and tests (values as written)."""
+    """The one-line ``$amp_conf`` settings of a freepbx.conf, for tools and tests."""
     found: dict[str, str] = {}
     for body, _ in _lines(text):
         m = _PHP_ASSIGN.match(body)
@@ -105,7 +122,7 @@ def parse_shell_vars(text: str) -> dict[str, str]:
     for body, _ in _lines(text):
         if body.strip().startswith("#"):
             continue
-        m = _SHELL_ASSIGN.match(body)
+        m = _SHELL_LINE.match(body)
         if m is not None:
             found[m.group(2)] = m.group(3)
     return found

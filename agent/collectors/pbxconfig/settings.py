@@ -11,14 +11,16 @@ file by file, and the walk's own refusals are the last line, not the first.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.collectors.pbxconfig.sources import ALWAYS_FORBIDDEN, glob_regex
 from agent.confreader import Section
+from agent.policy.local_rules import LocalRules, compile_rules
 
 DEFAULT_ROOTS = (Path("/etc/asterisk"), Path("/etc/freepbx.conf"), Path("/etc/amportal.conf"))
 DEFAULT_EXCLUDE = ("/etc/asterisk/keys/**",)
@@ -52,6 +54,34 @@ _NEVER_OPENED: Mapping[str, str] = {str(p): "spool or key material" for p in ALW
 
 
 @dataclass(frozen=True, kw_only=True)
+class RedactExtra:
+    """``collectors.config.redact.extra``: the administrator's own rules (they only add)."""
+
+    keys: tuple[str, ...] = ()  # regexes over key and variable names
+    values: tuple[str, ...] = ()  # regexes searched in every line
+    arguments: tuple[tuple[str, tuple[int, ...]], ...] = ()  # application → positions
+
+    def rules(self) -> LocalRules:
+        """The compiled rules (validated when the configuration was loaded)."""
+        return _compiled(self)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(extra: RedactExtra) -> LocalRules:
+    rules, _ = compile_rules(
+        list(extra.keys), list(extra.values), [(n, list(p)) for n, p in extra.arguments]
+    )
+    return rules
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedactSettings:
+    """``collectors.config.redact``."""
+
+    extra: RedactExtra = field(default_factory=RedactExtra)
+
+
+@dataclass(frozen=True, kw_only=True)
 class SnapshotSettings:
     """How the configuration-snapshot collector finds and bounds its files."""
 
@@ -66,6 +96,40 @@ class SnapshotSettings:
     #: Trees never opened, on top of the built-in spools and key folders
     #: (agent.collectors.pbxconfig.sources.ALWAYS_FORBIDDEN, which cannot be removed).
     never_read: tuple[Path, ...] = ()
+    #: Local redaction rules, on top of the built-in ones (which cannot be removed).
+    redact: RedactSettings = field(default_factory=RedactSettings)
+
+
+def _redact(sec: Section) -> RedactSettings:
+    """Validate ``redact.extra``; a bad pattern is an error naming the key and line."""
+    red = sec.section("redact")
+    extra = red.section("extra")
+    keys = extra.str_list("keys", [])
+    values = extra.str_list("values", [])
+    args_sec = extra.section("arguments")
+    arguments: list[tuple[str, tuple[int, ...]]] = []
+    for name in list(args_sec.keys()):
+        raw = args_sec.raw(name)
+        items: list[object] = list(raw) if isinstance(raw, list) else [raw]
+        numbers = [i for i in items if isinstance(i, int) and not isinstance(i, bool)]
+        if not items or len(numbers) != len(items):
+            args_sec.problem(
+                str(name), "expected an argument number (from 1) or a list of them, e.g. [1, 3]"
+            )
+            continue
+        arguments.append((str(name), tuple(numbers)))
+    _, problems = compile_rules(list(keys), list(values), [(n, list(p)) for n, p in arguments])
+    for where, reason in problems:
+        if where.startswith("arguments."):
+            args_sec.problem(where.split(".", 1)[1], reason)
+        else:
+            field_name = where.split("[", 1)[0]
+            sec.problems.add(f"{extra.where}.{where}", reason, extra.line_of(field_name))
+    extra.finish()
+    red.finish()
+    return RedactSettings(
+        extra=RedactExtra(keys=tuple(keys), values=tuple(values), arguments=tuple(arguments))
+    )
 
 
 def root_problem(
@@ -111,6 +175,7 @@ def parse_settings(sec: Section, *, guarded: Mapping[str, str] | None = None) ->
         max_file=sec.size("max_file", d.max_file, min=1024, max=64 * 1024**2),
         max_total=sec.size("max_total", d.max_total, min=64 * 1024, max=1024**3),
         never_read=sec.path_list("never_read", []),
+        redact=_redact(sec),
     )
     trees = {**GUARDED_TREES, **(guarded or {})}
     for root in s.roots:

@@ -67,7 +67,8 @@ from agent.collectors.pbxconfig.sources import (
     iter_walk,
 )
 from agent.errors import StateError
-from agent.policy.redact import find_secret_material
+from agent.policy.local_rules import NO_LOCAL_RULES, LocalRules
+from agent.policy.redact import Finding, find_secret_material
 from agent.store import transaction
 
 __all__ = ["SCHEMA", "Outgoing", "Scan", "Store", "decode_content", "scan"]
@@ -130,15 +131,15 @@ def load_key(state_dir: Path, *, create: bool) -> tuple[bytes, bool]:
     return key, False
 
 
-def key_id(key: bytes) -> str:
+def key_id(key: bytes, local: LocalRules = NO_LOCAL_RULES) -> str:
     """What a cached result was made with: the key (a digest of it; stays on the box)
-    and the redaction code (:data:`filters.REDACTION_VERSION`).
+    the redaction code (:data:`filters.REDACTION_VERSION`) and the local rules.
 
     A cached result made otherwise is not used: the file is read and redacted
     again, and sent only if its redacted content differs.
     """
     digest = hashlib.sha256(b"pbx-config-snapshot key id" + key).hexdigest()[:16]
-    return f"{digest}/r{filters.REDACTION_VERSION}"
+    return f"{digest}/r{filters.redaction_id(local)}"
 
 
 # -- the state store ----------------------------------------------------------------
@@ -521,6 +522,7 @@ class FileResult:
     fired: dict[str, int]
     includes: list[list[Any]]  # [directive, argument, line]; argument as written
     text: str | None = None  # None: not sendable
+    findings: list[Finding] | None = None  # with explain: the rules fired, by line
 
 
 @dataclass(slots=True)
@@ -540,6 +542,8 @@ class Scan:
     problems: list[dict[str, Any]] = field(default_factory=list)  # the first few
     problems_total: int = 0
     fingerprint: str = ""
+    #: With explain (``agentctl snapshot --explain``): per file, the rules fired by line.
+    findings: dict[str, list[Finding]] = field(default_factory=dict)
     _problem_bytes: int = 0
 
     def summary_json(self) -> str:
@@ -583,7 +587,9 @@ class Scan:
         return str(self.problems[0]["problem"]) if self.problems else None
 
 
-def _process(c: Candidate, key: bytes, max_file: int) -> FileResult:
+def _process(
+    c: Candidate, key: bytes, max_file: int, local: LocalRules, explain: bool
+) -> FileResult:
     data = c.data or b""
     problems: list[str] = []
     try:
@@ -594,7 +600,7 @@ def _process(c: Candidate, key: bytes, max_file: int) -> FileResult:
         undecodable = True
         problems.append(f"undecodable bytes (first at offset {exc.start}): sent as U+FFFD")
     kind = filters.kind_of(PurePosixPath(c.path), text)
-    red = filters.redact_text(text, kind, key)
+    red = filters.redact_text(text, kind, key, name=c.path, local=local, explain=explain)
     base: dict[str, Any] = {"path": c.path, "size": c.size, "mode": f"{c.mode:04o}"}
     if red.dropped is not None:
         entry = {**base, "status": "skipped", "reason": "key-material", "detail": red.dropped}
@@ -613,7 +619,7 @@ def _process(c: Candidate, key: bytes, max_file: int) -> FileResult:
     includes: list[list[Any]] = []
     if kind in (filters.ASTERISK, filters.VOICEMAIL):
         includes = [[d.directive, d.argument, d.number] for d in directives(text)]
-    return FileResult(c.path, c.stamp, entry, dict(red.fired), includes, out)
+    return FileResult(c.path, c.stamp, entry, dict(red.fired), includes, out, red.findings)
 
 
 def _skipped_entry(s: Skipped) -> dict[str, Any]:
@@ -696,7 +702,7 @@ def unchanged_since_sent(
     stored, summary = meta.get("fingerprint"), meta.get("scan_summary")
     if not stored or not summary:
         return None
-    kid = key_id(key)
+    kid = key_id(key, settings.redact.extra.rules())
     fp = _Fingerprint(kid)
 
     def want(c: Candidate) -> bool:
@@ -730,9 +736,15 @@ def scan(
     *,
     forbidden: Sequence[Path] = (),
     ephemeral_key: bool = False,
+    explain: bool = False,
 ) -> Scan:
-    """Walk the roots, redact what changed, and build the manifest in ``store`` (nothing sent)."""
-    kid = key_id(key)
+    """Walk the roots, redact what changed, and build the manifest in ``store`` (nothing sent).
+
+    ``explain`` reads every file again (nothing from the cache) and keeps, per
+    file, which rule fired on which line (``agentctl snapshot --explain``).
+    """
+    local = settings.redact.extra.rules()
+    kid = key_id(key, local)
     policy = _policy(settings, forbidden)
     out = Scan(
         snapshot_id=f"{int(time.time())}-{secrets.token_hex(4)}",
@@ -751,6 +763,7 @@ def scan(
         # made (inode, size, mtime, ctime, mode), with this key and redaction code.
         row = cache.get(c.path)
         ok = row is not None and row.key_id == kid and row.stamp == _stamp_text(c.stamp)
+        ok = ok and not explain
         hit[0] = row if ok else None
         return not ok
 
@@ -772,7 +785,12 @@ def scan(
                     raise store._damaged("cache") from None
                 text = row.entry if store.canonical else canonical(entry)
             else:
-                r = _process(found, key, settings.max_file)
+                r = _process(found, key, settings.max_file, local, explain)
+                if r.findings:
+                    out.findings[found.path] = r.findings
+                elif explain and r.entry.get("reason") == "key-material":
+                    why = f"not sent: {r.entry.get('detail', 'key material')}"
+                    out.findings[found.path] = [Finding(0, "pem-private-key", why)]
                 found.data = None
                 out.files_read += 1
                 entry, fired, includes = r.entry, r.fired, r.includes

@@ -1,0 +1,245 @@
+"""Which names hold secrets: configuration keys, variables, parameters and headers.
+
+Two questions are asked of a name, and they differ on one word:
+
+- :func:`is_secret_key` for the options of Asterisk's modules (``secret``,
+  ``md5_cred``, ``dbpass`` …). Here ``auth`` is *not* a secret word: pjsip's
+  ``auth = 1000-auth``, ``auth_type = userpass``, ``outbound_auth`` and a dozen
+  others name objects or settings, and their values are structure.
+- :func:`is_secret_variable` for everything an administrator names: dialplan
+  and channel variables (``Set()``, ``MSet()``, ``setvar``, ``set_var``,
+  ``[globals]``, AEL, Lua), PHP keys, shell variables, URL query parameters,
+  HTTP header names. Here ``auth`` counts (``API_AUTH``, ``Authorization``).
+
+A name is secret when it holds one of the words below in any case, with any
+prefix or suffix (``__DB_PASS``, ``GLOBAL(TRUNK_TOKEN)``, ``CURLOPT(userpwd)``,
+``AMPDBPASS``), unless every such word sits inside a longer word that is known
+to mean something else (``KEYPAD``, ``PASSTHROUGH``, ``CREDIT``). ``pin`` counts
+only as a word ending (``USERPIN``, ``pin_code``), so ``PING`` and ``MAPPING``
+never match. The benign words were found by running the rules over Asterisk's
+sample configurations (tests/test_redaction_corpus.py), not guessed.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "BENIGN_WORDS",
+    "FREEPBX_SECRET_KEYS",
+    "KEY_FILE_KEYS",
+    "NOT_SECRET_KEYS",
+    "NOT_SECRET_VARIABLES",
+    "SECRET_KEYS",
+    "is_secret_key",
+    "is_secret_variable",
+    "is_setting_value",
+    "normalise_key",
+]
+
+#: Keys that hold secrets in Asterisk's modules (lower case; pjsip_wizard's
+#: ``outbound_auth/password`` is normalised to ``password``). From the modules'
+#: configuration documentation and configs/samples.
+SECRET_KEYS: frozenset[str] = frozenset(
+    {
+        # chan_sip, chan_iax2, chan_pjsip, pjsip_wizard, manager, ari, http, xmpp
+        "secret",
+        "md5secret",
+        "remotesecret",
+        "password",
+        "md5_cred",
+        "password_digest",
+        "oauth_secret",
+        "refresh_token",
+        "access_token",
+        "client_secret",
+        "tlsprivatekey",
+        "priv_key_file",
+        "private_key_file",
+        "privatekey",
+        "dtlsprivatekey",
+        "dtls_private_key",
+        "tlspassword",
+        "tls_password",
+        "tlspassphrase",
+        "passphrase",
+        # databases: res_odbc, res_config_mysql, res_pgsql, cdr_*, cel_*, res_ldap, iaxprov
+        "dbpass",
+        "dbpassword",
+        "passwd",
+        "pass",
+        # voicemail, meetme, confbridge, rtp (ICE/TURN), minivm, phoneprov
+        "authpassword",
+        "imapsecret",
+        "imappassword",
+        "pin",
+        "pincode",
+        "vmsecret",
+        "adminpin",
+        "userpin",
+        "admin_pin",
+        "turnpassword",
+        "ice_password",
+        "stunpassword",
+        # res_curl, prometheus, hep, websocket clients, stir_shaken
+        "userpwd",
+        "proxyuserpwd",
+        "ssl_keypasswd",
+        "auth_password",
+        "capture_password",
+        "proxy_password",
+    }
+)
+
+#: FreePBX settings (freepbx.conf ``$amp_conf[...]``, amportal.conf) that hold passwords.
+FREEPBX_SECRET_KEYS: frozenset[str] = frozenset(
+    {
+        "ampdbpass",
+        "ampmgrpass",
+        "cdrdbpass",
+        "foppassword",
+        "ari_admin_password",
+        "mysql_root_password",
+        "amppassword",
+        "ampdbpassword",
+    }
+)
+
+#: Keys whose value names a private key *file*. The file itself is never read (key
+#: folders are never opened); a plain absolute path is structure and stays.
+KEY_FILE_KEYS: frozenset[str] = frozenset(
+    {
+        "tlsprivatekey",
+        "priv_key_file",
+        "private_key_file",
+        "privatekey",
+        "dtlsprivatekey",
+        "dtls_private_key",
+        "ssl_key",
+        "tlskeyfile",
+    }
+)
+
+#: Keys the generic rule would catch whose values are settings, never secrets.
+#: Kept only while the value looks like a setting (:func:`is_setting_value`):
+#: a secret written under one of these names is still masked.
+NOT_SECRET_KEYS: frozenset[str] = frozenset(
+    {
+        "password_format",  # ari.conf: plain | crypt
+        "passwordlocation",  # voicemail.conf: voicemail.conf | spooldir
+        "minpassword",  # voicemail.conf: minimum PIN length
+        "promiscredir",  # sip.conf: yes | no ("cred" inside "promiscredir")
+        "requirecalltoken",  # iax.conf call tokens: yes | no | auto
+        "calltokenoptional",
+        "calltokenexpiration",
+        "maxcallnumbers_nonvalidated",
+        "keyrotate",  # iax.conf: on | off
+        "dtlsrekey",  # sip.conf: seconds
+        "dtls_rekey",  # pjsip.conf: seconds
+        "moh_passthrough",  # pjsip.conf: yes | no
+        "dtmf_passthrough",  # confbridge.conf: yes | no
+        "astkeydir",  # asterisk.conf: the folder of keys (a path; the keys are never read)
+        "inkeys",  # iax.conf, dundi.conf: names of public keys in astkeydir
+        "inkey",
+        "outkey",  # iax.conf, dundi.conf: the name of a private key in astkeydir
+        "secretpath",  # dundi.conf: the AstDB family that holds the rotating secret
+        "dbsecret",  # iax.conf: the AstDB family/key where the secret is kept
+        "immeddialkey",  # skinny.conf: the DTMF key that dials at once
+        "linekeys",  # phoneprov_users.conf: how many line keys a phone shows
+        "ssl_keytype",  # res_curl.conf: PEM | DER | ENG
+        "listen-control-forward-key",  # voicemail.conf: DTMF keys
+        "listen-control-reverse-key",
+        "listen-control-pause-key",
+        "listen-control-restart-key",
+        "listen-control-stop-key",
+        "vm-password",  # voicemail.conf: names of sound prompts
+        "vm-newpassword",
+        "vm-passchanged",
+        "vm-reenterpassword",
+        "vm-invalid-password",
+        "sound_get_pin",  # confbridge.conf: names of sound prompts
+        "sound_invalid_pin",
+        "externpass",  # voicemail.conf: path of a program that changes PINs
+        "externpassnotify",
+        "externpasscheck",
+        "pinless",
+    }
+)
+
+#: Dialplan write targets whose names hold a secret word but whose values are
+#: settings (checked like :data:`NOT_SECRET_KEYS`, lower case, spaces removed).
+NOT_SECRET_VARIABLES: frozenset[str] = frozenset(
+    {
+        "curlopt(httpauth)",  # basic | digest
+        "curlopt(ssl_keytype)",  # PEM | DER | ENG
+        "curlopt(ssl_key)",  # a path
+        "confbridge(user,dtmf_passthrough)",
+        "confbridge(bridge,dtmf_passthrough)",
+    }
+)
+
+#: Longer words that contain a secret word but mean something else, with why.
+#: A name is secret when some secret word in it is *not* inside one of these.
+BENIGN_WORDS: dict[str, str] = {
+    "passthrough": "a media or DTMF pass-through switch",
+    "passthru": "a media or DTMF pass-through switch",
+    "bypass": "a switch that skips a step",
+    "passive": "FTP passive mode",
+    "compass": "a word, not a password",
+    "keypad": "DTMF keypad settings",
+    "keyword": "search keywords",
+    "keyboard": "keyboard layouts",
+    "keypress": "DTMF key-press settings",
+    "keystroke": "DTMF key-stroke settings",
+    "monkey": "the tt-monkeys sound",
+    "linekey": "phone line keys (buttons)",
+    "softkey": "phone soft keys (buttons)",
+    "hotkey": "phone hot keys (buttons)",
+    "funckey": "phone function keys (buttons)",
+    "turnkey": "a word, not a key",
+    "keyrotate": "IAX2 key rotation on/off",
+    "credit": "call credit",
+    "calltoken": "IAX2 call-token settings",
+}
+
+_WORDS = r"pass|pwd|secret|token|key|cred|cookie|bearer|pin(?:code|s)?(?![a-z])"
+_KEY_WORD = re.compile(_WORDS)
+_VARIABLE_WORD = re.compile(_WORDS + r"|auth")
+_BENIGN = re.compile("|".join(sorted(BENIGN_WORDS, key=len, reverse=True)))
+_SETTING_VALUE = re.compile(
+    r"[A-Za-z_.-]{1,20}|\d{1,4}|[#*0-9]{1,10}|/[\w./-]{1,120}|[\w.-]+(?:/[\w.-]+)+"
+    r"|[A-Za-z][\w.-]{0,40}(?::[A-Za-z][\w.-]{0,40})*"
+)
+
+
+def normalise_key(key: str) -> str:
+    """A key as the tables hold it: lower case, pjsip_wizard's ``a/b`` reduced to ``b``."""
+    k = key.strip().lower()
+    return k.rsplit("/", 1)[-1]
+
+
+def _has_word(name: str, words: re.Pattern[str]) -> bool:
+    """Whether ``name`` (lower case) holds a secret word outside every benign word."""
+    found = list(words.finditer(name))
+    if not found:
+        return False
+    benign = [(m.start(), m.end()) for m in _BENIGN.finditer(name)]
+    if not benign:
+        return True
+    return any(not any(b0 <= m.start() and m.end() <= b1 for b0, b1 in benign) for m in found)
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a configuration key's name looks like it holds a secret."""
+    k = normalise_key(key)
+    return k in SECRET_KEYS or k in FREEPBX_SECRET_KEYS or _has_word(k, _KEY_WORD)
+
+
+def is_secret_variable(name: str) -> bool:
+    """Whether a variable, parameter or header name looks like it holds a secret."""
+    return _has_word(name.strip().lower(), _VARIABLE_WORD)
+
+
+def is_setting_value(value: str) -> bool:
+    """Whether ``value`` looks like a setting (a word, a small number, a path), not a secret."""
+    return _SETTING_VALUE.fullmatch(value.strip()) is not None
