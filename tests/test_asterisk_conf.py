@@ -13,9 +13,7 @@ from agent.collectors.pbxconfig.filters import redact_asterisk, redact_text
 from agent.policy.redact import Redactor
 
 BASE = PurePosixPath("/etc/asterisk")
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "asterisk-samples"
-if not SAMPLES.is_dir():
-    SAMPLES = Path("/work/shared/fixtures/asterisk-samples")
+SAMPLES = Path(__file__).resolve().parent / "fixtures" / "asterisk-samples"
 KEY = b"k" * 32
 
 
@@ -271,13 +269,9 @@ def test_fast_path_agrees_with_line_by_line(text: str, name: str) -> None:
 
 def test_fast_path_agrees_on_the_sample_corpus() -> None:
     """On every real sample without block comments, both paths give the same text."""
-    if not SAMPLES.is_dir():
-        import pytest
-
-        pytest.skip(f"Asterisk sample configurations not found at {SAMPLES}")
     checked = 0
     for f in sorted(SAMPLES.glob("*.sample")):
-        text = f.read_text(encoding="utf-8")
+        text = f.read_bytes().decode("utf-8", "surrogateescape")
         if ";--" in text or f.name.startswith("voicemail"):
             continue
         name = f.name.removesuffix(".sample")

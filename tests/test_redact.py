@@ -16,9 +16,7 @@ from agent.policy.redact import RULES, Redactor, find_secret_material
 
 KEY = b"\x01" * 32
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "pbx"
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "asterisk-samples"
-if not SAMPLES.is_dir():
-    SAMPLES = Path("/work/shared/fixtures/asterisk-samples")
+SAMPLES = Path(__file__).resolve().parent / "fixtures" / "asterisk-samples"
 
 
 def red(text: str, name: str = "test.conf") -> tuple[str, dict[str, int]]:
@@ -304,16 +302,11 @@ def test_fixture_tree_leaks_no_known_secret() -> None:
 
 def test_corpus_no_value_of_a_secret_key_survives() -> None:
     """Over Asterisk's own sample configs, no secret key's value survives on its line."""
-    if not SAMPLES.is_dir():
-        pytest.skip(
-            f"Asterisk sample configurations not found at {SAMPLES} "
-            "(../shared/fixtures/asterisk-samples); corpus check not run"
-        )
     checked = 0
     for f in sorted(SAMPLES.glob("*.conf.sample")):
-        text = f.read_text(encoding="utf-8")
+        text = f.read_bytes().decode("utf-8", "surrogateescape")
         name = f.name.removesuffix(".sample")
-        out = redact_text(text, kind_of(PurePosixPath(name), text), KEY).text
+        out = redact_text(text, kind_of(PurePosixPath(name), text), KEY, name=name).text
         before, after = text.splitlines(), out.splitlines()
         assert len(before) == len(after), f"{name}: lines dropped"
         for i, line in enumerate(ac.lex(text)):

@@ -204,6 +204,7 @@ TRIGGER = re.compile(
 
 _PEM_PRIVATE = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY( BLOCK)?-----")
 _MARKER = re.compile(r"<redacted:[a-z-]+:[0-9a-f]{12}>")
+_MAILBOX_ALIAS = re.compile(r"\s*[\w.+-]+@[\w.-]+\s*")
 _ABS_PATH = re.compile(r"<?/[^\s;,<>]+>?")
 
 
@@ -448,8 +449,14 @@ class Redactor:
         return self.conf_value(key, value, Where(mailbox=mailbox))
 
     def mailbox_masks(self, value: str) -> list[Mask]:
-        """Voicemail ``pin,fullname,email,pager,options``: the first four, secret options."""
+        """Voicemail ``pin,fullname,email,pager,options``: the first four, secret options.
+
+        ``alias => mailbox@context`` (an aliasescontext entry) holds no PIN: a
+        PIN is typed on a keypad and has no ``@``.
+        """
         out: list[Mask] = []
+        if _MAILBOX_ALIAS.fullmatch(value):
+            return out
         fields = split_args(value, 0, len(value), 5)
         for i, (a, b) in enumerate(fields):
             text = value[a:b]

@@ -305,7 +305,9 @@ def header_masks(text: str) -> list[Mask]:
         for m in _HEADER.finditer(text):
             name = m.group(1).lower()
             if name not in _HEADER_NAMES and not (
-                ("-" in name or name.startswith("x")) and is_secret_variable(name)
+                ("-" in name or name.startswith("x"))
+                and text[m.end() - 1] in " \t"  # "X-Api-Key: …", not "key1:key2"
+                and is_secret_variable(name)
             ):
                 continue
             start = m.end()
@@ -356,7 +358,9 @@ def token_format_masks(text: str) -> list[Mask]:
 # -- name = value inside text -------------------------------------------------------
 
 _INLINE = re.compile(
-    r"(?<![\w$])([\w./$\[\]'\"-]*?[\w\]'\"])[ \t]*(=>|=|:)[ \t]*"
+    # "name: value" needs a blank after the colon (YAML, prose): "user:secret@host"
+    # is a dial string's or URL's, read by their own rules.
+    r"(?<![\w$])([\w./$\[\]'\"-]*?[\w\]'\"])[ \t]*(=>[ \t]*|=[ \t]*|:[ \t]+)"
     r"(\"[^\"]*\"?|'[^']*'?|[^;,&|)\"'<\n]*[^;,&|)\"'<\s\\])"
 )
 
@@ -377,9 +381,11 @@ def inline_masks(text: str, *, colon: bool = True) -> list[Mask]:
             break
         # A pair that is not secret may hold one in its value ("note: token = x").
         pos = m.start(3)
+        if m.group(1).startswith("-"):
+            continue  # --option=value: a command line's, command_masks reads it
         name = m.group(1).strip("'\"[]$")
-        if m.group(2) == ":" and (not colon or m.group(3).startswith("//")):
-            continue  # a URL's scheme, not a pair
+        if m.group(2).startswith(":") and not colon:
+            continue
         if not is_secret_key(name.rsplit(".", 1)[-1]) and not is_secret_key(name):
             continue
         pos = m.end()
