@@ -271,7 +271,9 @@ class _Reader:
                 if s == "]":
                     names += inner
                     j = k - 1
-                    continue
+                    if j >= 0 and (self.toks[j].kind == "name" or self.s(j) in ("]", ")")):
+                        continue
+                    return names, k  # ["key"] = … in a table constructor
                 if k == 0 or self.toks[k - 1].kind != "name":
                     return None
                 names.append(f"{self.s(k - 1)}({','.join(inner)})")
@@ -290,20 +292,23 @@ class _Reader:
         return None
 
     def assignment(self, i: int) -> None:
-        end = self.expression_end(i + 1)
         names: list[str] = []
+        targets = 0
         j = i - 1
         while True:  # a, b.c, d["e"] = …
             found = self.chain(j)
             if found is None:
                 break
             names += found[0]
+            targets += 1
             j = found[1] - 1
             if self.s(j) != ",":
                 break
             j -= 1
         if not names:
             return
+        # Several targets take the values in order: mask the whole list of values.
+        end = self.expression_end(i + 1, (";",) if targets > 1 else (",", ";"))
         secret = self.secret(names)
         if secret is not None:
             self.literals(i + 1, end, *secret)
@@ -342,8 +347,19 @@ class _Reader:
             if not first:
                 data.append(",")
             first = False
+            depth = 0
             for x in range(j, end):
                 t = self.toks[x]
+                s = self.s(x)
+                if t.kind == "op" and s in ("(", "[", "{"):
+                    depth += 1
+                elif t.kind == "op" and s in (")", "]", "}"):
+                    depth -= 1
+                if depth or s in (")", "]", "}"):
+                    # An index or a call's own arguments: not the value itself.
+                    if not (data and data[-1] == "${_}"):
+                        data.append("${_}")
+                    continue
                 if t.kind in ("str", "num"):
                     a, b = (t.cstart, t.cend) if t.kind == "str" else (t.start, t.end)
                     pieces.append((sum(map(len, data)), a, b - a))
