@@ -654,3 +654,14 @@ def test_benign_variable_names(name: str) -> None:
     from agent.policy.secret_names import is_secret_variable
 
     assert not is_secret_variable(name)
+
+
+def test_rule_passcode_file() -> None:
+    """FreePBX's pinset files and DISA passcode files: every PIN masked, the rest kept."""
+    out, fired = red("1234\n98765#\n\n", "pinset_3")
+    assert "1234" not in out and "98765" not in out and out.count("\n") == 3
+    assert fired == {"passcode-file": 2}
+    text = '; DISA passcodes\n4321|keep-ctx|"Bob" <100>|100@default\n'
+    out, fired = red(text, "disa-passcodes")
+    assert "4321" not in out and "|keep-ctx|" in out and "; DISA passcodes" in out
+    assert fired == {"passcode-file": 1}

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from agent.policy.local_rules import NO_LOCAL_RULES, LocalRules
 from agent.policy.masks import Mask
 from agent.policy.secret_names import (
-    NOT_SECRET_VARIABLES,
     is_secret_key,
     is_secret_variable,
     is_setting_value,
@@ -265,7 +264,7 @@ def assignment_masks(
     flat = key.lower().replace(" ", "").replace("\t", "")
     if local.key_matches(key):
         return secret_value_masks(value, "local-key", key, value_start)
-    if is_secret_variable(key) and not (flat in NOT_SECRET_VARIABLES and is_setting_value(value)):
+    if is_secret_variable(key) and not is_setting_value(flat, value):
         return secret_value_masks(value, rule, key, value_start)
     return user_password_masks(value, value_start)
 

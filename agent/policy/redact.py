@@ -166,6 +166,12 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("voicemail-pin", "the PIN of a voicemail mailbox line", "1000 => 4242,Alice,…"),
     Rule(
+        "passcode-file",
+        "each PIN of a file of PINs or passcodes (FreePBX pinsets; Authenticate and "
+        "DISA password files named for what they hold)",
+        "/etc/asterisk/pinset_3: 1234",
+    ),
+    Rule(
         "voicemail-personal",
         "the name, e-mail and pager address of a mailbox line (personal data)",
         "1000 => …,Alice Smith,alice@example.com,pager@example.com",
@@ -402,7 +408,7 @@ class Redactor:
                 rule = "secret-key" if k in SECRET_KEYS else "secretish-key"
                 out += secret_value_masks(value, rule, k)
         elif plan == "setting":
-            if not is_setting_value(value):
+            if not is_setting_value(k, value):
                 out += secret_value_masks(value, "secretish-key", k)
         elif plan == "register":
             out += self._register_masks(value)
@@ -482,7 +488,7 @@ class Redactor:
                 name = part[:eq].strip()
                 v = part[eq + 1 :]
                 secret = is_secret_key(name) or self.local.key_matches(name)
-                setting = normalise_key(name) in NOT_SECRET_KEYS and is_setting_value(v)
+                setting = is_setting_value(name, v)
                 if v.strip() and secret and not setting:
                     out.append(Mask(pos + eq + 1, pos + len(part), "secret-key", name))
             pos += len(part) + 1

@@ -65,6 +65,7 @@ SECRET_KEYS: frozenset[str] = frozenset(
         "passphrase",
         # databases: res_odbc, res_config_mysql, res_pgsql, cdr_*, cel_*, res_ldap, iaxprov
         "dbpass",
+        "dbsecret",  # iax.conf: names an AstDB family/key; masked in case it is the secret
         "dbpassword",
         "passwd",
         "pass",
@@ -120,63 +121,68 @@ KEY_FILE_KEYS: frozenset[str] = frozenset(
     }
 )
 
-#: Keys the generic rule would catch whose values are settings, never secrets.
-#: Kept only while the value looks like a setting (:func:`is_setting_value`):
-#: a secret written under one of these names is still masked.
-NOT_SECRET_KEYS: frozenset[str] = frozenset(
-    {
-        "password_format",  # ari.conf: plain | crypt
-        "passwordlocation",  # voicemail.conf: voicemail.conf | spooldir
-        "minpassword",  # voicemail.conf: minimum PIN length
-        "promiscredir",  # sip.conf: yes | no ("cred" inside "promiscredir")
-        "requirecalltoken",  # iax.conf call tokens: yes | no | auto
-        "calltokenoptional",
-        "calltokenexpiration",
-        "maxcallnumbers_nonvalidated",
-        "keyrotate",  # iax.conf: on | off
-        "dtlsrekey",  # sip.conf: seconds
-        "dtls_rekey",  # pjsip.conf: seconds
-        "moh_passthrough",  # pjsip.conf: yes | no
-        "dtmf_passthrough",  # confbridge.conf: yes | no
-        "astkeydir",  # asterisk.conf: the folder of keys (a path; the keys are never read)
-        "inkeys",  # iax.conf, dundi.conf: names of public keys in astkeydir
-        "inkey",
-        "outkey",  # iax.conf, dundi.conf: the name of a private key in astkeydir
-        "secretpath",  # dundi.conf: the AstDB family that holds the rotating secret
-        "dbsecret",  # iax.conf: the AstDB family/key where the secret is kept
-        "immeddialkey",  # skinny.conf: the DTMF key that dials at once
-        "linekeys",  # phoneprov_users.conf: how many line keys a phone shows
-        "ssl_keytype",  # res_curl.conf: PEM | DER | ENG
-        "listen-control-forward-key",  # voicemail.conf: DTMF keys
-        "listen-control-reverse-key",
-        "listen-control-pause-key",
-        "listen-control-restart-key",
-        "listen-control-stop-key",
-        "vm-password",  # voicemail.conf: names of sound prompts
-        "vm-newpassword",
-        "vm-passchanged",
-        "vm-reenterpassword",
-        "vm-invalid-password",
-        "sound_get_pin",  # confbridge.conf: names of sound prompts
-        "sound_invalid_pin",
-        "externpass",  # voicemail.conf: path of a program that changes PINs
-        "externpassnotify",
-        "externpasscheck",
-        "pinless",
-    }
-)
+# What a setting's value looks like, by kind (the whole value must match).
+_BOOL = r"(?i:yes|no|on|off|true|false|auto|[01])"
+_NUMBER = r"\d{1,6}"
+_WORD = r"[A-Za-z][\w.-]{0,40}"
+_NAMES = _WORD + r"(?::" + _WORD + r")*"
+_PATH = r"/[\w./-]{1,200}"
+_DB_PATH = r"[\w.-]+(?:/[\w.-]+)*"
+_DTMF = r"[0-9#*]{1,12}"
+_PROMPT = r"[\w/.-]{1,80}"
+
+#: Keys the generic rule would catch whose values are settings, never secrets, with
+#: what such a value looks like: a secret written under one of these names (a value
+#: of another shape) is still masked.
+NOT_SECRET_KEYS: dict[str, str] = {
+    "password_format": r"(?i:plain|crypt)",  # ari.conf
+    "passwordlocation": r"(?i:voicemail\.conf|spooldir)",  # voicemail.conf
+    "minpassword": _NUMBER,  # voicemail.conf: minimum PIN length
+    "promiscredir": _BOOL,  # sip.conf ("cred" inside "promiscredir")
+    "requirecalltoken": _BOOL,  # iax.conf call tokens
+    "calltokenoptional": r"[\d./]{1,40}",  # iax.conf: an address/mask
+    "calltokenexpiration": _NUMBER,
+    "keyrotate": _BOOL,  # iax.conf
+    "dtlsrekey": _NUMBER,  # sip.conf: seconds
+    "dtls_rekey": _NUMBER,  # pjsip.conf: seconds
+    "moh_passthrough": _BOOL,  # pjsip.conf
+    "dtmf_passthrough": _BOOL,  # confbridge.conf
+    "astkeydir": _PATH,  # asterisk.conf: the folder of keys (never read)
+    "inkeys": _NAMES,  # iax.conf, dundi.conf: names of public keys in astkeydir
+    "inkey": _NAMES,
+    "outkey": _WORD,  # iax.conf, dundi.conf: the name of a private key in astkeydir
+    "secretpath": _DB_PATH,  # dundi.conf: the AstDB family of the rotating secret
+    "immeddialkey": _DTMF,  # skinny.conf: the DTMF key that dials at once
+    "linekeys": _NUMBER,  # phoneprov_users.conf: how many line keys a phone shows
+    "ssl_keytype": r"(?i:pem|der|eng)",  # res_curl.conf
+    "listen-control-forward-key": _DTMF,  # voicemail.conf: DTMF keys
+    "listen-control-reverse-key": _DTMF,
+    "listen-control-pause-key": _DTMF,
+    "listen-control-restart-key": _DTMF,
+    "listen-control-stop-key": _DTMF,
+    "vm-password": _PROMPT,  # voicemail.conf: names of sound prompts
+    "vm-newpassword": _PROMPT,
+    "vm-passchanged": _PROMPT,
+    "vm-reenterpassword": _PROMPT,
+    "vm-invalid-password": _PROMPT,
+    "sound_get_pin": _PROMPT,  # confbridge.conf: names of sound prompts
+    "sound_invalid_pin": _PROMPT,
+    "externpass": _PATH + r"(?: [^;]*)?",  # voicemail.conf: a program that changes PINs
+    "externpassnotify": _PATH + r"(?: [^;]*)?",
+    "externpasscheck": _PATH + r"(?: [^;]*)?",
+}
+_NOT_SECRET_RX = {k: re.compile(v) for k, v in NOT_SECRET_KEYS.items()}
 
 #: Dialplan write targets whose names hold a secret word but whose values are
-#: settings (checked like :data:`NOT_SECRET_KEYS`, lower case, spaces removed).
-NOT_SECRET_VARIABLES: frozenset[str] = frozenset(
-    {
-        "curlopt(httpauth)",  # basic | digest
-        "curlopt(ssl_keytype)",  # PEM | DER | ENG
-        "curlopt(ssl_key)",  # a path
-        "confbridge(user,dtmf_passthrough)",
-        "confbridge(bridge,dtmf_passthrough)",
-    }
-)
+#: settings (lower case, spaces removed), with what such a value looks like.
+NOT_SECRET_VARIABLES: dict[str, str] = {
+    "curlopt(httpauth)": r"(?i:basic|digest|any|anysafe|ntlm|negotiate)",
+    "curlopt(ssl_keytype)": r"(?i:pem|der|eng)",
+    "curlopt(ssl_key)": _PATH,
+    "confbridge(user,dtmf_passthrough)": _BOOL,
+    "confbridge(bridge,dtmf_passthrough)": _BOOL,
+}
+_NOT_SECRET_VAR_RX = {k: re.compile(v) for k, v in NOT_SECRET_VARIABLES.items()}
 
 #: Longer words that contain a secret word but mean something else, with why.
 #: A name is secret when some secret word in it is *not* inside one of these.
@@ -206,10 +212,6 @@ _WORDS = r"pass|pwd|secret|token|key|cred|cookie|bearer|pin(?:code|s)?(?![a-z])"
 _KEY_WORD = re.compile(_WORDS)
 _VARIABLE_WORD = re.compile(_WORDS + r"|auth")
 _BENIGN = re.compile("|".join(sorted(BENIGN_WORDS, key=len, reverse=True)))
-_SETTING_VALUE = re.compile(
-    r"[A-Za-z_.-]{1,20}|\d{1,4}|[#*0-9]{1,10}|/[\w./-]{1,120}|[\w.-]+(?:/[\w.-]+)+"
-    r"|[A-Za-z][\w.-]{0,40}(?::[A-Za-z][\w.-]{0,40})*"
-)
 
 
 def normalise_key(key: str) -> str:
@@ -240,6 +242,10 @@ def is_secret_variable(name: str) -> bool:
     return _has_word(name.strip().lower(), _VARIABLE_WORD)
 
 
-def is_setting_value(value: str) -> bool:
-    """Whether ``value`` looks like a setting (a word, a small number, a path), not a secret."""
-    return _SETTING_VALUE.fullmatch(value.strip()) is not None
+def is_setting_value(key: str, value: str) -> bool:
+    """Whether ``value`` of the setting ``key`` (a configuration key listed in
+    :data:`NOT_SECRET_KEYS`, or a dialplan write target listed in
+    :data:`NOT_SECRET_VARIABLES`) looks like the setting it is, not a secret."""
+    k = key.strip().lower().replace(" ", "").replace("\t", "")
+    rx = _NOT_SECRET_RX.get(normalise_key(k)) or _NOT_SECRET_VAR_RX.get(k)
+    return rx is not None and rx.fullmatch(value.strip()) is not None

@@ -63,6 +63,11 @@ _DIAL = re.compile(
 #: ``IAX2/user:[keyname]@host``: the name of an RSA key in astkeydir, not a secret.
 KEY_NAME = re.compile(r"\[[\w.-]+\]")
 _SIP_URI = re.compile(r"(?i)(?<![\w/])(sips?:[^:@\s;>\"'/]+:)([^@\s]+)(@)")
+#: ``user:password@host.example.com`` with no scheme (a DSN, an rsync or sshpass target).
+_BARE_USERINFO = re.compile(
+    r"(?<![\w/:@.%+-])([A-Za-z][\w.+-]{0,63}):([^\s:@/\"'<>{}$]{1,128})@"
+    r"(?=(?:[\w-]+(?:\.[\w-]+)+|localhost)\b)"
+)
 
 
 def _userinfo_end(rest: str) -> int:
@@ -117,6 +122,9 @@ def url_masks(text: str) -> list[Mask]:
     if "@" in text:
         for m in _SIP_URI.finditer(text):
             out.append(Mask(m.start(2), m.end(2), "url-credentials"))
+        for m in _BARE_USERINFO.finditer(text):
+            if m.group(1).lower() not in _NOT_USERS and not KEY_NAME.fullmatch(m.group(2)):
+                out.append(Mask(m.start(2), m.end(2), "url-credentials"))
     return out
 
 

@@ -34,6 +34,7 @@ from agent.policy.conf_fields import (
     family_of,
 )
 from agent.policy.local_rules import NO_LOCAL_RULES, LocalRules
+from agent.policy.masks import Mask
 from agent.policy.redact import Finding, Redactor, Where, find_secret_material, is_secretish_key
 
 ASTERISK = "asterisk"
@@ -42,6 +43,7 @@ FREEPBX_PHP = "freepbx-php"
 SHELL_VARS = "shell-vars"
 AEL = "ael"
 LUA = "lua"
+PASSCODES = "passcodes"
 TEXT = "text"
 
 #: Bump on any change that can alter the redacted text of some input: results
@@ -92,6 +94,9 @@ _WORDS_WITH_MARKS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
 #: ... and in dialplan files ([globals], extensions*), any variable: "auth" and user:pass.
 _DIALPLAN_NEEDLES = ("auth", ":")
 _SECRET_WORD = re.compile(r"(?i)pass|secret|pwd|token|cred|key|pin(?:code)?(?![a-z])")
+#: Files of bare PINs or passcodes: FreePBX's pinsets (ASTETCDIR/pinset_N) and files
+#: an administrator named for what they hold (files of no known syntax only).
+_PASSCODE_FILE = re.compile(r"^pinset_\d+$|passcode|passw(?:or)?d|^pins?(?:[._-]|$)|secret")
 _WORDLIKE = re.compile(r"[\w./@-]+")
 #: ... or a command-line flag that can carry a credential: -pX, -p X, -u user:pass,
 #: any --long option, and the short flags of the tools in agent.policy.value_shapes
@@ -129,6 +134,8 @@ def kind_of(path: PurePosixPath, text: str) -> str:
         return VOICEMAIL
     if name.endswith((".conf", ".custom", ".inc")) or ".conf." in name:
         return ASTERISK
+    if _PASSCODE_FILE.search(name):
+        return PASSCODES
     return TEXT
 
 
@@ -164,6 +171,8 @@ def redact_text(
         out = redact_ael(text, redactor)
     elif kind == LUA:
         out = redact_lua(text, redactor)
+    elif kind == PASSCODES:
+        out = _passcodes(text, redactor)
     elif kind == TEXT:
         out = _on_candidate_lines(text, _text_line, redactor, "")
     elif kind == ASTERISK and _fast_path_fits(text, family, local):
@@ -312,6 +321,24 @@ def _on_candidate_lines(text: str, fix: _LineFix, redactor: Redactor, family: st
         last = end
     append(text[last:])
     return "".join(out)
+
+
+def _passcodes(text: str, redactor: Redactor) -> str:
+    """A file of PINs or passcodes, one a line (FreePBX's pinset_N, Authenticate's and
+    DISA's password files): each line's first field is masked, comments kept."""
+    masks: list[Mask] = []
+    pos = 0
+    for raw in text.split("\n"):
+        body = raw.rstrip("\r")
+        stripped = body.strip()
+        if stripped and not stripped.startswith((";", "#")):
+            lead = len(body) - len(body.lstrip())
+            # DISA: passcode|context|callerid|mailbox@context: the rest is structure.
+            end = body.find("|", lead)
+            end = len(body.rstrip()) if end < 0 else end
+            masks.append(Mask(pos + lead, pos + end, "passcode-file", "passcode line"))
+        pos += len(raw) + 1
+    return redactor.render(text, masks, first_line=1)
 
 
 def _text_line(line: str, redactor: Redactor, where: Where) -> str:
