@@ -284,7 +284,7 @@ def test_fast_path_agrees_on_the_sample_corpus() -> None:
 
 
 _ORACLE_STRONG = re.compile(
-    r"(?i)pass|secret|pwd|token|cred|key|pin|cookie|bearer|setvar|set_var|disa\(|meetme\("
+    r"(?i)pass|secret|pwd|token|cred|key|pin|cookie|bearer|disa\(|meetme\("
     r"|senddtmf\(|aes_|mysql\(|authenticate|eyj|akia|xox|ghp_|glpat-|k_live_|aiza"
 )
 _ORACLE_FLAG = re.compile(r"(?i)(?<![\w\-./])-(?:[puwacxk]|-)")
@@ -309,6 +309,9 @@ _CANDIDATE_TOKENS = st.sampled_from(
         "cookie",
         "Bearer",
         "setvar",
+        "set_var",
+        "va",
+        "r",
         "DISA(",
         "Authenticate",
         "Dial",
@@ -338,15 +341,16 @@ def _oracle_starts(text: str) -> list[int]:
     for line in text.split("\n"):
         marked = ":" in line or "#" in line
         low = line.lower()
-        auth_marked = marked or any(m in low for m in ("?", "&", "$[", "set("))
+        auth_marked = marked or any(m in low for m in ("?", "&", "$"))
         if (
             _ORACLE_STRONG.search(line)
             or _ORACLE_FLAG.search(line)
             or ("@" in line and ":" in line)
             or (marked and _ORACLE_CRED.search(line))
             or (auth_marked and re.search("(?i)auth", line))
-            or (re.search("(?i)dial", line) and re.search("(?i)d\\(", line))
-            or (re.search("(?i)set\\(", line) and ":" in line)
+            or (re.search("(?i)dial", line) and "(" in line)
+            or (re.search("(?i)set\\(", line) and (":" in line or re.search("(?i)auth", line)))
+            or re.search("(?i)set_?var", line)
         ):
             starts.append(pos)
         pos += len(line) + 1

@@ -63,9 +63,6 @@ VOICEMAIL_SETTINGS_SECTIONS = frozenset({"general", "zonemessages"})
 _SECRET_WORDS = ("pass", "secret", "pwd", "token", "cred", "key", "pin", "cookie", "bearer")
 _NEEDLES = (
     *_SECRET_WORDS,
-    # channel variables set from a channel's configuration
-    "setvar",
-    "set_var",
     # dialplan applications and functions with a secret argument (agent.policy.dialplan)
     "disa(",
     "meetme(",
@@ -82,14 +79,19 @@ _NEEDLES = (
     "k_live_",
     "aiza",
 )
-#: ... or one of these words together with one of their marks ...
+#: ... or one of these words together with one of their marks (the loop runs over
+#: whichever is rarer in the file) ...
 _WORDS_WITH_MARKS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("@",), (":",)),  # credentials in a dial string, URL or registration
     (("regist", "mwi"), (":", "#")),  # register => user:secret@host
-    # auth lines, headers, URL parameters, Authenticate() and other dialplan calls
-    (("auth",), (":", "#", "?", "&", "$[", "set(")),
-    (("dial",), ("d(",)),  # Dial()'s D(digits) option
-    (("set(",), (":",)),  # Set(LOGIN=user:pass)
+    (("auth",), (":", "#", "?", "&", "$")),  # auth lines, headers, parameters, $[…]
+)
+#: ... or a rare needle on a line that also holds one of these (the loop runs over
+#: the needle): every distinct string searched costs a pass over the text.
+_NEEDLES_WITH_MARKS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("var", ("setvar", "set_var")),  # channel variables set from a channel's config
+    ("set(", (":", "auth")),  # Set(LOGIN=user:pass), Set(API_AUTH=…)
+    ("dial", ("(",)),  # Dial()'s D(digits) option
 )
 #: ... and in dialplan files ([globals], extensions*), any variable: "auth" and user:pass.
 _DIALPLAN_NEEDLES = ("auth", ":")
@@ -259,6 +261,8 @@ def _candidate_starts(
             _lines_holding(low, word, (), starts)
     for m in _FLAG.finditer(low):
         starts.add(low.rfind("\n", 0, m.start()) + 1)
+    for needle, also in _NEEDLES_WITH_MARKS:
+        _lines_holding(low, needle, also, starts)
     for words, all_marks in _WORDS_WITH_MARKS:
         if not any(w in low for w in words):
             continue
