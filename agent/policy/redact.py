@@ -50,7 +50,7 @@ from agent.policy.conf_fields import (
 )
 from agent.policy.dialplan import assignment_masks, call_masks, dialplan_masks, split_args
 from agent.policy.local_rules import NO_LOCAL_RULES, LocalRules
-from agent.policy.masks import Mask, merge, shift
+from agent.policy.masks import Mask, merge
 from agent.policy.secret_names import (
     FREEPBX_SECRET_KEYS,
     KEY_FILE_KEYS,
@@ -542,10 +542,6 @@ class Redactor:
         out = self.render(value, masks)
         return out if out != value else None
 
-    def text_masks(self, text: str) -> list[Mask]:
-        """Every shape rule, ``name=value`` pairs included, over text of no known syntax."""
-        return shape_masks(text)
-
     def free_text(self, text: str) -> str | None:
         """Secrets inside text of no known syntax (comments, ``#exec`` arguments).
 
@@ -593,8 +589,3 @@ class Redactor:
             last = m.end
         out.append(text[last:])
         return "".join(out)
-
-
-def masks_at(masks: Iterable[Mask], offset: int) -> list[Mask]:
-    """Masks of a part moved to where the part stands in its whole."""
-    return shift(masks, offset)

@@ -35,7 +35,7 @@ from agent.policy.conf_fields import (
 )
 from agent.policy.local_rules import NO_LOCAL_RULES, LocalRules
 from agent.policy.masks import Mask
-from agent.policy.redact import Finding, Redactor, Where, find_secret_material, is_secretish_key
+from agent.policy.redact import Finding, Redactor, Where, find_secret_material
 
 ASTERISK = "asterisk"
 VOICEMAIL = "voicemail"
@@ -470,8 +470,3 @@ def _comment(text: str, redactor: Redactor, where: Where) -> str:
         else:
             pieces.append(redactor.free_text(part) or part)
     return text[:lead] + "".join(pieces) + text[len(text) - tail_len :]
-
-
-def secretish(key: str) -> bool:
-    """Whether a key's name looks secret (re-exported for tools)."""
-    return is_secretish_key(key)

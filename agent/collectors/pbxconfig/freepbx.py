@@ -63,7 +63,6 @@ def redact_shell(text: str, redactor: Redactor) -> str:
     """Mask secrets in amportal.conf-style ``KEY=value`` files."""
     masks: list[Mask] = []
     pos, n = 0, len(text)
-    line_no = 1
     while pos < n:
         eol = text.find("\n", pos)
         eol = n if eol < 0 else eol
@@ -93,7 +92,6 @@ def redact_shell(text: str, redactor: Redactor) -> str:
             masks.append(Mask(pos + lead, pos + len(line.rstrip()), "unparsed-line"))
         else:
             masks += shift(shape_masks(line), pos)
-        line_no += text.count("\n", pos, eol + 1)
         pos = eol + 1
     return redactor.render(text, masks, first_line=1)
 
