@@ -665,3 +665,14 @@ def test_rule_passcode_file() -> None:
     out, fired = red(text, "disa-passcodes")
     assert "4321" not in out and "|keep-ctx|" in out and "; DISA passcodes" in out
     assert fired == {"passcode-file": 1}
+
+
+def test_json_and_xml_members_with_secret_names() -> None:
+    """A JSON member or XML element named like a secret, inside a value or a text file."""
+    out, fired = red(
+        '[c]\nexten => 1,1,Set(BODY={"api_key":"Jx1Tok","to":"100","n":null})\n',
+        "extensions.conf",
+    )
+    assert "Jx1Tok" not in out and '"to":"100"' in out and fired == {"inline-secret": 1}
+    out, fired = red("<c><password>Jx2Tok</password><user>keep</user></c>\n", "phone.xml")
+    assert "Jx2Tok" not in out and "<user>keep</user>" in out and fired == {"inline-secret": 1}

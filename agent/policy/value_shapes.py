@@ -373,6 +373,29 @@ _INLINE = re.compile(
 )
 
 
+_JSON_PAIR = re.compile(r'"((?:[^"\\]|\\.){1,80})"[ \t]*:[ \t]*("(?:[^"\\]|\\.)*"|-?\d[\d.]*)')
+_XML_ELEMENT = re.compile(r"<([A-Za-z][\w.:-]{0,80})(?:\s[^<>]*)?>([^<]{1,4096})</\1\s*>")
+
+
+def structured_masks(text: str) -> list[Mask]:
+    """Secret-named members of JSON objects (a string or a number) and XML elements."""
+    out: list[Mask] = []
+    if '"' in text and ":" in text:
+        for m in _JSON_PAIR.finditer(text):
+            value = m.group(2)
+            if is_secret_variable(m.group(1)):
+                a, b = m.span(2)
+                if value.startswith('"'):
+                    a, b = a + 1, b - 1
+                if b > a and not is_reference(text[a:b]):
+                    out.append(Mask(a, b, "inline-secret", m.group(1)))
+    if "</" in text:
+        for m in _XML_ELEMENT.finditer(text):
+            if is_secret_variable(m.group(1)) and m.group(2).strip():
+                out.append(Mask(m.start(2), m.end(2), "inline-secret", m.group(1)))
+    return out
+
+
 def inline_masks(text: str, *, colon: bool = True) -> list[Mask]:
     """``name = value`` pairs with a secret-looking name inside free text.
 
@@ -422,6 +445,7 @@ def shape_masks(
         out += command_masks(text)
     if inline:
         out += inline_masks(text, colon=colon)
+        out += structured_masks(text)
     return out
 
 
