@@ -378,12 +378,16 @@ _XML_ELEMENT = re.compile(r"<([A-Za-z][\w.:-]{0,80})(?:\s[^<>]*)?>([^<]{1,4096})
 
 
 def structured_masks(text: str) -> list[Mask]:
-    """Secret-named members of JSON objects (a string or a number) and XML elements."""
+    """Secret-named members of JSON objects (a string or a number) and XML elements.
+
+    Names are judged as configuration keys are (``auth`` alone does not count:
+    ``<auth>`` and ``"auth"`` name sections at least as often as secrets).
+    """
     out: list[Mask] = []
     if '"' in text and ":" in text:
         for m in _JSON_PAIR.finditer(text):
             value = m.group(2)
-            if is_secret_variable(m.group(1)):
+            if is_secret_key(m.group(1)):
                 a, b = m.span(2)
                 if value.startswith('"'):
                     a, b = a + 1, b - 1
@@ -391,7 +395,7 @@ def structured_masks(text: str) -> list[Mask]:
                     out.append(Mask(a, b, "inline-secret", m.group(1)))
     if "</" in text:
         for m in _XML_ELEMENT.finditer(text):
-            if is_secret_variable(m.group(1)) and m.group(2).strip():
+            if is_secret_key(m.group(1)) and m.group(2).strip():
                 out.append(Mask(m.start(2), m.end(2), "inline-secret", m.group(1)))
     return out
 
