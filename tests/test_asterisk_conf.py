@@ -223,6 +223,8 @@ _RULE_TOKENS = [
     "MSet(",
     "Dial(x,,D(",
     "AES_ENCRYPT(",
+    "AES_DECRYPT(",
+    "Authenticate",
     "MYSQL(Connect c h u ",
     "Gosub(sub-pin,s,1(",
     "Macro(auth,",
@@ -263,7 +265,8 @@ def test_fast_path_agrees_with_line_by_line(text: str, name: str) -> None:
 
     text = text.replace(";--", "; -")
     fast = redact_text(text, "asterisk", KEY, name=name).text
-    slow = redact_asterisk(text, Redactor(KEY), voicemail=False, family=family_of(name))
+    redactor = Redactor(KEY, tokens=False)
+    slow = redact_asterisk(text, redactor, voicemail=False, family=family_of(name))
     assert fast == slow
 
 
@@ -277,7 +280,7 @@ def test_fast_path_agrees_on_the_sample_corpus() -> None:
         name = f.name.removesuffix(".sample")
         family = __import__("agent.policy.conf_fields", fromlist=["x"]).family_of(name)
         assert redact_text(text, "asterisk", KEY, name=name).text == redact_asterisk(
-            text, Redactor(KEY), voicemail=False, family=family
+            text, Redactor(KEY, tokens=False), voicemail=False, family=family
         ), f.name
         checked += 1
     assert checked >= 10
@@ -285,7 +288,7 @@ def test_fast_path_agrees_on_the_sample_corpus() -> None:
 
 _ORACLE_STRONG = re.compile(
     r"(?i)pass|secret|pwd|token|cred|key|pin|cookie|bearer|disa\(|meetme\("
-    r"|senddtmf\(|aes_|mysql\(|authenticate|eyj|akia|xox|ghp_|glpat-|k_live_|aiza"
+    r"|senddtmf\(|aes_encrypt\(|aes_decrypt\(|mysql\(|authenticate\("
 )
 _ORACLE_FLAG = re.compile(r"(?i)(?<![\w\-./])-(?:[puwacxk]|-)")
 _ORACLE_CRED = re.compile(r"(?i)regist|mwi")
@@ -314,6 +317,8 @@ _CANDIDATE_TOKENS = st.sampled_from(
         "r",
         "DISA(",
         "Authenticate",
+        "Authenticate(",
+        "aes_encrypt(",
         "Dial",
         "D(",
         "Set(",
@@ -348,7 +353,7 @@ def _oracle_starts(text: str) -> list[int]:
             or ("@" in line and ":" in line)
             or (marked and _ORACLE_CRED.search(line))
             or (auth_marked and re.search("(?i)auth", line))
-            or (re.search("(?i)dial", line) and "(" in line)
+            or re.search("(?i)dial\\(", line)
             or (re.search("(?i)set\\(", line) and (":" in line or re.search("(?i)auth", line)))
             or re.search("(?i)set_?var", line)
         ):
@@ -374,5 +379,5 @@ def test_fast_path_agrees_with_line_by_line_beyond_ascii(text: str) -> None:
     """With letters whose case rules are odd (İ ı ſ K), both paths still mask the same."""
     text = text.replace(";--", "; -")
     fast = redact_text(text, "asterisk", KEY).text
-    slow = redact_asterisk(text, Redactor(KEY), voicemail=False)
+    slow = redact_asterisk(text, Redactor(KEY, tokens=False), voicemail=False)
     assert fast == slow

@@ -492,11 +492,14 @@ def test_rule_auth_header() -> None:
 
 
 def test_rule_token_format() -> None:
-    """Tokens whose format gives them away are masked under any key."""
+    """Tokens whose format gives them away are masked in text of free syntax, under any name."""
     jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJlLXZhbHVl"
-    out, fired = red(f"[x]\nwebhook = {jwt}\nnote = AKIAIOSFODNN7EXAMPLE\n")
+    text = f"<?php\n$hook = '{jwt}';\n// AKIAIOSFODNN7EXAMPLE\n"
+    out, fired = red(text, "module.php")
     assert jwt not in out and "AKIAIOSFODNN7EXAMPLE" not in out
     assert fired == {"token-format": 2}
+    out, fired = red(f"notes for {jwt}\n", "notes.txt")
+    assert jwt not in out and fired == {"token-format": 1}
 
 
 def test_rule_local_key() -> None:

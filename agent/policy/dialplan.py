@@ -158,7 +158,10 @@ NO_SECRET_ARGUMENTS: dict[str, str] = {
     "hangupcause_keys": "HANGUPCAUSE_KEYS(): channel names",
 }
 
-_CALL = re.compile(r"(?<![\w$])([A-Za-z_][\w.]*)[ \t]*\(")
+# Asterisk takes an application's name up to the "(" (pbx_config.c): "Dial (…)" names
+# no application. AEL's grammar allows blanks there.
+_CALL = re.compile(r"(?<![\w$])([A-Za-z_][\w.]*)\(")
+_CALL_AEL = re.compile(r"(?<![\w$])([A-Za-z_][\w.]*)[ \t]*\(")
 _CMP = re.compile(
     r"\$\{([A-Za-z_]\w*)\}\"?[ \t]*(?:!=|==|=)[ \t]*\"?([^\"\s\]?:&|()]+)"
     r"|\"?([^\"\s\[\]$()?:&|=]+)\"?[ \t]*(?:!=|==|=)[ \t]*\"?\$\{([A-Za-z_]\w*)\}"
@@ -270,14 +273,23 @@ def assignment_masks(
 
 
 def dialplan_masks(
-    text: str, start: int = 0, end: int | None = None, *, local: LocalRules = NO_LOCAL_RULES
+    text: str,
+    start: int = 0,
+    end: int | None = None,
+    *,
+    local: LocalRules = NO_LOCAL_RULES,
+    ael: bool = False,
 ) -> list[Mask]:
-    """Masks for every application or function call in ``text[start:end]``, nested ones too."""
+    """Masks for every application or function call in ``text[start:end]``, nested ones too.
+
+    ``ael``: AEL's syntax, where blanks may stand between a name and its "(".
+    """
     stop = len(text) if end is None else end
     out: list[Mask] = []
     pos = start
+    call = _CALL_AEL if ael else _CALL
     while True:
-        m = _CALL.search(text, pos, stop)
+        m = call.search(text, pos, stop)
         if m is None:
             break
         open_ = m.end()

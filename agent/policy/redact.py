@@ -318,13 +318,19 @@ class Redactor:
     """
 
     def __init__(
-        self, key: bytes, *, local: LocalRules = NO_LOCAL_RULES, explain: bool = False
+        self,
+        key: bytes,
+        *,
+        local: LocalRules = NO_LOCAL_RULES,
+        explain: bool = False,
+        tokens: bool = True,
     ) -> None:
         if len(key) < 16:
             raise ValueError("the fingerprint key must be at least 16 bytes")
         self._inner, self._outer = _hmac_pads(key)
         self.local = local
         self._local = bool(local)
+        self.tokens = tokens  # look for token formats (JWT, AWS …) in shapes
         self.fired: Counter[str] = Counter()
         self.findings: list[Finding] | None = [] if explain else None
         self.line = 0
@@ -427,13 +433,13 @@ class Redactor:
             out += dialplan_masks(value, local=self.local)
         if where.family == "features" and where.section.lower() == "applicationmap":
             out += self._application_map(value)
-        out += shape_masks(value, colon=False)
+        out += shape_masks(value, colon=False, tokens=self.tokens)
         return out
 
     def conf_value(self, key: str, value: str, where: Where = _NOWHERE) -> str | None:
         """The redacted value of ``key = value``, or None when nothing in it is secret."""
         plan, k = _plan(key, where.family, where.section, where.mailbox)
-        if not self._local and is_plain(value) and where.family != "features":
+        if not self._local and is_plain(value, tokens=self.tokens) and where.family != "features":
             # The common cases without a mark any shape needs: decided here, cheaply.
             if plan == "none":
                 return None
@@ -536,7 +542,8 @@ class Redactor:
     def embedded(self, value: str) -> str | None:
         """Credentials embedded in a value: dial strings, URLs, SIP URIs, headers, tokens."""
         masks = dial_masks(value) + url_masks(value) + header_masks(value)
-        masks += token_format_masks(value)
+        if self.tokens:
+            masks += token_format_masks(value)
         if not masks:
             return None
         out = self.render(value, masks)
@@ -547,7 +554,7 @@ class Redactor:
 
         Returns None when nothing was found.
         """
-        masks = shape_masks(text)
+        masks = shape_masks(text, tokens=self.tokens)
         if not masks:
             return None
         out = self.render(text, masks)

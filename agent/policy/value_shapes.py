@@ -346,14 +346,18 @@ def header_masks(text: str) -> list[Mask]:
 _TOKEN_HINTS = ("eyJ", "AKIA", "xox", "ghp_", "glpat-", "k_live_", "AIza")
 #: Text without any of the marks the shapes need (@ : = ? & - blanks quotes …) and
 #: without the start of a token format.
+_PLAIN_CHARS = re.compile(r"[A-Za-z0-9_.+/!#$%*~^,;|()\[\]]*")
 _PLAIN = re.compile(
-    r"(?!.*(?:" + "|".join(map(re.escape, _TOKEN_HINTS)) + r"))[A-Za-z0-9_.+/!#$%*~^,;|()\[\]]*"
+    r"(?!.*(?:" + "|".join(map(re.escape, _TOKEN_HINTS)) + r"))" + _PLAIN_CHARS.pattern
 )
 
 
-def is_plain(text: str) -> bool:
-    """Whether ``text`` lacks every mark a shape rule needs (most values do)."""
-    return _PLAIN.fullmatch(text) is not None
+def is_plain(text: str, *, tokens: bool = True) -> bool:
+    """Whether ``text`` lacks every mark a shape rule needs (most values do).
+
+    ``tokens``: the token formats are looked for too (then their first letters count).
+    """
+    return (_PLAIN if tokens else _PLAIN_CHARS).fullmatch(text) is not None
 
 
 def token_format_masks(text: str) -> list[Mask]:
@@ -436,15 +440,21 @@ def inline_masks(text: str, *, colon: bool = True) -> list[Mask]:
 
 
 def shape_masks(
-    text: str, *, inline: bool = True, colon: bool = True, command: bool = True
+    text: str,
+    *,
+    inline: bool = True,
+    colon: bool = True,
+    command: bool = True,
+    tokens: bool = True,
 ) -> list[Mask]:
     """Every shape rule over ``text`` (``inline``: also name=value pairs inside it)."""
-    if is_plain(text):
+    if is_plain(text, tokens=tokens):
         return []  # no mark any shape needs (most values: one cheap check)
     out = dial_masks(text)
     out += url_masks(text)
     out += header_masks(text)
-    out += token_format_masks(text)
+    if tokens:
+        out += token_format_masks(text)
     if command:
         out += command_masks(text)
     if inline:

@@ -112,7 +112,7 @@ def statement_masks(code: str, a: int, b: int, local: LocalRules) -> list[Mask]:
     if asg is not None and asg.group(1).count("(") == asg.group(1).count(")"):
         va, vb = _unquoted(code, asg.end(), b)
         out += assignment_masks(asg.group(1), va, vb, code, local=local)
-    out += dialplan_masks(code, start, b, local=local)
+    out += dialplan_masks(code, start, b, local=local, ael=True)
     out += comparison_masks(code, start, b)
     out += shift(shape_masks(code[start:b], colon=False), start)
     return out

@@ -61,23 +61,19 @@ VOICEMAIL_SETTINGS_SECTIONS = frozenset({"general", "zonemessages"})
 
 #: A line can only change if it holds one of these (lower case) ...
 _SECRET_WORDS = ("pass", "secret", "pwd", "token", "cred", "key", "pin", "cookie", "bearer")
-_NEEDLES = (
-    *_SECRET_WORDS,
-    # dialplan applications and functions with a secret argument (agent.policy.dialplan)
-    "disa(",
-    "meetme(",
-    "senddtmf(",
-    "aes_",
-    "mysql(",
-    "authenticate",
-    # token formats (agent.policy.value_shapes)
-    "eyj",
-    "akia",
-    "xox",
-    "ghp_",
-    "glpat-",
-    "k_live_",
-    "aiza",
+_NEEDLES = ("pass", "secret", "pwd", "cred", "pin", "bearer")
+#: ... or one of these, grouped behind a rarer character: each regular expression
+#: starts with a literal the engine finds at C speed, and stands for several strings
+#: (every distinct string searched would otherwise cost a pass over the text) ...
+_GROUPED = (
+    re.compile(r"k(?:ey|(?<=tok)en|(?<=cook)ie)"),  # key, token, cookie
+    # dialplan applications and functions with a secret argument (agent.policy.dialplan),
+    # and Dial (its D(digits) option)
+    re.compile(
+        r"\((?:(?<=disa\()|(?<=meetme\()|(?<=senddtmf\()|(?<=mysql\()|(?<=authenticate\()"
+        r"|(?<=aes_encrypt\()|(?<=aes_decrypt\()|(?<=dial\())"
+    ),
+    re.compile(r"v(?:(?<=setv)|(?<=set_v))ar"),  # setvar, set_var: channel variables
 )
 #: ... or one of these words together with one of their marks (the loop runs over
 #: whichever is rarer in the file) ...
@@ -89,12 +85,12 @@ _WORDS_WITH_MARKS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
 #: ... or a rare needle on a line that also holds one of these (the loop runs over
 #: the needle): every distinct string searched costs a pass over the text.
 _NEEDLES_WITH_MARKS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("var", ("setvar", "set_var")),  # channel variables set from a channel's config
     ("set(", (":", "auth")),  # Set(LOGIN=user:pass), Set(API_AUTH=…)
-    ("dial", ("(",)),  # Dial()'s D(digits) option
 )
 #: ... and in dialplan files ([globals], extensions*), any variable: "auth" and user:pass.
 _DIALPLAN_NEEDLES = ("auth", ":")
+#: ... and in text of free syntax, the token formats of agent.policy.value_shapes.
+_TOKEN_NEEDLES = ("eyj", "akia", "xox", "ghp_", "glpat-", "k_live_", "aiza")
 _SECRET_WORD = re.compile(r"(?i)pass|secret|pwd|token|cred|key|pin(?:code)?(?![a-z])")
 #: Files of bare PINs or passcodes: FreePBX's pinsets (ASTETCDIR/pinset_N) and files
 #: an administrator named for what they hold (files of no known syntax only).
@@ -105,9 +101,10 @@ _WORDLIKE = re.compile(r"[\w./@-]+")
 #: (-w, -a, -c, -x, -k); the same boundary as the shape rules. One regular
 #: expression: it looks only at each "-", in C.
 _FLAG = re.compile(r"-(?<![\w\-./]-)(?:[puwacxk]|-)")
-_SECTION = re.compile(r"^[ \t]*\[([^\]\n]*)\]", re.M)
+#: A section header as the lexer sees it: "[" up to the first "]", no comment before it.
+_SECTION = re.compile(r"^[ \t]*\[((?:[^\]\n;\\]|\\.)*)\]", re.M)
 #: Sections whose values hold secrets by position, whatever the file is called.
-_POSITIONAL_SECTION = re.compile(r"(?i)\[(?:rooms|applicationmap)\]")
+_POSITIONAL_SECTION = re.compile(r"\[(?i:rooms|applicationmap)\]")
 
 
 @dataclass(slots=True)
@@ -160,7 +157,11 @@ def redact_text(
     ``name`` is the file's name (its type decides positional rules); ``local``
     the administrator's extra rules; ``explain`` lists each rule fired by line.
     """
-    redactor = Redactor(key, local=local, explain=explain)
+    # Token formats (JWT, AWS, …) are looked for in text of free syntax; Asterisk's
+    # own files keep secrets under keys and positions, and looking for every
+    # format in every line would cost the fast path a pass over the text each.
+    tokens = kind not in (ASTERISK, VOICEMAIL)
+    redactor = Redactor(key, local=local, explain=explain, tokens=tokens)
     reason = find_secret_material(text)
     if reason is not None:
         return Redacted("", Counter({"pem-private-key": 1}), [], dropped=reason)
@@ -189,6 +190,7 @@ def _fast_path_fits(text: str, family: str, local: LocalRules) -> bool:
     """Whether candidate lines are enough: no blocks, no positional file, no local key rule."""
     if ";--" in text or family in FULL_PARSE_FAMILIES or local.keys:
         return False
+    # Sections whose values hold secrets by position, whatever the file is called.
     return _POSITIONAL_SECTION.search(text) is None
 
 
@@ -244,7 +246,7 @@ def _lines_holding(low: str, needle: str, also: tuple[str, ...], starts: set[int
 
 
 def _candidate_starts(
-    text: str, dialplan: bool = False, local: LocalRules = NO_LOCAL_RULES
+    text: str, dialplan: bool = False, local: LocalRules = NO_LOCAL_RULES, tokens: bool = False
 ) -> list[int]:
     """Starts of the lines any rule could change (a superset; see the needles above).
 
@@ -256,20 +258,26 @@ def _candidate_starts(
     starts: set[int] = set()
     for word in _NEEDLES:
         _lines_holding(low, word, (), starts)
+    for rx in _GROUPED:
+        for m in rx.finditer(low):
+            starts.add(low.rfind("\n", 0, m.start()) + 1)
     if dialplan:
         for word in _DIALPLAN_NEEDLES:
+            _lines_holding(low, word, (), starts)
+    if tokens:
+        for word in _TOKEN_NEEDLES:
             _lines_holding(low, word, (), starts)
     for m in _FLAG.finditer(low):
         starts.add(low.rfind("\n", 0, m.start()) + 1)
     for needle, also in _NEEDLES_WITH_MARKS:
         _lines_holding(low, needle, also, starts)
     for words, all_marks in _WORDS_WITH_MARKS:
-        if not any(w in low for w in words):
-            continue
+        # The marks are single characters: counting them runs at memory speed,
+        # and without one the words (a pass over the text each) need no look.
         counts = {m: low.count(m) for m in all_marks}
         marks = tuple(m for m, n in counts.items() if n)
         n_marks = sum(counts.values())
-        if n_marks == 0:
+        if n_marks == 0 or not any(w in low for w in words):
             continue
         # Few marks (at most one per KiB): looping over them is cheaper than
         # counting the words, which costs a pass over the text per word.
@@ -290,7 +298,9 @@ _LineFix = Callable[[str, Redactor, Where], str]
 
 def _on_candidate_lines(text: str, fix: _LineFix, redactor: Redactor, family: str) -> str:
     """Apply ``fix`` to each candidate line; other lines are copied as they are."""
-    starts = _candidate_starts(text, family in DIALPLAN_FAMILIES, redactor.local)
+    starts = _candidate_starts(
+        text, family in DIALPLAN_FAMILIES, redactor.local, tokens=redactor.tokens
+    )
     if not starts:
         return text
     # Sections matter only in some types of file ([globals] of a dialplan …).
