@@ -11,19 +11,22 @@ files are written the way Asterisk and FreePBX read them, not produced by them.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
 import shutil
 import tempfile
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.collectors.pbxconfig import snapshot
+from agent.collectors.base import Record
+from agent.collectors.pbxconfig import parts
+from agent.collectors.pbxconfig.collector import SnapshotCollector
 from agent.collectors.pbxconfig.settings import SnapshotSettings
 
 CORPUS = Path(__file__).resolve().parent / "fixtures" / "redaction-corpus"
@@ -72,23 +75,34 @@ def forms(secret: str) -> list[str]:
     return sorted(out)
 
 
-def run_snapshot(base: Path) -> tuple[list[dict[str, Any]], dict[str, str], snapshot.Plan]:
-    """A full snapshot of ``base``/etc as the collector makes it: bodies and decoded texts."""
+@dataclass(slots=True)
+class Sent:
+    """What one full snapshot put on the wire, put back together as the NOC does."""
+
+    entries: dict[str, dict[str, Any]]  # manifest entries by path
+    fired: dict[str, int]  # the rules that fired, by count (the summary's "rules")
+
+
+def run_snapshot(base: Path) -> tuple[list[dict[str, Any]], dict[str, str], Sent]:
+    """A full snapshot of ``base``/etc as the collector makes and offers it: the bodies,
+    the decoded texts (reassembled and verified) and the manifest."""
     etc = base / "etc"
     roots = tuple(p for p in (etc / "asterisk", etc / "freepbx.conf", etc / "amportal.conf"))
     settings_ = SnapshotSettings(roots=roots, exclude=())
-    state = base / "state"
-    store = snapshot.Store(state / snapshot.STATE_DB)
+    bodies: list[dict[str, Any]] = []
+
+    def emit(record: Record) -> bool:
+        bodies.append(dict(record.body))
+        return True
+
+    collector = SnapshotCollector(settings_, base / "state")
     try:
-        key, _ = snapshot.load_key(state, create=True)
-        plan = snapshot.scan(settings_, store, key)
-        snapshot.decide(plan, store, settings_, full=True, now=time.time())
+        asyncio.run(collector.collect(emit, reason="command"))
     finally:
-        store.close()
-    texts: dict[str, str] = {}
-    for body in plan.bodies:
-        texts.update(snapshot.decode_content(body))
-    return plan.bodies, texts, plan
+        asyncio.run(collector.aclose())
+    whole = parts.reassemble(bodies)
+    sent = Sent({e["path"]: e for e in whole.entries}, dict(whole.summary.get("rules", {})))
+    return bodies, whole.texts, sent
 
 
 def leaks(secrets: list[str], bodies: list[dict[str, Any]], texts: dict[str, str]) -> list[str]:
@@ -112,8 +126,8 @@ def test_corpus_leaks_nothing(tmp_path: Path) -> None:
     sources = [p.read_text() for p in CORPUS.rglob("*") if p.is_file()]
     planted = sorted({m.group(0) for text in sources for m in PLANTED.finditer(text)})
     assert len(planted) > 130
-    bodies, texts, _ = run_snapshot(tmp_path)
-    statuses = {e["path"].rsplit("/", 1)[-1]: e["status"] for b in bodies for e in b["manifest"]}
+    bodies, texts, sent = run_snapshot(tmp_path)
+    statuses = {p.rsplit("/", 1)[-1]: e["status"] for p, e in sent.entries.items()}
     assert all(statuses[n] == "ok" for n in FILE_TYPES), statuses  # redacted, not dropped
     assert leaks(planted, bodies, texts) == []
     assert not [t for t in texts.values() if PLANTED.search(t)]
@@ -143,7 +157,7 @@ def test_corpus_structure_stays_readable(tmp_path: Path) -> None:
 def test_corpus_fires_every_class_of_rule(tmp_path: Path) -> None:
     """Each class of the issue is exercised: its rule fires on the corpus."""
     shutil.copytree(CORPUS, tmp_path, dirs_exist_ok=True)
-    _, _, plan = run_snapshot(tmp_path)
+    _, _, sent = run_snapshot(tmp_path)
     expected = {
         "secret-key",
         "freepbx-key",
@@ -162,7 +176,7 @@ def test_corpus_fires_every_class_of_rule(tmp_path: Path) -> None:
         "voicemail-personal",
         "inline-secret",
     }
-    assert expected <= set(plan.fired), expected - set(plan.fired)
+    assert expected <= set(sent.fired), expected - set(sent.fired)
 
 
 def test_url_masked_by_two_rules_gives_one_marker(tmp_path: Path) -> None:

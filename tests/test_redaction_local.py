@@ -14,7 +14,7 @@ import pytest
 
 from agent import config
 from agent.collectors.base import Record
-from agent.collectors.pbxconfig import snapshot
+from agent.collectors.pbxconfig import parts
 from agent.collectors.pbxconfig.collector import SnapshotCollector
 from agent.collectors.pbxconfig.settings import SnapshotSettings
 from agent.errors import ConfigError
@@ -116,7 +116,7 @@ def test_new_local_rules_redo_cached_results(tmp_path: Path) -> None:
 
     plain = SnapshotSettings(roots=(etc,), exclude=())
     asyncio.run(SnapshotCollector(plain, tmp_path / "state").collect(emit, reason="command"))
-    first = json.dumps([snapshot.decode_content(b) for b in sent])
+    first = json.dumps(parts.reassemble(sent).texts)
     assert "Ex1Planted" not in first and "Ex2Planted" in first and "Ex3Planted" in first
     rules = config.loads(
         GOOD + "collectors:\n  config:\n    redact:\n      extra:\n"
@@ -127,7 +127,7 @@ def test_new_local_rules_redo_cached_results(tmp_path: Path) -> None:
     sent.clear()
     asyncio.run(c.collect(emit, reason="schedule"))
     assert c.status()["files_read"] == 2  # the cached results were made under other rules
-    after = json.dumps([snapshot.decode_content(b) for b in sent])
+    after = json.dumps(parts.reassemble(sent).texts)
     assert "Ex2Planted" not in after and "Ex3Planted" not in after
 
 
