@@ -277,11 +277,16 @@ def _candidate_starts(
         counts = {m: low.count(m) for m in all_marks}
         marks = tuple(m for m, n in counts.items() if n)
         n_marks = sum(counts.values())
-        if n_marks == 0 or not any(w in low for w in words):
+        if n_marks == 0:
             continue
         # Few marks (at most one per KiB): looping over them is cheaper than
-        # counting the words, which costs a pass over the text per word.
-        by_marks = n_marks * 1024 <= len(low) or n_marks < sum(low.count(w) for w in words)
+        # looking for the words, which costs a pass over the text per word.
+        by_marks = n_marks * 1024 <= len(low)
+        if not by_marks:
+            n_words = sum(low.count(w) for w in words)
+            if n_words == 0:
+                continue
+            by_marks = n_marks < n_words
         pairs = [(m, words) for m in marks] if by_marks else [(w, marks) for w in words]
         for needle, also in pairs:
             _lines_holding(low, needle, also, starts)
