@@ -132,7 +132,7 @@ def load_key(state_dir: Path, *, create: bool) -> tuple[bytes, bool]:
 
 
 def key_id(key: bytes, local: LocalRules = NO_LOCAL_RULES) -> str:
-    """What a cached result was made with: the key (a digest of it; stays on the box)
+    """What a cached result was made with: the key (a digest of it; stays on the box),
     the redaction code (:data:`filters.REDACTION_VERSION`) and the local rules.
 
     A cached result made otherwise is not used: the file is read and redacted
