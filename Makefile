@@ -7,8 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
-# Debian packages the tests and the demo talk to (real broker, real sshd, unit checks).
-DEB_PACKAGES := mosquitto openssh-server systemd
+# Debian packages the tests and the demo talk to (real broker, real sshd, unit checks,
+# the NOC's PostgreSQL and the browser that loads its dashboard).
+DEB_PACKAGES := mosquitto openssh-server systemd postgresql-15 chromium chromium-driver
 
 PREFIX ?= /opt/pbx-agent
 CONFDIR ?= /etc/pbx-agent
@@ -36,7 +37,7 @@ deps: ## install missing Debian packages (when run as root)
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test,lint]'
+	$(PIP) install -q -e '.[test,lint,noc]'
 	@touch $(STAMP)
 
 .PHONY: venv

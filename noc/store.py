@@ -1,0 +1,505 @@
+"""What one message from the fleet does to the database.
+
+Called by the ingest workers inside a transaction that they commit before
+acknowledging the message. Every envelope is first inserted into ``envelopes``
+with ``ON CONFLICT DO NOTHING``: a duplicate delivery (the agent's at-least-once,
+or the broker redelivering to a worker that died after its commit) changes
+nothing else, because every derived table is touched only when that insert
+happened. A message that cannot be read raises :class:`Rejected`; the worker
+keeps it in ``rejects`` and acknowledges it, so that one bad message never
+blocks the stream.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import difflib
+import json
+import re
+import zlib
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+DEVICE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+CLASSES = frozenset({"health", "config", "callstats"})
+SNAPSHOT_SCHEMA = "pbx-config-snapshot/1"
+CALLSTATS_SCHEMA = "callstats/1"
+MAX_PARTS = 100_000  # a bound against nonsense, not an assumption about snapshots
+MAX_DIFF_LINES = 5_000
+
+Conn = psycopg.Connection[Any]
+
+
+class Rejected(ValueError):
+    """The message cannot be used; the text says why (kept in ``rejects``)."""
+
+
+class Kind(StrEnum):
+    """Which of the fleet's topics a message came on."""
+
+    ENVELOPE = "envelope"
+    STATUS = "status"
+    REPLY = "reply"
+
+
+class Outcome(StrEnum):
+    """What the message did."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    STATUS = "status"
+    REPLY = "reply"
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """A parsed ``pbx/<device>/...`` topic."""
+
+    device: str
+    kind: Kind
+    data_class: str | None = None
+
+
+def parse_topic(topic: str) -> Topic:
+    """The device and kind of a fleet topic; Rejected for anything else."""
+    parts = topic.split("/")
+    if len(parts) < 3 or parts[0] != "pbx" or not DEVICE_ID.match(parts[1]):
+        raise Rejected(f"not a fleet topic: {topic[:200]!r}")
+    if len(parts) == 4 and parts[2] == "up" and parts[3] in CLASSES:
+        return Topic(parts[1], Kind.ENVELOPE, parts[3])
+    if len(parts) == 3 and parts[2] == "status":
+        return Topic(parts[1], Kind.STATUS)
+    if len(parts) == 3 and parts[2] == "reply":
+        return Topic(parts[1], Kind.REPLY)
+    raise Rejected(f"not a fleet topic: {topic[:200]!r}")
+
+
+def _json_object(payload: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise Rejected(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise Rejected("not a JSON object")
+    return data
+
+
+def _ts(text: Any, what: str) -> dt.datetime:
+    if not isinstance(text, str):
+        raise Rejected(f"{what}: expected an ISO 8601 time")
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise Rejected(f"{what}: {text[:40]!r} is not an ISO 8601 time") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def handle(conn: Conn, topic: str, payload: bytes, *, retained: bool = False) -> Outcome:
+    """Apply one message; raises Rejected for an unusable one (nothing written then)."""
+    t = parse_topic(topic)
+    if t.kind is Kind.STATUS:
+        return _status(conn, t.device, payload, retained)
+    if t.kind is Kind.REPLY:
+        return _reply(conn, t.device, payload)
+    assert t.data_class is not None
+    return _envelope(conn, t.device, t.data_class, payload)
+
+
+# -- status and replies ------------------------------------------------------------------
+
+
+def ensure_device(conn: Conn, device: str) -> None:
+    """Make the device's row if this is the first we hear of it."""
+    conn.execute(
+        "INSERT INTO devices (device_id) VALUES (%s) ON CONFLICT (device_id) DO NOTHING", (device,)
+    )
+
+
+def _status(conn: Conn, device: str, payload: bytes, retained: bool) -> Outcome:
+    word = payload.decode("utf-8", "replace").strip()
+    if word not in ("online", "offline", "severed"):
+        raise Rejected(f"status {word[:40]!r}: expected online, offline or severed")
+    ensure_device(conn, device)
+    row = conn.execute(
+        "SELECT status FROM devices WHERE device_id = %s FOR UPDATE", (device,)
+    ).fetchone()
+    changed = row is None or row[0] != word
+    # A retained status is the broker's memory, not news from the box: no "last seen".
+    conn.execute(
+        "UPDATE devices SET status = %s,"
+        " status_at = CASE WHEN %s THEN now() ELSE status_at END,"
+        " last_seen = CASE WHEN %s THEN now() ELSE last_seen END"
+        " WHERE device_id = %s",
+        (word, changed, word == "online" and not retained, device),
+    )
+    if changed:
+        conn.execute(
+            "INSERT INTO status_events (device_id, status) VALUES (%s, %s)", (device, word)
+        )
+    return Outcome.STATUS
+
+
+def _reply(conn: Conn, device: str, payload: bytes) -> Outcome:
+    msg = _json_object(payload)
+    cmd_id = msg.get("id")
+    if not isinstance(cmd_id, str) or not cmd_id or len(cmd_id) > 64:
+        raise Rejected("reply without a usable id")
+    ok = msg.get("ok") if isinstance(msg.get("ok"), bool) else None
+    ensure_device(conn, device)
+    inserted = conn.execute(
+        "INSERT INTO replies (device_id, id, ok, payload) VALUES (%s, %s, %s, %s)"
+        " ON CONFLICT DO NOTHING RETURNING 1",
+        (device, cmd_id, ok, Jsonb(msg)),
+    ).fetchone()
+    if inserted is None:
+        return Outcome.DUPLICATE
+    error = msg.get("error")
+    conn.execute(
+        "UPDATE commands SET reply_at = now(), ok = %s, result = %s, error = %s"
+        " WHERE id = %s AND device_id = %s AND reply_at IS NULL",
+        (ok, Jsonb(msg.get("result")), None if error is None else str(error)[:2000], cmd_id, device),
+    )
+    conn.execute("UPDATE devices SET last_seen = now() WHERE device_id = %s", (device,))
+    return Outcome.REPLY
+
+
+# -- envelopes ---------------------------------------------------------------------------
+
+
+def _envelope(conn: Conn, device: str, data_class: str, payload: bytes) -> Outcome:
+    env = _json_object(payload)
+    if env.get("v") != 1 or isinstance(env.get("v"), bool):
+        raise Rejected(f"envelope version {str(env.get('v'))[:20]!r}: this NOC reads 1")
+    env_id, seq, body = env.get("id"), _int(env.get("seq")), env.get("body")
+    if not isinstance(env_id, str) or not 1 <= len(env_id) <= 64:
+        raise Rejected("envelope without a usable id")
+    if seq is None or seq < 1:
+        raise Rejected("envelope seq: expected a whole number >= 1")
+    if env.get("class") != data_class:
+        raise Rejected(f"envelope class {str(env.get('class'))[:20]!r} on the {data_class} topic")
+    if not isinstance(body, dict):
+        raise Rejected("envelope body: expected a JSON object")
+    ts = _ts(env.get("ts"), "envelope ts")
+    inserted = conn.execute(
+        "INSERT INTO envelopes (device_id, id, seq, class, ts, size) VALUES (%s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT DO NOTHING RETURNING 1",
+        (device, env_id, seq, data_class, ts, len(payload)),
+    ).fetchone()
+    if inserted is None:
+        return Outcome.DUPLICATE
+    ensure_device(conn, device)
+    _sequence(conn, device, seq)
+    if data_class == "health":
+        _health(conn, device, env_id, ts, body)
+    elif data_class == "callstats":
+        _callstats(conn, device, env_id, body)
+    else:
+        _snapshot_part(conn, device, body)
+    return Outcome.STORED
+
+
+def _sequence(conn: Conn, device: str, seq: int) -> None:
+    """Track the highest sequence number and the ranges not received (yet)."""
+    row = conn.execute(
+        "SELECT last_seq FROM devices WHERE device_id = %s FOR UPDATE", (device,)
+    ).fetchone()
+    last = row[0] if row else None
+    missing_delta = 0
+    if last is None or seq == last + 1:
+        new_last = seq
+    elif seq > last + 1:
+        conn.execute(
+            "INSERT INTO seq_gaps (device_id, first_seq, last_seq) VALUES (%s, %s, %s)"
+            " ON CONFLICT DO NOTHING",
+            (device, last + 1, seq - 1),
+        )
+        missing_delta = seq - 1 - last
+        new_last = seq
+    else:
+        new_last = last
+        gap = conn.execute(
+            "DELETE FROM seq_gaps WHERE device_id = %s AND first_seq <= %s AND last_seq >= %s"
+            " RETURNING first_seq, last_seq, opened_at",
+            (device, seq, seq),
+        ).fetchone()
+        if gap is not None:  # a late arrival fills part of a gap
+            missing_delta = -1
+            first, end, opened = gap
+            for a, b in ((first, seq - 1), (seq + 1, end)):
+                if a <= b:
+                    conn.execute(
+                        "INSERT INTO seq_gaps (device_id, first_seq, last_seq, opened_at)"
+                        " VALUES (%s, %s, %s, %s)",
+                        (device, a, b, opened),
+                    )
+    conn.execute(
+        "UPDATE devices SET last_seq = %s, envelopes = envelopes + 1,"
+        " missing = missing + %s, last_seen = now() WHERE device_id = %s",
+        (new_last, missing_delta, device),
+    )
+
+
+def health_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The figures the fleet table and charts use, from a health body (missing: None)."""
+    cpu = body.get("cpu") if isinstance(body.get("cpu"), dict) else {}
+    mem = body.get("memory") if isinstance(body.get("memory"), dict) else {}
+    swap = body.get("swap") if isinstance(body.get("swap"), dict) else {}
+    load = body.get("load") if isinstance(body.get("load"), list) else []
+    disks = body.get("disks") if isinstance(body.get("disks"), list) else []
+    agent = body.get("agent") if isinstance(body.get("agent"), dict) else {}
+    outbox = agent.get("outbox") if isinstance(agent.get("outbox"), dict) else {}
+    pbx = body.get("pbx") if isinstance(body.get("pbx"), dict) else {}
+    ast = pbx.get("asterisk") if isinstance(pbx.get("asterisk"), dict) else None
+    disk_pcts = [p for d in disks if isinstance(d, dict) and (p := _num(d.get("percent"))) is not None]
+    version = agent.get("version")
+    return {
+        "cpu_pct": _num(cpu.get("percent")),
+        "load1": _num(load[0]) if load else None,
+        "mem_pct": _num(mem.get("percent")),
+        "swap_pct": _num(swap.get("percent")),
+        "disk_pct": max(disk_pcts) if disk_pcts else None,
+        "uptime": _int(body.get("uptime")),
+        "outbox_queued": _int(outbox.get("queued")),
+        "outbox_dropped": _int(outbox.get("dropped")),
+        "asterisk_up": bool(ast.get("running")) if ast is not None else None,
+        "agent_version": str(version)[:40] if isinstance(version, str) else None,
+    }
+
+
+def _health(conn: Conn, device: str, env_id: str, ts: dt.datetime, body: dict[str, Any]) -> None:
+    f = health_fields(body)
+    conn.execute(
+        "INSERT INTO health (device_id, ts, envelope_id, cpu_pct, load1, mem_pct, swap_pct,"
+        " disk_pct, uptime, outbox_queued, outbox_dropped, asterisk_up, body)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        (
+            device, ts, env_id, f["cpu_pct"], f["load1"], f["mem_pct"], f["swap_pct"],
+            f["disk_pct"], f["uptime"], f["outbox_queued"], f["outbox_dropped"],
+            f["asterisk_up"], Jsonb(body),
+        ),
+    )  # fmt: skip
+    conn.execute(
+        "UPDATE devices SET health_at = %s, cpu_pct = %s, load1 = %s, mem_pct = %s,"
+        " disk_pct = %s, outbox_queued = %s, outbox_dropped = %s, asterisk_up = %s,"
+        " agent_version = COALESCE(%s, agent_version)"
+        " WHERE device_id = %s AND (health_at IS NULL OR health_at <= %s)",
+        (
+            ts, f["cpu_pct"], f["load1"], f["mem_pct"], f["disk_pct"], f["outbox_queued"],
+            f["outbox_dropped"], f["asterisk_up"], f["agent_version"], device, ts,
+        ),
+    )  # fmt: skip
+
+
+def _counts(v: Any) -> Jsonb:
+    if not isinstance(v, dict):
+        return Jsonb({})
+    return Jsonb({str(k)[:64]: n for k, n in v.items() if _int(n) is not None})
+
+
+def _callstats(conn: Conn, device: str, env_id: str, body: dict[str, Any]) -> None:
+    if body.get("schema") != CALLSTATS_SCHEMA:
+        raise Rejected(f"callstats schema {str(body.get('schema'))[:40]!r}: expected callstats/1")
+    start = _ts(body.get("bucket_start"), "bucket_start")
+    seconds, revision = _int(body.get("bucket_seconds")), _int(body.get("revision"))
+    if not seconds or seconds <= 0 or revision is None or revision < 0:
+        raise Rejected("callstats: bucket_seconds and revision must be whole numbers")
+    # A later revision is the complete bucket again: it replaces, never adds. An older
+    # revision arriving late (another worker, a redelivery) changes nothing.
+    conn.execute(
+        "INSERT INTO callstats AS c (device_id, bucket_start, bucket_seconds, revision,"
+        " envelope_id, folded, calls, answered, duration_sum, billsec_sum, asr, acd,"
+        " peak_concurrent, by_direction, by_disposition, by_trunk, by_hour)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (device_id, bucket_start) DO UPDATE SET"
+        " bucket_seconds = EXCLUDED.bucket_seconds, revision = EXCLUDED.revision,"
+        " envelope_id = EXCLUDED.envelope_id, folded = EXCLUDED.folded, calls = EXCLUDED.calls,"
+        " answered = EXCLUDED.answered, duration_sum = EXCLUDED.duration_sum,"
+        " billsec_sum = EXCLUDED.billsec_sum, asr = EXCLUDED.asr, acd = EXCLUDED.acd,"
+        " peak_concurrent = EXCLUDED.peak_concurrent, by_direction = EXCLUDED.by_direction,"
+        " by_disposition = EXCLUDED.by_disposition, by_trunk = EXCLUDED.by_trunk,"
+        " by_hour = EXCLUDED.by_hour, received_at = now()"
+        " WHERE c.revision < EXCLUDED.revision",
+        (
+            device, start, seconds, revision, env_id, bool(body.get("folded")),
+            _int(body.get("calls")), _int(body.get("answered")), _int(body.get("duration_sum")),
+            _int(body.get("billsec_sum")), _num(body.get("asr")), _num(body.get("acd")),
+            _int(body.get("peak_concurrent")), _counts(body.get("by_direction")),
+            _counts(body.get("by_disposition")), _counts(body.get("by_trunk")),
+            _counts(body.get("by_hour")),
+        ),
+    )  # fmt: skip
+
+
+# -- configuration snapshots -------------------------------------------------------------
+
+
+def _snapshot_part(conn: Conn, device: str, body: dict[str, Any]) -> None:
+    if body.get("schema") != SNAPSHOT_SCHEMA:
+        raise Rejected(f"config schema {str(body.get('schema'))[:40]!r}: expected {SNAPSHOT_SCHEMA}")
+    snap, part, parts = body.get("snapshot"), _int(body.get("part")), _int(body.get("parts"))
+    if not isinstance(snap, str) or not 1 <= len(snap) <= 128:
+        raise Rejected("config: snapshot id missing")
+    if parts is None or part is None or not 1 <= part <= parts <= MAX_PARTS:
+        raise Rejected("config: part and parts must satisfy 1 <= part <= parts")
+    conn.execute(
+        "INSERT INTO snapshots (device_id, snapshot_id, parts) VALUES (%s, %s, %s)"
+        " ON CONFLICT DO NOTHING",
+        (device, snap, parts),
+    )
+    # The row lock orders the workers holding this snapshot's parts: the one that sees
+    # the last part sees every other part committed, whichever worker stored it.
+    row = conn.execute(
+        "SELECT parts, complete_at FROM snapshots WHERE device_id = %s AND snapshot_id = %s"
+        " FOR UPDATE",
+        (device, snap),
+    ).fetchone()
+    assert row is not None
+    if row[0] != parts:
+        raise Rejected(f"config: snapshot {snap} part {part} says {parts} parts, not {row[0]}")
+    if row[1] is not None:
+        return  # already assembled: a part sent again under a new envelope id
+    conn.execute(
+        "INSERT INTO snapshot_parts (device_id, snapshot_id, part, parts, body)"
+        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        (device, snap, part, parts, Jsonb(body)),
+    )
+    have = conn.execute(
+        "SELECT count(*) FROM snapshot_parts WHERE device_id = %s AND snapshot_id = %s",
+        (device, snap),
+    ).fetchone()
+    if have is not None and have[0] == parts:
+        _assemble(conn, device, snap)
+
+
+def _decode(content: Any) -> dict[str, str]:
+    if not isinstance(content, dict):
+        return {}
+    if content.get("encoding") != "zlib+base64":
+        raise Rejected(f"config content encoding {str(content.get('encoding'))[:30]!r}")
+    try:
+        raw = zlib.decompress(base64.b64decode(str(content.get("data", "")), validate=True))
+        texts = json.loads(raw.decode("utf-8"))
+    except (binascii.Error, zlib.error, UnicodeDecodeError, ValueError) as exc:
+        raise Rejected(f"config content cannot be decoded: {exc}") from None
+    if not isinstance(texts, dict):
+        raise Rejected("config content: expected path -> text")
+    return {str(k): str(v) for k, v in texts.items()}
+
+
+def _diff(path: str, old: str, new: str) -> str:
+    lines = list(
+        difflib.unified_diff(
+            old.splitlines(keepends=True),
+            new.splitlines(keepends=True),
+            fromfile=f"a{path}",
+            tofile=f"b{path}",
+        )
+    )
+    if len(lines) > MAX_DIFF_LINES:
+        lines = [*lines[:MAX_DIFF_LINES], f"... {len(lines) - MAX_DIFF_LINES} more lines\n"]
+    return "".join(lines)
+
+
+def _assemble(conn: Conn, device: str, snap: str) -> None:
+    """Every part is here: record the files it changed as redacted diffs."""
+    bodies = [
+        r[0]
+        for r in conn.execute(
+            "SELECT body FROM snapshot_parts WHERE device_id = %s AND snapshot_id = %s"
+            " ORDER BY part",
+            (device, snap),
+        )
+    ]
+    first = bodies[0]
+    mode = str(first.get("mode", ""))
+    manifest: list[dict[str, Any]] = []
+    texts: dict[str, str] = {}
+    for b in bodies:
+        entries = b.get("manifest")
+        if isinstance(entries, list):
+            manifest.extend(e for e in entries if isinstance(e, dict) and "path" in e)
+        texts.update(_decode(b.get("content")))
+    current = {
+        str(r[0]): (r[1], r[2])
+        for r in conn.execute(
+            "SELECT path, digest, content FROM config_files WHERE device_id = %s", (device,)
+        )
+    }
+    removed = [str(p) for p in first.get("removed", []) if isinstance(p, str)]
+    if mode == "full":
+        listed = {str(e["path"]) for e in manifest}
+        removed = sorted(p for p in current if p not in listed)
+    changed = 0
+    for e in manifest:
+        path = str(e["path"])
+        old = current.get(path)
+        if path in texts:
+            new = texts[path]
+            if old is not None and old[1] == new:
+                continue
+            change = "changed" if old is not None and old[1] is not None else "added"
+            diff = _diff(path, old[1] if old and old[1] else "", new)
+            content: str | None = new
+            digest = str(e.get("digest") or "")
+        else:
+            detail = f"{e.get('status', '?')}: {e.get('reason', e.get('target', ''))}".strip(": ")
+            if old is not None and old[1] is None and old[0] == detail:
+                continue
+            change, diff, content, digest = "entry", f"{path}: {detail}\n", None, detail
+        conn.execute(
+            "INSERT INTO config_files (device_id, path, digest, content, snapshot_id)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (device_id, path) DO UPDATE SET"
+            " digest = EXCLUDED.digest, content = EXCLUDED.content,"
+            " snapshot_id = EXCLUDED.snapshot_id",
+            (device, path, digest, content, snap),
+        )
+        conn.execute(
+            "INSERT INTO config_diffs (device_id, snapshot_id, path, change, diff)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (device, snap, path, change, diff),
+        )
+        changed += 1
+    for path in removed:
+        old = current.get(path)
+        conn.execute(
+            "DELETE FROM config_files WHERE device_id = %s AND path = %s", (device, path)
+        )
+        conn.execute(
+            "INSERT INTO config_diffs (device_id, snapshot_id, path, change, diff)"
+            " VALUES (%s, %s, %s, 'removed', %s) ON CONFLICT DO NOTHING",
+            (device, snap, path, _diff(path, old[1] or "", "") if old else f"{path}: removed\n"),
+        )
+    summary = first.get("summary") if isinstance(first.get("summary"), dict) else {}
+    taken = first.get("taken_at")
+    conn.execute(
+        "UPDATE snapshots SET complete_at = now(), mode = %s, base = %s, taken_at = %s,"
+        " summary = %s, files_changed = %s, files_removed = %s"
+        " WHERE device_id = %s AND snapshot_id = %s",
+        (
+            mode or None,
+            first.get("base") if isinstance(first.get("base"), str) else None,
+            _ts(taken, "taken_at") if isinstance(taken, str) else None,
+            Jsonb(summary),
+            changed,
+            len(removed),
+            device,
+            snap,
+        ),
+    )
+    conn.execute(
+        "DELETE FROM snapshot_parts WHERE device_id = %s AND snapshot_id = %s", (device, snap)
+    )
