@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-DEVICE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # no "." or ".." (URLs)
 CLASSES = frozenset({"health", "config", "callstats"})
 SNAPSHOT_SCHEMA = "pbx-config-snapshot/1"
 CALLSTATS_SCHEMA = "callstats/1"

@@ -9,6 +9,7 @@ import pytest
 from tests.support.callstats import close_open
 from tests.support.mosquitto import Mosquitto, MosquittoUnavailable, require_mosquitto
 from tests.support.pki import PKI, temporary_pki
+from tests.support.postgres import Postgres, PostgresUnavailable
 from tests.support.relay import Relay
 
 
@@ -71,3 +72,25 @@ def _close_callstats_collectors() -> Iterator[None]:
     """Close the call-statistics collectors a test left open (their state file, thread)."""
     yield
     close_open()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One real PostgreSQL 15 cluster for the session; skipped where the binaries are missing."""
+    try:
+        pg = Postgres()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    with pg:
+        yield pg
+
+
+@pytest.fixture
+def noc_dsn(postgres: Postgres, request: pytest.FixtureRequest) -> str:
+    """A fresh database with the NOC's schema migrated; its DSN."""
+    from noc import db
+
+    name = "t_" + "".join(ch if ch.isalnum() else "_" for ch in request.node.name)[:50].lower()
+    dsn = postgres.create_database(name)
+    db.migrate(dsn)
+    return dsn

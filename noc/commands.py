@@ -1,0 +1,163 @@
+"""Sending an allow-listed command to a box and matching its reply by command id.
+
+``noc send`` and the dashboard's command form both call :func:`send`: the
+command is recorded (who sent it, when, what) before it is published on
+``pbx/<device>/cmd``; the reply with the same id on ``pbx/<device>/reply`` is
+recorded when it comes (here, and by the ingest workers, whichever is first),
+or the call ends with :class:`CommandError` after the timeout. The agent runs
+only its own allow-list and can only narrow what it sends; this list is the
+NOC's side of it, so that a typo is refused here rather than by the box.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from noc import mqtt
+from noc.config import NocConfig
+from noc.errors import BrokerError, CommandError, UsageError
+from noc.store import DEVICE_ID
+
+#: Each command and the one argument it takes (None: no argument).
+ALLOWED: dict[str, str | None] = {
+    "ping": None,
+    "policy": None,
+    "collect": "collector",
+    "narrow": "class",
+}
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A command as sent, and its reply if one came in time."""
+
+    command: dict[str, Any]
+    reply: dict[str, Any] | None
+    seconds: float
+
+
+def new_id(now: float | None = None) -> str:
+    """A unique id that sorts by time: milliseconds in hex, then 64 random bits."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"{ms:012x}{secrets.token_hex(8)}"
+
+
+def make_command(cmd: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A wire-protocol v1 command; UsageError for a command or argument not allowed."""
+    if cmd not in ALLOWED:
+        raise UsageError(f"command {cmd!r} is not allowed (allowed: {', '.join(ALLOWED)})")
+    args = dict(args or {})
+    wanted = ALLOWED[cmd]
+    extra = set(args) - ({wanted} if wanted else set())
+    if extra:
+        raise UsageError(f"{cmd}: unexpected argument(s) {', '.join(sorted(extra))}")
+    if wanted and not isinstance(args.get(wanted), str):
+        raise UsageError(f"{cmd}: needs {wanted}=NAME")
+    now = time.time()
+    ts = dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="milliseconds")
+    return {"v": 1, "id": new_id(now), "ts": ts.replace("+00:00", "Z"), "cmd": cmd, "args": args}
+
+
+def parse_args(words: list[str]) -> dict[str, Any]:
+    """``key=value`` words as a dict; UsageError for anything else."""
+    out: dict[str, Any] = {}
+    for w in words:
+        key, sep, value = w.partition("=")
+        if not sep or not key:
+            raise UsageError(f"argument {w!r}: expected key=value")
+        out[key] = value
+    return out
+
+
+def send(
+    config: NocConfig,
+    pool: ConnectionPool,
+    device: str,
+    cmd: str,
+    args: dict[str, Any] | None = None,
+    *,
+    sent_by: str,
+    timeout: float | None = None,
+) -> Sent:
+    """Record, publish and wait for the reply (None if none within ``timeout``)."""
+    if not DEVICE_ID.match(device):
+        raise UsageError(f"device {device!r}: not a device id")
+    command = make_command(cmd, args)
+    wait = config.command_timeout if timeout is None else timeout
+    with pool.connection() as conn:
+        conn.execute(
+            "INSERT INTO commands (id, device_id, cmd, args, sent_by) VALUES (%s, %s, %s, %s, %s)",
+            (command["id"], device, cmd, Jsonb(command["args"]), sent_by),
+        )
+    t0 = time.monotonic()
+    reply = _publish_and_wait(config, device, command, wait)
+    seconds = time.monotonic() - t0
+    if reply is not None:
+        with pool.connection() as conn:
+            record_reply(conn, device, reply)
+    return Sent(command, reply, seconds)
+
+
+def record_reply(conn: psycopg.Connection[Any], device: str, reply: dict[str, Any]) -> None:
+    """Fill in the command's reply unless the ingest workers did already."""
+    error = reply.get("error")
+    conn.execute(
+        "UPDATE commands SET reply_at = now(), ok = %s, result = %s, error = %s"
+        " WHERE id = %s AND device_id = %s AND reply_at IS NULL",
+        (
+            reply.get("ok") if isinstance(reply.get("ok"), bool) else None,
+            Jsonb(reply.get("result")),
+            None if error is None else str(error)[:2000],
+            reply.get("id"),
+            device,
+        ),
+    )
+
+
+def _publish_and_wait(
+    config: NocConfig, device: str, command: dict[str, Any], wait: float
+) -> dict[str, Any] | None:
+    got = threading.Event()
+    subscribed = threading.Event()
+    found: dict[str, Any] = {}
+
+    def on_message(c: paho.Client, userdata: Any, m: paho.MQTTMessage) -> None:
+        try:
+            reply = json.loads(m.payload)
+        except ValueError:
+            return  # not an answer to anything: not ours
+        if isinstance(reply, dict) and reply.get("id") == command["id"]:
+            found.update(reply)
+            got.set()
+
+    def on_subscribe(c: paho.Client, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
+        subscribed.set()
+
+    c = mqtt.client(config.broker, client_id=f"noc-send-{secrets.token_hex(4)}")
+    c.on_message = on_message
+    c.on_subscribe = on_subscribe
+    mqtt.connect_blocking(c, config.broker)
+    try:
+        # Subscribe before publishing, so that a fast reply is not missed.
+        c.subscribe(f"pbx/{device}/reply", qos=1)
+        if not subscribed.wait(5):
+            raise BrokerError("the broker did not confirm the reply subscription within 5 s")
+        info = c.publish(f"pbx/{device}/cmd", json.dumps(command).encode(), qos=1)
+        info.wait_for_publish(5)
+        if not info.is_published():
+            raise CommandError(f"the broker did not take the command for {device} within 5 s")
+        return found if got.wait(wait) else None
+    finally:
+        c.disconnect()
+        c.loop_stop()
