@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply pending schema migrations")
     s = sub.add_parser("ingest", help="run one ingest worker")
     s.add_argument("--name", default="1", help="worker name: its MQTT session is noc-ingest-NAME")
+    s.add_argument(
+        "--standby", action="store_true", default=None,
+        help="also hold the standby session that covers a broker restart (one worker is enough)",
+    )  # fmt: skip
     sub.add_parser("web", help="run the dashboard")
     sub.add_parser("alerts", help="evaluate alert rules, deliver the webhook, prune periodically")
     sub.add_parser("prune", help="delete rows older than the retention settings, once")
@@ -110,7 +114,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "ingest":
         from noc import ingest
 
-        return ingest.serve(config, name=args.name)
+        return ingest.serve(config, name=args.name, standby=args.standby)
     if args.cmd == "web":
         from noc.web import app
 

@@ -59,6 +59,11 @@ class IngestSettings:
 
     batch: int = 500  # messages per transaction at most
     receive_maximum: int = 1000  # unacknowledged messages the broker may send us
+    # mosquitto 2.0 does not persist shared subscriptions: after its restart, what the
+    # fleet sends before the workers have subscribed again reaches no one. A standby
+    # session (a plain subscription, which is persisted) catches that window.
+    standby: bool = False
+    standby_window: float = 60.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,6 +138,7 @@ _DURATIONS = {
     "alerts.heartbeat",
     "alerts.gap_grace",
     "alerts.resolve_after",
+    "ingest.standby_window",
     "command_timeout",
 } | {f"retention.{k}" for k in RetentionSettings.__dataclass_fields__}
 

@@ -109,14 +109,243 @@ def _num(v: Any) -> float | None:
 
 
 def handle(conn: Conn, topic: str, payload: bytes, *, retained: bool = False) -> Outcome:
-    """Apply one message; raises Rejected for an unusable one (nothing written then)."""
-    t = parse_topic(topic)
-    if t.kind is Kind.STATUS:
-        return _status(conn, t.device, payload, retained)
-    if t.kind is Kind.REPLY:
-        return _reply(conn, t.device, payload)
-    assert t.data_class is not None
-    return _envelope(conn, t.device, t.data_class, payload)
+    """Apply one message; raises Rejected for an unusable one."""
+    result = handle_batch(conn, [(topic, payload, retained)])[0]
+    if isinstance(result, Rejected):
+        raise result
+    return result
+
+
+@dataclass(slots=True)
+class _Env:
+    """A parsed, valid envelope waiting for its batch's statements."""
+
+    index: int
+    device: str
+    id: str
+    seq: int
+    data_class: str
+    ts: dt.datetime
+    size: int
+    body: dict[str, Any]
+    params: tuple[Any, ...] | None = None  # callstats: the row, checked before any write
+
+
+def parse_envelope(device: str, data_class: str, payload: bytes, index: int = 0) -> _Env:
+    """Check an envelope (and a callstats body) without touching the database."""
+    env = _json_object(payload)
+    if env.get("v") != 1 or isinstance(env.get("v"), bool):
+        raise Rejected(f"envelope version {str(env.get('v'))[:20]!r}: this NOC reads 1")
+    env_id, seq, body = env.get("id"), _int(env.get("seq")), env.get("body")
+    if not isinstance(env_id, str) or not 1 <= len(env_id) <= 64:
+        raise Rejected("envelope without a usable id")
+    if seq is None or seq < 1:
+        raise Rejected("envelope seq: expected a whole number >= 1")
+    if env.get("class") != data_class:
+        raise Rejected(f"envelope class {str(env.get('class'))[:20]!r} on the {data_class} topic")
+    if not isinstance(body, dict):
+        raise Rejected("envelope body: expected a JSON object")
+    ts = _ts(env.get("ts"), "envelope ts")
+    e = _Env(index, device, env_id, seq, data_class, ts, len(payload), body)
+    if data_class == "callstats":
+        e.params = _callstats_row(device, env_id, body)
+    elif data_class == "config":
+        _check_part(body)
+    return e
+
+
+def handle_batch(
+    conn: Conn, messages: list[tuple[str, bytes, bool]]
+) -> list[Outcome | Rejected]:
+    """Apply a batch of ``(topic, payload, retained)`` in the caller's transaction.
+
+    Returns one outcome per message, in order; a message that cannot be read is
+    a :class:`Rejected` in the list (nothing written for it). A problem found only
+    against the database (a snapshot part that contradicts its snapshot) raises
+    Rejected: the caller then applies the batch one message at a time.
+    Round trips per batch, not per message: the envelopes go in with one INSERT,
+    the devices are locked with one SELECT, the rest are pipelined.
+    """
+    out: list[Outcome | Rejected | None] = [None] * len(messages)
+    envs: list[_Env] = []
+    others: list[tuple[int, Topic, bytes, bool]] = []
+    for i, (topic, payload, retained) in enumerate(messages):
+        try:
+            t = parse_topic(topic)
+            if t.kind is Kind.ENVELOPE:
+                assert t.data_class is not None
+                envs.append(parse_envelope(t.device, t.data_class, payload, i))
+            else:
+                others.append((i, t, payload, retained))
+        except Rejected as exc:
+            out[i] = exc
+    devices = sorted({e.device for e in envs} | {t.device for _, t, _, _ in others})
+    if devices:
+        conn.execute(
+            "INSERT INTO devices (device_id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING",
+            (devices,),
+        )
+        # One lock order for every worker: two batches never wait on each other in a cycle.
+        last_seq = {
+            str(r[0]): r[1]
+            for r in conn.execute(
+                "SELECT device_id, last_seq FROM devices WHERE device_id = ANY(%s)"
+                " ORDER BY device_id FOR UPDATE",
+                (devices,),
+            )
+        }
+    for i, t, payload, retained in others:  # statuses and replies: few, in arrival order
+        try:
+            out[i] = (
+                _status(conn, t.device, payload, retained)
+                if t.kind is Kind.STATUS
+                else _reply(conn, t.device, payload)
+            )
+        except Rejected as exc:
+            out[i] = exc
+    if envs:
+        stored = _insert_envelopes(conn, envs)
+        for e in envs:
+            out[e.index] = Outcome.STORED if e.index in stored else Outcome.DUPLICATE
+        fresh = [e for e in envs if e.index in stored]
+        _sequences(conn, fresh, last_seq)
+        _health_rows(conn, [e for e in fresh if e.data_class == "health"])
+        rows = [e.params for e in fresh if e.data_class == "callstats" and e.params]
+        if rows:
+            conn.cursor().executemany(_CALLSTATS_UPSERT, rows)
+        for e in fresh:
+            if e.data_class == "config":
+                _snapshot_part(conn, e.device, e.body)
+    assert all(o is not None for o in out)
+    return out  # type: ignore[return-value]
+
+
+def _insert_envelopes(conn: Conn, envs: list[_Env]) -> set[int]:
+    """Insert the batch's envelopes; the indexes of those that were new."""
+    rows = conn.execute(
+        "INSERT INTO envelopes (device_id, id, seq, class, ts, size)"
+        " SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[],"
+        " %s::timestamptz[], %s::int[]) ON CONFLICT DO NOTHING RETURNING device_id, id",
+        (
+            [e.device for e in envs],
+            [e.id for e in envs],
+            [e.seq for e in envs],
+            [e.data_class for e in envs],
+            [e.ts for e in envs],
+            [e.size for e in envs],
+        ),
+    ).fetchall()
+    new = {(str(d), str(i)) for d, i in rows}
+    stored: set[int] = set()
+    for e in envs:  # the same envelope twice in one batch: the first is the one stored
+        key = (e.device, e.id)
+        if key in new:
+            stored.add(e.index)
+            new.discard(key)
+    return stored
+
+
+def _sequences(conn: Conn, fresh: list[_Env], last_seq: dict[str, Any]) -> None:
+    """Advance each device's highest sequence number; open and fill gaps."""
+    by_dev: dict[str, list[int]] = {}
+    for e in fresh:
+        by_dev.setdefault(e.device, []).append(e.seq)
+    late = sorted(d for d, seqs in by_dev.items() if last_seq.get(d) is not None and min(seqs) <= last_seq[d])
+    gaps: dict[str, list[list[Any]]] = {d: [] for d in late}
+    if late:
+        for d, first, last, opened in conn.execute(
+            "SELECT device_id, first_seq, last_seq, opened_at FROM seq_gaps"
+            " WHERE device_id = ANY(%s) ORDER BY device_id, first_seq",
+            (late,),
+        ):
+            gaps[str(d)].append([first, last, opened])
+    updates = []
+    new_gaps: list[tuple[str, int, int]] = []
+    rewrite: list[tuple[str, list[list[Any]]]] = []
+    for dev, seqs in by_dev.items():
+        last = last_seq.get(dev)
+        missing = 0
+        dev_gaps = gaps.get(dev)
+        changed = False
+        for seq in sorted(seqs):
+            if last is None or seq == last + 1:
+                last = seq
+            elif seq > last + 1:
+                new_gaps.append((dev, last + 1, seq - 1))
+                missing += seq - 1 - last
+                last = seq
+            elif dev_gaps is not None:
+                for g in dev_gaps:
+                    if g[0] <= seq <= g[1]:
+                        missing -= 1
+                        changed = True
+                        dev_gaps.remove(g)
+                        dev_gaps.extend(
+                            [a, b, g[2]] for a, b in ((g[0], seq - 1), (seq + 1, g[1])) if a <= b
+                        )
+                        break
+        if changed:
+            assert dev_gaps is not None
+            rewrite.append((dev, dev_gaps))
+        updates.append((last, len(seqs), missing, dev))
+    cur = conn.cursor()
+    for dev, dev_gaps in rewrite:
+        conn.execute("DELETE FROM seq_gaps WHERE device_id = %s", (dev,))
+        if dev_gaps:
+            cur.executemany(
+                "INSERT INTO seq_gaps (device_id, first_seq, last_seq, opened_at)"
+                " VALUES (%s, %s, %s, %s)",
+                [(dev, a, b, o) for a, b, o in dev_gaps],
+            )
+    if new_gaps:
+        cur.executemany(
+            "INSERT INTO seq_gaps (device_id, first_seq, last_seq) VALUES (%s, %s, %s)"
+            " ON CONFLICT DO NOTHING",
+            new_gaps,
+        )
+    cur.executemany(
+        "UPDATE devices SET last_seq = %s, envelopes = envelopes + %s,"
+        " missing = missing + %s, last_seen = now() WHERE device_id = %s",
+        updates,
+    )
+
+
+def _health_rows(conn: Conn, envs: list[_Env]) -> None:
+    if not envs:
+        return
+    rows = []
+    newest: dict[str, tuple[dt.datetime, dict[str, Any]]] = {}
+    for e in envs:
+        f = health_fields(e.body)
+        rows.append(
+            (
+                e.device, e.ts, e.id, f["cpu_pct"], f["load1"], f["mem_pct"], f["swap_pct"],
+                f["disk_pct"], f["uptime"], f["outbox_queued"], f["outbox_dropped"],
+                f["asterisk_up"], Jsonb(e.body),
+            )
+        )  # fmt: skip
+        if e.device not in newest or newest[e.device][0] <= e.ts:
+            newest[e.device] = (e.ts, f)
+    cur = conn.cursor()
+    cur.executemany(
+        "INSERT INTO health (device_id, ts, envelope_id, cpu_pct, load1, mem_pct, swap_pct,"
+        " disk_pct, uptime, outbox_queued, outbox_dropped, asterisk_up, body)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        rows,
+    )
+    cur.executemany(
+        "UPDATE devices SET health_at = %s, cpu_pct = %s, load1 = %s, mem_pct = %s,"
+        " disk_pct = %s, outbox_queued = %s, outbox_dropped = %s, asterisk_up = %s,"
+        " agent_version = COALESCE(%s, agent_version)"
+        " WHERE device_id = %s AND (health_at IS NULL OR health_at <= %s)",
+        [
+            (
+                ts, f["cpu_pct"], f["load1"], f["mem_pct"], f["disk_pct"], f["outbox_queued"],
+                f["outbox_dropped"], f["asterisk_up"], f["agent_version"], dev, ts,
+            )
+            for dev, (ts, f) in newest.items()
+        ],
+    )  # fmt: skip
 
 
 # -- status and replies ------------------------------------------------------------------
@@ -180,79 +409,6 @@ def _reply(conn: Conn, device: str, payload: bytes) -> Outcome:
 # -- envelopes ---------------------------------------------------------------------------
 
 
-def _envelope(conn: Conn, device: str, data_class: str, payload: bytes) -> Outcome:
-    env = _json_object(payload)
-    if env.get("v") != 1 or isinstance(env.get("v"), bool):
-        raise Rejected(f"envelope version {str(env.get('v'))[:20]!r}: this NOC reads 1")
-    env_id, seq, body = env.get("id"), _int(env.get("seq")), env.get("body")
-    if not isinstance(env_id, str) or not 1 <= len(env_id) <= 64:
-        raise Rejected("envelope without a usable id")
-    if seq is None or seq < 1:
-        raise Rejected("envelope seq: expected a whole number >= 1")
-    if env.get("class") != data_class:
-        raise Rejected(f"envelope class {str(env.get('class'))[:20]!r} on the {data_class} topic")
-    if not isinstance(body, dict):
-        raise Rejected("envelope body: expected a JSON object")
-    ts = _ts(env.get("ts"), "envelope ts")
-    inserted = conn.execute(
-        "INSERT INTO envelopes (device_id, id, seq, class, ts, size) VALUES (%s, %s, %s, %s, %s, %s)"
-        " ON CONFLICT DO NOTHING RETURNING 1",
-        (device, env_id, seq, data_class, ts, len(payload)),
-    ).fetchone()
-    if inserted is None:
-        return Outcome.DUPLICATE
-    ensure_device(conn, device)
-    _sequence(conn, device, seq)
-    if data_class == "health":
-        _health(conn, device, env_id, ts, body)
-    elif data_class == "callstats":
-        _callstats(conn, device, env_id, body)
-    else:
-        _snapshot_part(conn, device, body)
-    return Outcome.STORED
-
-
-def _sequence(conn: Conn, device: str, seq: int) -> None:
-    """Track the highest sequence number and the ranges not received (yet)."""
-    row = conn.execute(
-        "SELECT last_seq FROM devices WHERE device_id = %s FOR UPDATE", (device,)
-    ).fetchone()
-    last = row[0] if row else None
-    missing_delta = 0
-    if last is None or seq == last + 1:
-        new_last = seq
-    elif seq > last + 1:
-        conn.execute(
-            "INSERT INTO seq_gaps (device_id, first_seq, last_seq) VALUES (%s, %s, %s)"
-            " ON CONFLICT DO NOTHING",
-            (device, last + 1, seq - 1),
-        )
-        missing_delta = seq - 1 - last
-        new_last = seq
-    else:
-        new_last = last
-        gap = conn.execute(
-            "DELETE FROM seq_gaps WHERE device_id = %s AND first_seq <= %s AND last_seq >= %s"
-            " RETURNING first_seq, last_seq, opened_at",
-            (device, seq, seq),
-        ).fetchone()
-        if gap is not None:  # a late arrival fills part of a gap
-            missing_delta = -1
-            first, end, opened = gap
-            for a, b in ((first, seq - 1), (seq + 1, end)):
-                if a <= b:
-                    conn.execute(
-                        "INSERT INTO seq_gaps (device_id, first_seq, last_seq, opened_at)"
-                        " VALUES (%s, %s, %s, %s)",
-                        (device, a, b, opened),
-                    )
-    conn.execute(
-        "UPDATE devices SET last_seq = %s, envelopes = envelopes + 1,"
-        " missing = missing + %s, last_seen = now() WHERE device_id = %s",
-        (new_last, missing_delta, device),
-    )
-
-
 def health_fields(body: dict[str, Any]) -> dict[str, Any]:
     """The figures the fleet table and charts use, from a health body (missing: None)."""
     cpu = body.get("cpu") if isinstance(body.get("cpu"), dict) else {}
@@ -280,74 +436,52 @@ def health_fields(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _health(conn: Conn, device: str, env_id: str, ts: dt.datetime, body: dict[str, Any]) -> None:
-    f = health_fields(body)
-    conn.execute(
-        "INSERT INTO health (device_id, ts, envelope_id, cpu_pct, load1, mem_pct, swap_pct,"
-        " disk_pct, uptime, outbox_queued, outbox_dropped, asterisk_up, body)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-        (
-            device, ts, env_id, f["cpu_pct"], f["load1"], f["mem_pct"], f["swap_pct"],
-            f["disk_pct"], f["uptime"], f["outbox_queued"], f["outbox_dropped"],
-            f["asterisk_up"], Jsonb(body),
-        ),
-    )  # fmt: skip
-    conn.execute(
-        "UPDATE devices SET health_at = %s, cpu_pct = %s, load1 = %s, mem_pct = %s,"
-        " disk_pct = %s, outbox_queued = %s, outbox_dropped = %s, asterisk_up = %s,"
-        " agent_version = COALESCE(%s, agent_version)"
-        " WHERE device_id = %s AND (health_at IS NULL OR health_at <= %s)",
-        (
-            ts, f["cpu_pct"], f["load1"], f["mem_pct"], f["disk_pct"], f["outbox_queued"],
-            f["outbox_dropped"], f["asterisk_up"], f["agent_version"], device, ts,
-        ),
-    )  # fmt: skip
-
-
 def _counts(v: Any) -> Jsonb:
     if not isinstance(v, dict):
         return Jsonb({})
     return Jsonb({str(k)[:64]: n for k, n in v.items() if _int(n) is not None})
 
 
-def _callstats(conn: Conn, device: str, env_id: str, body: dict[str, Any]) -> None:
+def _callstats_row(device: str, env_id: str, body: dict[str, Any]) -> tuple[Any, ...]:
     if body.get("schema") != CALLSTATS_SCHEMA:
         raise Rejected(f"callstats schema {str(body.get('schema'))[:40]!r}: expected callstats/1")
     start = _ts(body.get("bucket_start"), "bucket_start")
     seconds, revision = _int(body.get("bucket_seconds")), _int(body.get("revision"))
     if not seconds or seconds <= 0 or revision is None or revision < 0:
         raise Rejected("callstats: bucket_seconds and revision must be whole numbers")
-    # A later revision is the complete bucket again: it replaces, never adds. An older
-    # revision arriving late (another worker, a redelivery) changes nothing.
-    conn.execute(
-        "INSERT INTO callstats AS c (device_id, bucket_start, bucket_seconds, revision,"
-        " envelope_id, folded, calls, answered, duration_sum, billsec_sum, asr, acd,"
-        " peak_concurrent, by_direction, by_disposition, by_trunk, by_hour)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-        " ON CONFLICT (device_id, bucket_start) DO UPDATE SET"
-        " bucket_seconds = EXCLUDED.bucket_seconds, revision = EXCLUDED.revision,"
-        " envelope_id = EXCLUDED.envelope_id, folded = EXCLUDED.folded, calls = EXCLUDED.calls,"
-        " answered = EXCLUDED.answered, duration_sum = EXCLUDED.duration_sum,"
-        " billsec_sum = EXCLUDED.billsec_sum, asr = EXCLUDED.asr, acd = EXCLUDED.acd,"
-        " peak_concurrent = EXCLUDED.peak_concurrent, by_direction = EXCLUDED.by_direction,"
-        " by_disposition = EXCLUDED.by_disposition, by_trunk = EXCLUDED.by_trunk,"
-        " by_hour = EXCLUDED.by_hour, received_at = now()"
-        " WHERE c.revision < EXCLUDED.revision",
-        (
-            device, start, seconds, revision, env_id, bool(body.get("folded")),
-            _int(body.get("calls")), _int(body.get("answered")), _int(body.get("duration_sum")),
-            _int(body.get("billsec_sum")), _num(body.get("asr")), _num(body.get("acd")),
-            _int(body.get("peak_concurrent")), _counts(body.get("by_direction")),
-            _counts(body.get("by_disposition")), _counts(body.get("by_trunk")),
-            _counts(body.get("by_hour")),
-        ),
+    return (
+        device, start, seconds, revision, env_id, bool(body.get("folded")),
+        _int(body.get("calls")), _int(body.get("answered")), _int(body.get("duration_sum")),
+        _int(body.get("billsec_sum")), _num(body.get("asr")), _num(body.get("acd")),
+        _int(body.get("peak_concurrent")), _counts(body.get("by_direction")),
+        _counts(body.get("by_disposition")), _counts(body.get("by_trunk")),
+        _counts(body.get("by_hour")),
     )  # fmt: skip
+
+
+# A later revision is the complete bucket again: it replaces, never adds. An older
+# revision arriving late (another worker, a redelivery) changes nothing.
+_CALLSTATS_UPSERT = (
+    "INSERT INTO callstats AS c (device_id, bucket_start, bucket_seconds, revision,"
+    " envelope_id, folded, calls, answered, duration_sum, billsec_sum, asr, acd,"
+    " peak_concurrent, by_direction, by_disposition, by_trunk, by_hour)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (device_id, bucket_start) DO UPDATE SET"
+    " bucket_seconds = EXCLUDED.bucket_seconds, revision = EXCLUDED.revision,"
+    " envelope_id = EXCLUDED.envelope_id, folded = EXCLUDED.folded, calls = EXCLUDED.calls,"
+    " answered = EXCLUDED.answered, duration_sum = EXCLUDED.duration_sum,"
+    " billsec_sum = EXCLUDED.billsec_sum, asr = EXCLUDED.asr, acd = EXCLUDED.acd,"
+    " peak_concurrent = EXCLUDED.peak_concurrent, by_direction = EXCLUDED.by_direction,"
+    " by_disposition = EXCLUDED.by_disposition, by_trunk = EXCLUDED.by_trunk,"
+    " by_hour = EXCLUDED.by_hour, received_at = now()"
+    " WHERE c.revision < EXCLUDED.revision"
+)
 
 
 # -- configuration snapshots -------------------------------------------------------------
 
 
-def _snapshot_part(conn: Conn, device: str, body: dict[str, Any]) -> None:
+def _check_part(body: dict[str, Any]) -> tuple[str, int, int]:
     if body.get("schema") != SNAPSHOT_SCHEMA:
         raise Rejected(f"config schema {str(body.get('schema'))[:40]!r}: expected {SNAPSHOT_SCHEMA}")
     snap, part, parts = body.get("snapshot"), _int(body.get("part")), _int(body.get("parts"))
@@ -355,6 +489,11 @@ def _snapshot_part(conn: Conn, device: str, body: dict[str, Any]) -> None:
         raise Rejected("config: snapshot id missing")
     if parts is None or part is None or not 1 <= part <= parts <= MAX_PARTS:
         raise Rejected("config: part and parts must satisfy 1 <= part <= parts")
+    return snap, part, parts
+
+
+def _snapshot_part(conn: Conn, device: str, body: dict[str, Any]) -> None:
+    snap, part, parts = _check_part(body)
     conn.execute(
         "INSERT INTO snapshots (device_id, snapshot_id, parts) VALUES (%s, %s, %s)"
         " ON CONFLICT DO NOTHING",

@@ -81,7 +81,7 @@ class SimAgent:
     outbox: Outbox | None = None
     gate: Gate | None = None
     task: asyncio.Task[None] | None = None
-    connected_at: list[float] = field(default_factory=list)
+    approved: list[str] = field(default_factory=list)  # ids of every envelope the gate made
     rng: random.Random = field(default_factory=random.Random)
 
     def open(self) -> None:
@@ -116,7 +116,9 @@ class SimAgent:
     def put(self, data_class: DataClass, body: dict[str, Any]) -> None:
         """Approve a record through the real gate and store it in the real outbox."""
         assert self.gate is not None and self.outbox is not None
-        self.outbox.put(self.gate.approve(Record(data_class, body)))
+        envelope = self.gate.approve(Record(data_class, body))
+        self.approved.append(envelope.id)
+        self.outbox.put(envelope)
 
     def put_health(self) -> None:
         """One health record with made-up figures."""
