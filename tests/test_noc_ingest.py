@@ -90,11 +90,11 @@ def test_exactly_once_across_two_workers_a_kill_and_a_broker_restart(
             await asyncio.sleep(0)
             await fleet.wait(
                 lambda: "ingest_connected" in procs["A"].log() and "ingest_connected" in procs["B"].log(),
-                20, "both workers connected",
+                20, "both workers connected", interval=0.2,
             )  # fmt: skip
             fleet.start()
             stored = lambda: count(noc_dsn, "SELECT count(*) FROM envelopes")  # noqa: E731
-            await fleet.wait(lambda: stored() >= 1000, 30, "a first thousand stored")
+            await fleet.wait(lambda: stored() >= 1000, 30, "a first thousand stored", interval=0.3)
             procs["A"].kill()  # mid-stream: whatever A held unacknowledged is redelivered later
             await fleet.wait(fleet.drained, 60, "every box's outbox drained into the broker")
             await asyncio.to_thread(noc_broker.restart)  # A's queued share must survive it
@@ -103,7 +103,9 @@ def test_exactly_once_across_two_workers_a_kill_and_a_broker_restart(
                     a.put_health()
             procs["A"].start()
             await fleet.wait(fleet.drained, 60, "the trickle delivered after the restart")
-            await fleet.wait(lambda: stored() >= 4 * 1525, 90, "every envelope stored")
+            await fleet.wait(
+                lambda: stored() >= 4 * 1525, 90, "every envelope stored", interval=0.5
+            )
             await asyncio.sleep(1.0)  # let any duplicate redelivery land: it must change nothing
             return approved_ids(fleet)
         finally:
@@ -147,14 +149,14 @@ def test_burst_of_20000_from_50_boxes_lands_complete(
                     a.put_health()
             await fleet.wait(
                 lambda: all("ingest_connected" in p.log() for p in procs.values()),
-                20, "both workers connected",
+                20, "both workers connected", interval=0.2,
             )  # fmt: skip
             t0 = time.monotonic()
             fleet.start()
             await fleet.wait(fleet.drained, 90, "every box drained")
             await fleet.wait(
                 lambda: count(noc_dsn, "SELECT count(*) FROM envelopes") >= 20_000,
-                120, "20,000 envelopes stored",
+                120, "20,000 envelopes stored", interval=0.5,
             )  # fmt: skip
             return time.monotonic() - t0
         finally:

@@ -207,6 +207,7 @@ CREATE TABLE alerts (
     detail       text NOT NULL,
     opened_at    timestamptz NOT NULL DEFAULT now(),
     resolved_at  timestamptz,
+    clear_since  timestamptz,               -- the condition has been clear since (hysteresis)
     notified     text NOT NULL DEFAULT ''   -- 'open', 'open,resolve': what the webhook was told
 );
 -- At most one open alert per device and rule: that is what "opens once" means.

@@ -188,8 +188,14 @@ class SimFleet:
         for a in self.agents:
             a.start()
 
-    async def wait(self, predicate: Any, timeout: float, what: str) -> None:
-        """Wait on the loop until ``predicate()`` holds; AssertionError after ``timeout``."""
+    async def wait(
+        self, predicate: Any, timeout: float, what: str, *, interval: float = 0.05
+    ) -> None:
+        """Wait on the loop until ``predicate()`` holds; AssertionError after ``timeout``.
+
+        A predicate that asks the database blocks the loop the boxes run on: give
+        it a longer ``interval``.
+        """
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:
@@ -197,7 +203,7 @@ class SimFleet:
             for a in self.agents:
                 if a.task is not None and a.task.done() and not a.task.cancelled():
                     a.task.result()  # a session that crashed says why
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(interval)
 
     def all_connected(self) -> bool:
         """Every session is connected."""
