@@ -100,7 +100,9 @@ def add_user(conn: Conn, username: str, password: str, *, role: Role, org: str |
     return int(row[0])
 
 
-def assign_device(conn: Conn, device: str, org: str | None, cert_not_after: dt.datetime | None) -> None:
+def assign_device(
+    conn: Conn, device: str, org: str | None, cert_not_after: dt.datetime | None
+) -> None:
     """Register a device, give it to an organization, record its certificate's expiry."""
     org_id = None
     if org:
@@ -151,9 +153,7 @@ def check_login(conn: Conn, username: str, password: str) -> int | None:
 
 def record_failure(conn: Conn, keys: list[str]) -> None:
     """Count a failed login against each key."""
-    conn.execute(
-        "INSERT INTO login_failures (key) SELECT unnest(%s::text[])", (keys,)
-    )
+    conn.execute("INSERT INTO login_failures (key) SELECT unnest(%s::text[])", (keys,))
 
 
 def new_session(conn: Conn, user_id: int, ttl: float) -> str:

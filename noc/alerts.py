@@ -67,7 +67,8 @@ RULES = (
         "'uplink turned off by the customer (informational)'",
     ),
     Rule(
-        "disk", "warning", "d.disk_pct >= %(disk)s", "coalesce(d.disk_pct, 0) < %(disk)s - %(hyst)s",
+        "disk", "warning", "d.disk_pct >= %(disk)s",
+        "coalesce(d.disk_pct, 0) < %(disk)s - %(hyst)s",
         "'disk ' || round(d.disk_pct::numeric) || '% full'",
     ),
     Rule(
@@ -154,7 +155,8 @@ def pending(conn: psycopg.Connection[Any]) -> list[tuple[str, dict[str, Any]]]:
     for aid, dev, rule, sev, detail, opened, resolved, notified in rows:
         alert = {
             "id": aid, "device": dev, "rule": rule, "severity": sev, "detail": detail,
-            "opened_at": opened.isoformat(), "resolved_at": resolved.isoformat() if resolved else None,
+            "opened_at": opened.isoformat(),
+            "resolved_at": resolved.isoformat() if resolved else None,
         }  # fmt: skip
         if "open" not in notified:
             out.append(("opened", alert))
@@ -178,7 +180,9 @@ def deliver(conn: psycopg.Connection[Any], settings: AlertSettings) -> int:
                     if resp.status >= 300:
                         raise OSError(f"HTTP {resp.status}")
             except OSError as exc:
-                log.warning("webhook_failed", url=settings.webhook, error=str(exc), alert=alert["id"])
+                log.warning(
+                    "webhook_failed", url=settings.webhook, error=str(exc), alert=alert["id"]
+                )
                 return delivered  # keep the order: try again at the next evaluation
         mark = "open" if event == "opened" else "resolve"
         conn.execute(

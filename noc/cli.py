@@ -18,6 +18,7 @@ database unavailable, 78 bad configuration.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import getpass
 import json
 import os
@@ -50,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("send", help="send an allow-listed command and wait for the reply")
     s.add_argument("device")
     s.add_argument("command", help="ping, policy, collect, narrow")
-    s.add_argument("args", nargs="*", help="key=value (collect collector=health, narrow class=config)")
+    s.add_argument(
+        "args", nargs="*", help="key=value (collect collector=health, narrow class=config)"
+    )
     s.add_argument("--timeout", type=float, help="seconds to wait for the reply")
     s.add_argument("--as", dest="sent_by", default=None, help="who sends it (default: $USER)")
     s = sub.add_parser("org", help="organizations")
@@ -162,7 +165,9 @@ def _admin(args: argparse.Namespace, config: NocConfig, pool: object) -> int:
         print(f"organization {args.slug} (id {org_id})")
         return 0
     if args.cmd == "user":
-        password = os.environ.get("NOC_PASSWORD") or getpass.getpass(f"password for {args.username}: ")
+        password = os.environ.get("NOC_PASSWORD") or getpass.getpass(
+            f"password for {args.username}: "
+        )
         role = accounts.Role.STAFF if args.staff else accounts.Role.CUSTOMER
         with pool.connection() as conn:
             accounts.add_user(conn, args.username, password, role=role, org=args.org)
@@ -174,12 +179,15 @@ def _admin(args: argparse.Namespace, config: NocConfig, pool: object) -> int:
             not_after = _cert_expiry(args.cert)
         with pool.connection() as conn:
             accounts.assign_device(conn, args.device, args.org, not_after)
-        print(f"device {args.device}" + (f" (certificate valid until {not_after:%Y-%m-%d})" if not_after else ""))
+        print(
+            f"device {args.device}"
+            + (f" (certificate valid until {not_after:%Y-%m-%d})" if not_after else "")
+        )
         return 0
     raise UsageError(f"unknown command {args.cmd}")
 
 
-def _cert_expiry(path: Path) -> object:
+def _cert_expiry(path: Path) -> dt.datetime:
     from cryptography import x509
 
     try:

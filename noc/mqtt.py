@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -53,7 +54,7 @@ def client(
 ) -> paho.Client:
     """A configured (not yet connected) MQTT 5 client with the NOC's TLS context."""
     c = paho.Client(
-        paho.CallbackAPIVersion.VERSION2,
+        CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=paho.MQTTv5,
         manual_ack=manual_ack,
@@ -69,7 +70,7 @@ def client(
 
 def connect_properties(*, session_expiry: float = 0, receive_maximum: int = 0) -> Properties:
     """CONNECT properties: how long the broker keeps our session; our receive window."""
-    props = Properties(PacketTypes.CONNECT)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     if session_expiry:
         props.SessionExpiryInterval = int(session_expiry)
     if receive_maximum:
@@ -88,7 +89,7 @@ def connect_blocking(
     """Connect and run paho's network thread; return once CONNACK says yes (BrokerError if not)."""
     done = threading.Event()
     outcome: dict[str, Any] = {}
-    previous = c.on_connect
+    previous: Any = c.on_connect  # the caller's (version 2) callback, or None
 
     def on_connect(cl: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         outcome["rc"] = rc

@@ -100,6 +100,10 @@ def _ts(text: Any, what: str) -> dt.datetime:
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
 def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
@@ -154,9 +158,7 @@ def parse_envelope(device: str, data_class: str, payload: bytes, index: int = 0)
     return e
 
 
-def handle_batch(
-    conn: Conn, messages: list[tuple[str, bytes, bool]]
-) -> list[Outcome | Rejected]:
+def handle_batch(conn: Conn, messages: list[tuple[str, bytes, bool]]) -> list[Outcome | Rejected]:
     """Apply a batch of ``(topic, payload, retained)`` in the caller's transaction.
 
     Returns one outcome per message, in order; a message that cannot be read is
@@ -250,7 +252,9 @@ def _sequences(conn: Conn, fresh: list[_Env], last_seq: dict[str, Any]) -> None:
     by_dev: dict[str, list[int]] = {}
     for e in fresh:
         by_dev.setdefault(e.device, []).append(e.seq)
-    late = sorted(d for d, seqs in by_dev.items() if last_seq.get(d) is not None and min(seqs) <= last_seq[d])
+    late = sorted(
+        d for d, seqs in by_dev.items() if last_seq.get(d) is not None and min(seqs) <= last_seq[d]
+    )
     gaps: dict[str, list[list[Any]]] = {d: [] for d in late}
     if late:
         for d, first, last, opened in conn.execute(
@@ -400,7 +404,13 @@ def _reply(conn: Conn, device: str, payload: bytes) -> Outcome:
     conn.execute(
         "UPDATE commands SET reply_at = now(), ok = %s, result = %s, error = %s"
         " WHERE id = %s AND device_id = %s AND reply_at IS NULL",
-        (ok, Jsonb(msg.get("result")), None if error is None else str(error)[:2000], cmd_id, device),
+        (
+            ok,
+            Jsonb(msg.get("result")),
+            None if error is None else str(error)[:2000],
+            cmd_id,
+            device,
+        ),
     )
     conn.execute("UPDATE devices SET last_seen = now() WHERE device_id = %s", (device,))
     return Outcome.REPLY
@@ -411,16 +421,16 @@ def _reply(conn: Conn, device: str, payload: bytes) -> Outcome:
 
 def health_fields(body: dict[str, Any]) -> dict[str, Any]:
     """The figures the fleet table and charts use, from a health body (missing: None)."""
-    cpu = body.get("cpu") if isinstance(body.get("cpu"), dict) else {}
-    mem = body.get("memory") if isinstance(body.get("memory"), dict) else {}
-    swap = body.get("swap") if isinstance(body.get("swap"), dict) else {}
-    load = body.get("load") if isinstance(body.get("load"), list) else []
-    disks = body.get("disks") if isinstance(body.get("disks"), list) else []
-    agent = body.get("agent") if isinstance(body.get("agent"), dict) else {}
-    outbox = agent.get("outbox") if isinstance(agent.get("outbox"), dict) else {}
-    pbx = body.get("pbx") if isinstance(body.get("pbx"), dict) else {}
+    cpu, mem, swap = _dict(body.get("cpu")), _dict(body.get("memory")), _dict(body.get("swap"))
+    load: list[Any] = body["load"] if isinstance(body.get("load"), list) else []
+    disks: list[Any] = body["disks"] if isinstance(body.get("disks"), list) else []
+    agent = _dict(body.get("agent"))
+    outbox = _dict(agent.get("outbox"))
+    pbx = _dict(body.get("pbx"))
     ast = pbx.get("asterisk") if isinstance(pbx.get("asterisk"), dict) else None
-    disk_pcts = [p for d in disks if isinstance(d, dict) and (p := _num(d.get("percent"))) is not None]
+    disk_pcts = [
+        p for d in disks if isinstance(d, dict) and (p := _num(d.get("percent"))) is not None
+    ]
     version = agent.get("version")
     return {
         "cpu_pct": _num(cpu.get("percent")),
@@ -483,7 +493,9 @@ _CALLSTATS_UPSERT = (
 
 def _check_part(body: dict[str, Any]) -> tuple[str, int, int]:
     if body.get("schema") != SNAPSHOT_SCHEMA:
-        raise Rejected(f"config schema {str(body.get('schema'))[:40]!r}: expected {SNAPSHOT_SCHEMA}")
+        raise Rejected(
+            f"config schema {str(body.get('schema'))[:40]!r}: expected {SNAPSHOT_SCHEMA}"
+        )
     snap, part, parts = body.get("snapshot"), _int(body.get("part")), _int(body.get("parts"))
     if not isinstance(snap, str) or not 1 <= len(snap) <= 128:
         raise Rejected("config: snapshot id missing")
@@ -614,9 +626,7 @@ def _assemble(conn: Conn, device: str, snap: str) -> None:
         changed += 1
     for path in removed:
         old = current.get(path)
-        conn.execute(
-            "DELETE FROM config_files WHERE device_id = %s AND path = %s", (device, path)
-        )
+        conn.execute("DELETE FROM config_files WHERE device_id = %s AND path = %s", (device, path))
         conn.execute(
             "INSERT INTO config_diffs (device_id, snapshot_id, path, change, diff)"
             " VALUES (%s, %s, %s, 'removed', %s) ON CONFLICT DO NOTHING",

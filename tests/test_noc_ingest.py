@@ -19,6 +19,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import psycopg
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.policy.gate import new_id
 from noc.ingest import Worker
@@ -33,8 +34,12 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def noc_broker(pki: PKI) -> Iterator[NocBroker]:
     """mosquitto with the shipped configuration, persistent sessions and all."""
-    with NocBroker(pki) as b:
+    b = NocBroker(pki)
+    b.start()
+    try:
         yield b
+    finally:
+        b.close()
 
 
 def count(dsn: str, sql: str, *args: Any) -> Any:
@@ -61,7 +66,13 @@ def workers(root: Path, data: dict[str, Any], names: list[str]) -> dict[str, Noc
     """``noc ingest`` processes; the last one also holds the standby session."""
     procs = {
         n: NocProcess(
-            root / n, data, "ingest", "--name", n, *(["--standby"] if n == names[-1] else []), name=n
+            root / n,
+            data,
+            "ingest",
+            "--name",
+            n,
+            *(["--standby"] if n == names[-1] else []),
+            name=n,
         )
         for n in names
     }
@@ -89,11 +100,14 @@ def test_exactly_once_across_two_workers_a_kill_and_a_broker_restart(
             # Workers first, so that their sessions exist before the stream starts.
             await asyncio.sleep(0)
             await fleet.wait(
-                lambda: "ingest_connected" in procs["A"].log() and "ingest_connected" in procs["B"].log(),
+                lambda: all("ingest_connected" in p.log() for p in procs.values()),
                 20, "both workers connected", interval=0.2,
             )  # fmt: skip
             fleet.start()
-            stored = lambda: count(noc_dsn, "SELECT count(*) FROM envelopes")  # noqa: E731
+
+            def stored() -> int:
+                return int(count(noc_dsn, "SELECT count(*) FROM envelopes"))
+
             await fleet.wait(lambda: stored() >= 1000, 30, "a first thousand stored", interval=0.3)
             procs["A"].kill()  # mid-stream: whatever A held unacknowledged is redelivered later
             await fleet.wait(fleet.drained, 60, "every box's outbox drained into the broker")
@@ -176,7 +190,7 @@ def test_burst_of_20000_from_50_boxes_lands_complete(
 
 def _device_client(pki: PKI, broker: NocBroker, cn: str) -> paho.Client:
     creds = pki.issue(cn)
-    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cn, protocol=paho.MQTTv5)
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=cn, protocol=paho.MQTTv5)
     ctx = ssl.create_default_context(cafile=str(pki.ca_file))
     ctx.load_cert_chain(creds.cert, creds.key)
     c.tls_set_context(ctx)
@@ -221,7 +235,7 @@ def test_duplicate_delivery_does_not_double_a_counter(
 def test_garbage_is_kept_aside_and_the_stream_goes_on(
     pki: PKI, noc_broker: NocBroker, noc_dsn: str
 ) -> None:
-    """A message that is not an envelope lands in rejects with its reason; the next one is stored."""
+    """A message that is not an envelope lands in rejects with its reason; the next is stored."""
     worker = Worker(noc_config(noc_settings(pki, noc_broker, noc_dsn)), name="bad")
     worker.start()
     thread = threading.Thread(target=worker.run, daemon=True)

@@ -160,11 +160,17 @@ def test_snapshot_parts_reassembled_in_any_order(
             snap = body["snapshot"]
             assert one(conn, "SELECT count(*) FROM config_files") == 0  # not before the last
             put(conn, "config", envelope("config", seq, body))
-        assert one(conn, "SELECT complete_at IS NOT NULL FROM snapshots WHERE snapshot_id = %s", snap)
-        sent = {}
+        assert one(
+            conn, "SELECT complete_at IS NOT NULL FROM snapshots WHERE snapshot_id = %s", snap
+        )
+        sent: dict[str, str] = {}
         for b in full:
             sent.update(snapshot.decode_content(b))
-        stored = dict(conn.execute("SELECT path, content FROM config_files WHERE content IS NOT NULL").fetchall())
+        stored: dict[str, str] = dict(
+            conn.execute(
+                "SELECT path, content FROM config_files WHERE content IS NOT NULL"
+            ).fetchall()
+        )
         assert stored == sent
         assert one(conn, "SELECT count(*) FROM snapshot_parts") == 0
         for body in delta:
@@ -174,7 +180,9 @@ def test_snapshot_parts_reassembled_in_any_order(
             "SELECT path, change, diff FROM config_diffs WHERE snapshot_id = %s",
             (delta[0]["snapshot"],),
         ).fetchall()
-        assert [(p.rsplit("/", 1)[-1], c) for p, c, _ in diffs] == [("extensions_custom.conf", "changed")]
+        assert [(p.rsplit("/", 1)[-1], c) for p, c, _ in diffs] == [
+            ("extensions_custom.conf", "changed")
+        ]
         assert "+[added-by-test]" in diffs[0][2]
         history = one(conn, "SELECT count(*) FROM snapshots WHERE complete_at IS NOT NULL")
         assert history == 2

@@ -26,7 +26,9 @@ from tests.support.pki import PKI
 from tests.support.postgres import Postgres
 
 pytestmark = pytest.mark.integration
-ARTIFACTS = Path(os.environ.get("NOC_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+ARTIFACTS = Path(
+    os.environ.get("NOC_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts")
+)
 DEVICES = {
     "acme-pbx-01": ("acme", "online"),
     "acme-pbx-02": ("acme", "severed"),
@@ -43,7 +45,9 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(postgres: Postgres, pki: PKI, broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+def site(
+    postgres: Postgres, pki: PKI, broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Site]:
     """A seeded database and ``noc web`` serving it."""
     try:
         require_browser()
@@ -60,7 +64,10 @@ def site(postgres: Postgres, pki: PKI, broker: Mosquitto, tmp_path_factory: pyte
             if org:
                 store_history(conn, history(dev, seed=n, hours=24, days=30))
             set_status(conn, dev, status)
-        conn.execute("UPDATE devices SET cert_not_after = now() + interval '9 days' WHERE device_id = 'globex-pbx-01'")
+        conn.execute(
+            "UPDATE devices SET cert_not_after = now() + interval '9 days'"
+            " WHERE device_id = 'globex-pbx-01'"
+        )
         conn.commit()
     data = noc_settings(pki, broker, dsn, command_timeout="1s")
     data["alerts"] = {"heartbeat": "1h"}  # seeded heartbeats are old: keep "online" online
@@ -95,7 +102,9 @@ def http(
 
 def login_cookie(site: Site, user: str) -> str:
     """A session made through the real login form."""
-    status, headers, _ = http(site, "/login", data={"username": user, "password": PASSWORD, "next": "/"})
+    status, headers, _ = http(
+        site, "/login", data={"username": user, "password": PASSWORD, "next": "/"}
+    )
     assert status == 303, status
     cookie = headers["set-cookie"]
     return cookie.split(";", 1)[0].split("=", 1)[1]
@@ -128,19 +137,21 @@ def test_staff_fleet_and_device_pages_in_chromium(site: Site) -> None:
         b.login("noc-admin", PASSWORD, then="/fleet")
         assert b.path.startswith("/fleet"), b.path
         rows = b.css("#fleet-rows tr.row")
-        states = {r.get_attribute("data-device"): r.get_attribute("data-state") for r in rows}  # type: ignore[attr-defined]
+        states = {r.get_attribute("data-device"): r.get_attribute("data-state") for r in rows}
         assert states == {d: s for d, (_, s) in DEVICES.items()}
         assert "severed by customer" in b.text()
         b.screenshot(ARTIFACTS / "fleet.png")
         # The table refreshes itself (fetch of /fleet/rows): its stamp changes without a reload.
-        first = b.css("#refreshed")[0].text  # type: ignore[attr-defined]
+        first = b.css("#refreshed")[0].text
         deadline = time.monotonic() + 15
-        while b.css("#refreshed")[0].text == first:  # type: ignore[attr-defined]
+        while b.css("#refreshed")[0].text == first:
             assert time.monotonic() < deadline, "the fleet table did not refresh"
             time.sleep(0.2)
         assert len(b.css("#fleet-rows tr.row")) == len(DEVICES)
         b.get("/fleet?state=severed")
-        assert [r.get_attribute("data-device") for r in b.css("#fleet-rows tr.row")] == ["acme-pbx-02"]  # type: ignore[attr-defined]
+        assert [r.get_attribute("data-device") for r in b.css("#fleet-rows tr.row")] == [
+            "acme-pbx-02"
+        ]
         b.get("/devices/acme-pbx-01")
         assert len(b.css("svg.chart")) >= 4
         assert b.css("svg.chart polyline.line") and b.css("svg.chart rect.bar")
@@ -154,7 +165,7 @@ def test_customer_sees_only_their_organization(site: Site) -> None:
     with Browser(site.url.replace("127.0.0.1", "localhost")) as b:
         b.login("alice", PASSWORD, then="/report")
         assert b.path.startswith("/report")
-        shown = {r.get_attribute("data-device") for r in b.css("tr.row")}  # type: ignore[attr-defined]
+        shown = {r.get_attribute("data-device") for r in b.css("tr.row")}
         assert shown == {"acme-pbx-01", "acme-pbx-02"}
         text = b.text()
         assert "Reports stop while you have disconnected" in text
@@ -164,7 +175,13 @@ def test_customer_sees_only_their_organization(site: Site) -> None:
         b.screenshot(ARTIFACTS / "report.png")
     cookie = login_cookie(site, "alice")
     assert http(site, "/devices/acme-pbx-01", cookie=cookie)[0] == 200
-    for path in ("/devices/globex-pbx-01", "/devices/pbx-lab-1", "/devices/no-such-box", "/fleet", "/alerts"):
+    for path in (
+        "/devices/globex-pbx-01",
+        "/devices/pbx-lab-1",
+        "/devices/no-such-box",
+        "/fleet",
+        "/alerts",
+    ):
         status, _, body = http(site, path, cookie=cookie)
         assert status == 404, path
         assert "globex" not in body.lower()
@@ -189,15 +206,22 @@ def test_command_form_needs_csrf_and_records_the_sender(site: Site) -> None:
     )
     assert status == 303 and "no+reply" in headers["location"]
     with psycopg.connect(site.dsn) as conn:
-        sent = conn.execute("SELECT cmd, sent_by FROM commands WHERE device_id = 'acme-pbx-01'").fetchall()
+        sent = conn.execute(
+            "SELECT cmd, sent_by FROM commands WHERE device_id = 'acme-pbx-01'"
+        ).fetchall()
     assert sent == [("ping", "web:noc-admin")]
     customer = login_cookie(site, "bob")
-    assert http(site, "/devices/globex-pbx-01/commands", data={"cmd": "ping"}, cookie=customer)[0] == 404
+    assert (
+        http(site, "/devices/globex-pbx-01/commands", data={"cmd": "ping"}, cookie=customer)[0]
+        == 404
+    )
 
 
 def test_login_is_throttled(site: Site) -> None:
     """After five wrong passwords for a name, even the right one is refused for a while."""
     for _ in range(5):
-        assert http(site, "/login", data={"username": "bob", "password": "wrong-password"})[0] == 401
+        assert (
+            http(site, "/login", data={"username": "bob", "password": "wrong-password"})[0] == 401
+        )
     status, _, body = http(site, "/login", data={"username": "bob", "password": PASSWORD})
     assert status == 429 and "Too many" in body

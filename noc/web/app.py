@@ -69,13 +69,18 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{v:.0f}%"
 
 
-def _filled(rows: list[dict[str, Any]], since: dt.datetime, step: int, count: int) -> list[dict[str, Any]]:
-    """One row per bucket of ``step`` seconds from ``since`` (date_bin's origin), zeros where none."""
+def _filled(
+    rows: list[dict[str, Any]], since: dt.datetime, step: int, count: int
+) -> list[dict[str, Any]]:
+    """A row per ``step``-second bucket from ``since`` (date_bin's origin); zeros where none."""
     have = {r["t"]: r for r in rows}
     out = []
     for k in range(count):
         t = since + dt.timedelta(seconds=step * k)
-        out.append(have.get(t) or {"t": t, "calls": 0, "answered": 0, "asr": None, "acd": None, "peak": None})
+        out.append(
+            have.get(t)
+            or {"t": t, "calls": 0, "answered": 0, "asr": None, "acd": None, "peak": None}
+        )
     return out
 
 
@@ -86,10 +91,14 @@ def _bars(rows: list[dict[str, Any]], fmt: str) -> list[tuple[str, float, float]
     ]
 
 
+def _percent(rows: list[dict[str, Any]]) -> list[tuple[dt.datetime, float | None]]:
+    return [(r["t"], None if r["asr"] is None else r["asr"] * 100) for r in rows]
+
+
 def _dur(v: float | None) -> str:
     if v is None:
         return "—"
-    m, s = divmod(int(round(v)), 60)
+    m, s = divmod(round(v), 60)
     return f"{m}:{s:02d}"
 
 
@@ -303,7 +312,7 @@ class Dashboard:
             ),
             charts.line_chart(
                 "Answer-seizure ratio (ASR)",
-                [charts.Series("ASR %", [(r["t"], None if r["asr"] is None else r["asr"] * 100) for r in c])],
+                [charts.Series("ASR %", _percent(c))],
                 start=since, end=now, unit="%", y_max=100,
             ),
             charts.line_chart(
@@ -393,17 +402,22 @@ class Dashboard:
             ),
             "weekly": charts.bar_chart(
                 "Calls per week, last 12 weeks",
-                [(w["week"].strftime("%d %b"), w["answered"] or 0, (w["calls"] or 0) - (w["answered"] or 0)) for w in weeks],
+                _bars([{**w, "t": w["week"]} for w in weeks], "%d %b"),
                 labels=("answered", "not answered"),
             ),
             "asr": charts.line_chart(
                 "Answered ratio per day, last 30 days",
-                [charts.Series("answered %", [(r["t"], None if r["asr"] is None else r["asr"] * 100) for r in daily])],
+                [charts.Series("answered %", _percent(daily))],
                 start=month, end=now, unit="%", y_max=100,
             ),
         }  # fmt: skip
         return self.render(
-            request, "report.html", user=user, dev=dev, charts=report_charts, **d,
+            request,
+            "report.html",
+            user=user,
+            dev=dev,
+            charts=report_charts,
+            **d,
         )
 
     async def alerts_page(self, request: Request) -> Response:

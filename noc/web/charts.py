@@ -110,8 +110,8 @@ def line_chart(
             runs[-1].append(f"{x:.1f},{y:.1f}")
         for run in runs:
             if len(run) == 1:
-                x, y = run[0].split(",")
-                out.append(f'<circle class="point" cx="{x}" cy="{y}" r="2" fill="{color}"/>')
+                cx, cy = run[0].split(",")
+                out.append(f'<circle class="point" cx="{cx}" cy="{cy}" r="2" fill="{color}"/>')
             elif run:
                 out.append(
                     f'<polyline class="line" fill="none" stroke="{color}" stroke-width="1.5" '
@@ -122,7 +122,8 @@ def line_chart(
         color = s.color or PALETTE[n % len(PALETTE)]
         out.append(
             f'<rect x="{legend_x}" y="2" width="8" height="8" fill="{color}"/>'
-            f'<text x="{legend_x + 11}" y="10" font-size="10" fill="#374151">{escape(s.label)}</text>'
+            f'<text x="{legend_x + 11}" y="10" font-size="10" fill="#374151">'
+            f"{escape(s.label)}</text>"
         )
         legend_x += 14 + 7 * len(s.label)
     out.append("</svg></figure>")

@@ -39,7 +39,7 @@ STATES = ("online", "offline", "severed", "unknown")
 
 def _rows(conn: Conn, sql: str, args: dict[str, Any]) -> list[Row]:
     with conn.cursor(row_factory=dict_row) as cur:
-        return list(cur.execute(sql, args).fetchall())  # type: ignore[arg-type]
+        return list(cur.execute(sql, args).fetchall())
 
 
 def _scope(user: User) -> dict[str, Any]:
@@ -139,30 +139,28 @@ def calls_series(
     where, args = _call_scope(user, device_id)
     return _rows(
         conn,
-        "SELECT date_bin(make_interval(secs => %(step)s), c.bucket_start, %(since)s) AS t,"
+        "SELECT date_bin(make_interval(secs => %(step)s), c.bucket_start, %(since)s) AS t,"  # noqa: S608 -- {where} is one of two constants
         " sum(c.calls) AS calls, sum(c.answered) AS answered,"
         " sum(c.answered)::float / NULLIF(sum(c.calls), 0) AS asr,"
         " sum(c.billsec_sum)::float / NULLIF(sum(c.answered), 0) AS acd,"
         " max(c.peak_concurrent) AS peak"
         " FROM callstats c JOIN devices d ON d.device_id = c.device_id"
-        f" WHERE {where} AND c.bucket_start >= %(since)s GROUP BY 1 ORDER BY 1",  # noqa: S608
+        f" WHERE {where} AND c.bucket_start >= %(since)s GROUP BY 1 ORDER BY 1",
         {**args, "since": since, "step": step},
     )
 
 
-def calls_summary(
-    conn: Conn, user: User, since: dt.datetime, device_id: str | None = None
-) -> Row:
+def calls_summary(conn: Conn, user: User, since: dt.datetime, device_id: str | None = None) -> Row:
     """Totals since ``since``: calls, answered ratio, ACD, peak concurrent calls."""
     where, args = _call_scope(user, device_id)
     rows = _rows(
         conn,
-        "SELECT coalesce(sum(c.calls), 0) AS calls, coalesce(sum(c.answered), 0) AS answered,"
+        "SELECT coalesce(sum(c.calls), 0) AS calls, coalesce(sum(c.answered), 0) AS answered,"  # noqa: S608 -- {where} is one of two constants
         " sum(c.answered)::float / NULLIF(sum(c.calls), 0) AS asr,"
         " sum(c.billsec_sum)::float / NULLIF(sum(c.answered), 0) AS acd,"
         " max(c.peak_concurrent) AS peak, max(c.received_at) AS latest"
         " FROM callstats c JOIN devices d ON d.device_id = c.device_id"
-        f" WHERE {where} AND c.bucket_start >= %(since)s",  # noqa: S608
+        f" WHERE {where} AND c.bucket_start >= %(since)s",
         {**args, "since": since},
     )
     return rows[0]
@@ -175,10 +173,10 @@ def trunk_usage(
     where, args = _call_scope(user, device_id)
     return _rows(
         conn,
-        "SELECT t.key AS trunk, sum(t.value::int) AS calls"
+        "SELECT t.key AS trunk, sum(t.value::int) AS calls"  # noqa: S608 -- {where} is one of two constants
         " FROM callstats c JOIN devices d ON d.device_id = c.device_id,"
         " jsonb_each_text(c.by_trunk) t"
-        f" WHERE {where} AND c.bucket_start >= %(since)s"  # noqa: S608
+        f" WHERE {where} AND c.bucket_start >= %(since)s"
         " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 12",
         {**args, "since": since},
     )
@@ -189,13 +187,13 @@ def weekly(conn: Conn, user: User, weeks: int, device_id: str | None = None) -> 
     where, args = _call_scope(user, device_id)
     return _rows(
         conn,
-        "SELECT date_trunc('week', c.bucket_start) AS week, sum(c.calls) AS calls,"
+        "SELECT date_trunc('week', c.bucket_start) AS week, sum(c.calls) AS calls,"  # noqa: S608 -- {where} is one of two constants
         " sum(c.answered) AS answered,"
         " sum(c.answered)::float / NULLIF(sum(c.calls), 0) AS asr,"
         " sum(c.billsec_sum)::float / NULLIF(sum(c.answered), 0) AS acd,"
         " max(c.peak_concurrent) AS peak"
         " FROM callstats c JOIN devices d ON d.device_id = c.device_id"
-        f" WHERE {where} AND c.bucket_start >= date_trunc('week', now())"  # noqa: S608
+        f" WHERE {where} AND c.bucket_start >= date_trunc('week', now())"
         " - make_interval(weeks => %(weeks)s) GROUP BY 1 ORDER BY 1",
         {**args, "weeks": weeks},
     )

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from agent.collectors.base import Record
 from agent.config import PolicyConfig, loads
@@ -47,13 +48,16 @@ class _Host:
         pass
 
 
-def health_body(rng: random.Random, outbox: dict[str, Any], *, asterisk: bool = True) -> dict[str, Any]:
+def health_body(
+    rng: random.Random, outbox: dict[str, Any], *, asterisk: bool = True
+) -> dict[str, Any]:
     """A health body shaped like ``agent/collectors/health.py`` makes, with made-up figures."""
     disk = round(rng.uniform(20, 70), 1)
     return {
         "cpu": {"percent": round(rng.uniform(1, 40), 1), "count": 4},
         "load": [round(rng.uniform(0.05, 2.0), 2), 0.5, 0.4],
-        "memory": {"total": 8 << 30, "available": 5 << 30, "percent": round(rng.uniform(20, 60), 1)},
+        "memory": {"total": 8 << 30, "available": 5 << 30,
+                   "percent": round(rng.uniform(20, 60), 1)},
         "swap": {"total": 2 << 30, "used": 0, "percent": 0.0},
         "disks": [{"mount": "/", "fstype": "ext4", "total": 100 << 30, "used": 40 << 30,
                    "percent": disk}],
@@ -144,8 +148,9 @@ class SimAgent:
         """Drop the connection the way a dead process does: the socket closes, nothing is said."""
         assert self.session is not None
         client = self.session._client
-        if client is not None and client._client.socket() is not None:
-            client._client.socket().close()  # the broker sees EOF and publishes the will
+        sock = client._client.socket() if client is not None else None
+        if sock is not None:
+            cast(socket.socket, sock).close()  # the broker sees EOF and publishes the will
         if self.task is not None:
             self.task.cancel()
 
@@ -189,7 +194,12 @@ class SimFleet:
             a.start()
 
     async def wait(
-        self, predicate: Any, timeout: float, what: str, *, interval: float = 0.05
+        self,
+        predicate: Any,
+        timeout: float,  # noqa: ASYNC109 -- a deadline for a polled condition, as wait_for() has
+        what: str,
+        *,
+        interval: float = 0.05,
     ) -> None:
         """Wait on the loop until ``predicate()`` holds; AssertionError after ``timeout``.
 

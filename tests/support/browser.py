@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -75,7 +76,7 @@ class Browser:
         url = str(self.driver.current_url)
         return url[len(self.base) :] if url.startswith(self.base) else url
 
-    def css(self, selector: str) -> list[object]:
+    def css(self, selector: str) -> list[Any]:
         """Elements matching ``selector`` in the rendered DOM."""
         from selenium.webdriver.common.by import By
 

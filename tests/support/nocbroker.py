@@ -17,6 +17,8 @@ from tests.support.pki import PKI
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CONF = REPO / "etc" / "mosquitto-example.conf"
 SHIPPED_ACL = REPO / "etc" / "mosquitto-acl.example"
+
+
 class NocBroker(Mosquitto):
     """The shipped configuration on a free loopback port; sessions persist across restarts."""
 

@@ -88,11 +88,11 @@ def history(
     disk = rng.uniform(35, 60)
     outbox = {"queued": 0, "bytes": 0, "max_bytes": 256 << 20, "dropped": 0, "delivered": seq}
     while t < now:
-        body = health_body(rng, outbox)
-        body["cpu"]["percent"] = round(8 + 6 * math.sin(t.hour / 3) + rng.uniform(0, 4), 1)
-        body["memory"]["percent"] = round(41 + rng.uniform(0, 3), 1)
-        body["disks"][0]["percent"] = round(disk + 2 * (1 - (now - t) / dt.timedelta(hours=hours)), 1)
-        env("health", t, body)
+        hb = health_body(rng, outbox)
+        hb["cpu"]["percent"] = round(8 + 6 * math.sin(t.hour / 3) + rng.uniform(0, 4), 1)
+        hb["memory"]["percent"] = round(41 + rng.uniform(0, 3), 1)
+        hb["disks"][0]["percent"] = round(disk + 2 * (1 - (now - t) / dt.timedelta(hours=hours)), 1)
+        env("health", t, hb)
         t += dt.timedelta(minutes=5)
     return out
 

@@ -23,9 +23,7 @@ from tests.support.pki import PKI
 REPO = Path(__file__).resolve().parents[2]
 
 
-def noc_settings(
-    pki: PKI, broker: Mosquitto, dsn: str, **sections: dict[str, Any]
-) -> dict[str, Any]:
+def noc_settings(pki: PKI, broker: Mosquitto, dsn: str, **sections: Any) -> dict[str, Any]:
     """A NOC configuration (as a dict) for this broker and database."""
     noc = pki.device("noc")
     data: dict[str, Any] = {

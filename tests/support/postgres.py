@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from tests.support.mosquitto import free_port, wait_port
 
@@ -62,7 +63,7 @@ class Postgres:
                 raise PostgresUnavailable(f"no {RUN_AS!r} user to run PostgreSQL as") from exc
             self._user = (pw.pw_uid, pw.pw_gid)
 
-    def _as_owner(self) -> dict[str, object]:
+    def _as_owner(self) -> dict[str, Any]:
         if self._user is None:
             return {}
         return {"user": self._user[0], "group": self._user[1], "extra_groups": []}
@@ -81,7 +82,7 @@ class Postgres:
                     "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync",
                 ],
                 capture_output=True, text=True, check=False, cwd=self.root,
-                **self._as_owner(),  # type: ignore[arg-type]
+                **self._as_owner(),
             )  # fmt: skip
             if out.returncode != 0:
                 raise PostgresUnavailable(f"initdb failed: {out.stderr or out.stdout}")
@@ -96,7 +97,7 @@ class Postgres:
                 "-c", "max_connections=300", "-c", "shared_buffers=128MB",
             ],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.root,
-            **self._as_owner(),  # type: ignore[arg-type]
+            **self._as_owner(),
         )  # fmt: skip
         log.close()
         if not wait_port("127.0.0.1", self.port, time.monotonic() + timeout, self._proc):
