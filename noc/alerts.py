@@ -69,11 +69,11 @@ RULES = (
     Rule(
         "disk", "warning", "d.disk_pct >= %(disk)s",
         "coalesce(d.disk_pct, 0) < %(disk)s - %(hyst)s",
-        "'disk ' || round(d.disk_pct::numeric) || '% full'",
+        "'disk ' || round(d.disk_pct::numeric) || '%% full'",
     ),
     Rule(
         "memory", "warning", "d.mem_pct >= %(mem)s", "coalesce(d.mem_pct, 0) < %(mem)s - %(hyst)s",
-        "'memory ' || round(d.mem_pct::numeric) || '% used'",
+        "'memory ' || round(d.mem_pct::numeric) || '%% used'",
     ),
     Rule(
         "asterisk", "critical", "d.asterisk_up = false AND d.status = 'online'",
@@ -90,8 +90,8 @@ RULES = (
         "d.missing || ' envelope(s) never received'",
     ),
     Rule(
-        "cert", "warning", "d.cert_not_after < now() + make_interval(days => %(cert)s)",
-        "d.cert_not_after IS NULL OR d.cert_not_after >= now() + make_interval(days => %(cert)s)",
+        "cert", "warning", "d.cert_not_after < now() + make_interval(secs => %(cert)s * 86400)",
+        "d.cert_not_after IS NULL OR d.cert_not_after >= now() + make_interval(secs => %(cert)s * 86400)",
         "'certificate expires ' || to_char(d.cert_not_after, 'YYYY-MM-DD')",
     ),
 )  # fmt: skip

@@ -132,3 +132,42 @@ def test_only_the_ami_client_opens_a_connection() -> None:
     assert openers == {AMI_CLIENT: ["open_connection"]}
     # ... and it reaches nothing but AMI: no MQTT, TLS, HTTP or SSH library.
     assert imports_of(AGENT / AMI_CLIENT) & NETWORK == set()
+
+
+NOC = Path(__file__).resolve().parents[1] / "noc"
+# The NOC's own dependencies (the `noc` extra): never on a PBX, never imported by the agent.
+NOC_DEPS = {
+    "psycopg",
+    "psycopg_pool",
+    "starlette",
+    "uvicorn",
+    "jinja2",
+    "markupsafe",
+    "argon2",
+    "multipart",
+    "python_multipart",
+    "selenium",
+    "noc",
+}
+# Vendor-side reference tools that predate the service and reuse the agent's TLS helper.
+NOC_REFERENCE_TOOLS = {"_connect.py", "monitor.py", "send.py"}
+
+
+def test_agent_never_imports_noc_dependencies() -> None:
+    """No module under agent/ imports the NOC's packages (they are not installed on a PBX)."""
+    offenders = {
+        str(p.relative_to(AGENT)): sorted(imports_of(p) & NOC_DEPS)
+        for p in modules(AGENT)
+        if imports_of(p) & NOC_DEPS
+    }
+    assert offenders == {}
+
+
+def test_noc_service_does_not_use_the_agents_internals() -> None:
+    """The NOC service (ingest, store, web, alerts, commands) has its own MQTT/TLS code."""
+    offenders = sorted(
+        str(p.relative_to(NOC))
+        for p in modules(NOC)
+        if p.name not in NOC_REFERENCE_TOOLS and any(m.startswith("agent") for m in imports_of(p))
+    )
+    assert offenders == []
