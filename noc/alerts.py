@@ -90,8 +90,8 @@ RULES = (
         "d.missing || ' envelope(s) never received'",
     ),
     Rule(
-        "cert", "warning", "d.cert_not_after < now() + make_interval(secs => %(cert)s * 86400)",
-        "d.cert_not_after IS NULL OR d.cert_not_after >= now() + make_interval(secs => %(cert)s * 86400)",
+        "cert", "warning", "d.cert_not_after < now() + make_interval(secs => %(cert)s)",
+        "d.cert_not_after IS NULL OR d.cert_not_after >= now() + make_interval(secs => %(cert)s)",
         "'certificate expires ' || to_char(d.cert_not_after, 'YYYY-MM-DD')",
     ),
 )  # fmt: skip
@@ -104,7 +104,7 @@ def _params(a: AlertSettings) -> dict[str, Any]:
         "mem": a.memory_pct,
         "hyst": a.hysteresis_pct,
         "grace": a.gap_grace,
-        "cert": a.cert_days,
+        "cert": a.cert_days * 86400,
         "resolve_after": a.resolve_after,
     }
 

@@ -101,7 +101,8 @@ def test_each_rule_opens_once_and_reaches_the_webhook(noc_dsn: str, receiver: Re
         set_status(conn, "box-off", "offline")
         with conn.transaction():
             conn.execute(
-                "UPDATE devices SET status_at = now() - interval '1 hour' WHERE device_id = 'box-off'"
+                "UPDATE devices SET status_at = now() - interval '1 hour'"
+                " WHERE device_id = 'box-off'"
             )
             conn.execute("UPDATE seq_gaps SET opened_at = now() - interval '10 minutes'")
             conn.execute(
