@@ -17,12 +17,11 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from agent.collectors.base import Record
 from agent.config import PolicyConfig, loads
@@ -148,9 +147,10 @@ class SimAgent:
         """Drop the connection the way a dead process does: the socket closes, nothing is said."""
         assert self.session is not None
         client = self.session._client
-        sock = client._client.socket() if client is not None else None
-        if sock is not None:
-            cast(socket.socket, sock).close()  # the broker sees EOF and publishes the will
+        if client is not None and client._client.socket() is not None:
+            # paho's own close also tells aiomqtt to stop watching the descriptor; no
+            # DISCONNECT is sent, so the broker sees EOF and publishes the will.
+            client._client._sock_close()
         if self.task is not None:
             self.task.cancel()
 
