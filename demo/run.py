@@ -5,7 +5,11 @@ Everything is real and local: a throwaway vendor CA made with ``cryptography``
 on a free loopback port with mutual TLS and the per-device ACL, the agent
 started as ``agentctl run`` on the sample PBX tree shipped in
 ``tests/fixtures/pbx``, a NOC subscriber printing what the vendor receives,
-then ``agentctl status``, ``audit``, ``uplink off`` and ``on``.
+then ``agentctl status``, ``audit``, ``uplink off`` and ``on``; and the NOC
+service (demo/noc_side.py): PostgreSQL, ingest workers, alerts and the web
+dashboard, which stays up on a loopback port with demo logins (when run from a
+terminal; ``DEMO_KEEP=0`` ends at once, ``DEMO_KEEP=1`` stays without one),
+and headless-Chromium screenshots of the fleet and of the customer's report.
 Files go to ``demo/run/`` (removed at the next run).
 """
 
@@ -27,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import psycopg
 import yaml
 
 from agent.uplink.tls import client_context
+from demo.noc_side import PASSWORD, NocSide
 from noc.ca import make_ca, make_key_and_csr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,6 +245,15 @@ def main() -> int:
     port = free_port()
     say(f"2. The vendor's broker: mosquitto on 127.0.0.1:{port}, mutual TLS, per-device ACL")
     broker = start_broker(files, port)
+    say("3. The NOC service: PostgreSQL, noc migrate, two ingest workers, alerts, the dashboard")
+    service = NocSide(RUN, files, port, free_port())
+    try:
+        service.start()
+    except BaseException:
+        service.stop()
+        broker.terminate()
+        raise
+    service.noc("device", "add", DEVICE, "--org", "acme", "--cert", str(files["cert"]))
     noc = Noc(port, files["ca"], files["noc_cert"], files["noc_key"])
     noc.start()
     noc.ready.wait(10)
@@ -246,7 +261,7 @@ def main() -> int:
     (RUN / "agent.yaml").write_text(yaml.safe_dump(agent_config(files, port), sort_keys=False))
     agent = None
     try:
-        say("3. The agent on the sample PBX tree (tests/fixtures/pbx): agentctl run")
+        say("4. The agent on the sample PBX tree (tests/fixtures/pbx): agentctl run")
         agentctl("config", "check", "--quiet")
         log = (RUN / "agent.log").open("wb")
         agent = subprocess.Popen(
@@ -260,37 +275,67 @@ def main() -> int:
             lambda s: s["uplink"].get("state") == "connected" and s["outbox"]["delivered"] >= 3
         )
         time.sleep(2)
-        say("4. What the customer sees: agentctl status")
+        say("5. What the customer sees: agentctl status")
         agentctl("status")
-        say("5. What left the box, as the customer can audit it")
+        say("6. What left the box, as the customer can audit it")
         noc.quiet = True
         out = agentctl("audit", show=False)
         lines = out.stdout.splitlines()
         print("$ agentctl audit   (last entries)")
         print(textwrap.indent("\n".join(lines[-8:]), "  "))
         agentctl("audit", "verify")
-        say("6. The customer severs the uplink: agentctl uplink off")
+        say("7. The customer severs the uplink: agentctl uplink off")
         noc.quiet = False
         agentctl("uplink", "off")
         time.sleep(1.0)
         st = wait_status(lambda s: True)
         print(f"  the agent says: uplink {st['uplink']['state']}; nothing more is sent")
         agentctl("config", "check", "--quiet", show=False)
-        say("7. Only a local administrator turns it back on: agentctl uplink on")
+        say("8. Only a local administrator turns it back on: agentctl uplink on")
         agentctl("uplink", "on")
         wait_status(lambda s: s["uplink"].get("state") == "connected")
         time.sleep(1.5)
         noc.quiet = True
-        say("8. What a full configuration snapshot sends: agentctl snapshot --dry-run --full")
+        say("9. What a full configuration snapshot sends: agentctl snapshot --dry-run --full")
         out = agentctl("snapshot", "--dry-run", "--full", show=False)
         print("$ agentctl snapshot --dry-run --full | grep -m10 redacted")
         shown = [ln for ln in out.stdout.splitlines() if "<redacted:" in ln][:10]
         print(textwrap.indent("\n".join(shown) or "(nothing)", "  "))
-        say("9. Call statistics the vendor receives: agentctl callstats (excerpt)")
+        say("10. Call statistics the vendor receives: agentctl callstats (excerpt)")
         out = agentctl("callstats", "--since", "3650d", show=False)
         print(textwrap.indent("\n".join(out.stdout.splitlines()[:14]), "  "))
+        say("11. The NOC: a command and its reply, what ingest stored, the dashboard")
+        service.noc("send", DEVICE, "ping", "--as", "demo")
+        time.sleep(2)
+        with psycopg.connect(service.dsn) as conn:
+            row = conn.execute(
+                "SELECT status, envelopes, missing, (SELECT count(*) FROM snapshots s"
+                " WHERE s.device_id = d.device_id AND complete_at IS NOT NULL)"
+                " FROM devices d WHERE device_id = %s",
+                (DEVICE,),
+            ).fetchone()
+        if row:
+            print(
+                f"  PostgreSQL has {DEVICE}: status {row[0]}, {row[1]} envelopes (each once), "
+                f"{row[2]} missing, {row[3]} configuration snapshot(s) reassembled"
+            )
+        shots = service.screenshots(DEVICE)
+        for shot in shots:
+            print(f"  screenshot: {shot}")
         print(f"\nDone: the NOC received {noc.received} messages. Files: {RUN}")
+        print(f"\nDashboard: {service.url}/")
+        print(f"  NOC staff:  noc-admin / {PASSWORD}")
+        print(f"  customer:   alice / {PASSWORD}  (Acme Dental Group: {DEVICE}, acme-pbx-02)")
+        keep = os.environ.get("DEMO_KEEP")
+        if keep == "1" or (keep is None and sys.stdin.isatty()):
+            print("The agent, the broker and the NOC keep running: Ctrl-C stops them.", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                print()
     finally:
+        service.stop()
         if agent is not None:
             agent.send_signal(signal.SIGTERM)
             try:
