@@ -12,8 +12,9 @@ Figures (printed, and written to bench/out/fleet.json):
 2. Ingest rate with 1 and with 2 workers: the workers are stopped (their
    sessions persist), every box sends a burst that queues in the broker, the
    workers start, and the rate is stored envelopes per second until the last
-   is in PostgreSQL. Baseline in the same run: a bare paho subscriber that
-   only acknowledges (no database) draining the same kind of backlog.
+   is in PostgreSQL. Baseline in the same run: the broker's own client
+   (mosquitto_sub, C, acknowledges only, no database) draining the same kind
+   of backlog from the same kind of session.
 3. A box that dies is shown offline: (a) its process dies (the socket closes:
    the broker publishes its will at once); (b) its network vanishes (a
    blackholing proxy: no FIN, no packets), which the broker notices after 1.5
@@ -34,8 +35,8 @@ import asyncio
 import json
 import resource
 import shutil
-import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -46,9 +47,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 import psycopg
-from paho.mqtt.enums import CallbackAPIVersion
 
 from noc import accounts, db
 from tests.support.agents import SimAgent, SimFleet
@@ -136,34 +135,20 @@ def get(url: str, cookie: str) -> tuple[str, float]:
 
 
 def bare_rate(pki: PKI, broker: NocBroker, fleet: SimFleet, per_box: int) -> float:
-    """Envelopes/s a bare paho subscriber that only acknowledges takes from a queued backlog."""
+    """Envelopes/s the broker's own client (mosquitto_sub: C, no database, acknowledges only)
+    takes from a backlog queued for its persistent shared-subscription session."""
     creds = pki.device("noc")
-    got = [0]
-    done = threading.Event()
+    sub = shutil.which("mosquitto_sub")
+    if sub is None:
+        print("   (no mosquitto_sub: Debian's mosquitto-clients gives the bare baseline)")
+        return float("nan")
+    common = [
+        sub, "-V", "5", "-h", "localhost", "-p", str(broker.port), "--cafile", str(pki.ca_file),
+        "--cert", str(creds.cert), "--key", str(creds.key), "-i", "bench-bare", "-q", "1",
+        "-t", "$share/bare/pbx/+/up/#",
+    ]  # fmt: skip
+    subprocess.run([*common, "-c", "-x", "3600", "-E"], check=True, timeout=30)
     total = per_box * len(fleet.agents)
-
-    def client() -> paho.Client:
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare", protocol=paho.MQTTv5)
-        ctx = ssl.create_default_context(cafile=str(pki.ca_file))
-        ctx.load_cert_chain(creds.cert, creds.key)
-        c.tls_set_context(ctx)
-        return c
-
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = 3600
-    props.ReceiveMaximum = 1000
-    c = client()
-    c.connect("localhost", broker.port, clean_start=True, properties=props)
-    c.loop_start()
-    time.sleep(0.5)
-    c.subscribe("$share/bare/pbx/+/up/#", qos=1)
-    time.sleep(0.5)
-    c.disconnect()
-    c.loop_stop()
-    time.sleep(0.5)
 
     async def burst() -> None:
         for a in fleet.agents:
@@ -172,25 +157,16 @@ def bare_rate(pki: PKI, broker: NocBroker, fleet: SimFleet, per_box: int) -> flo
             await asyncio.sleep(0)  # a box's burst at a time: the others keep their keepalive
         await fleet.wait(fleet.drained, 300, "the burst queued in the broker", interval=0.2)
 
-    asyncio.run_coroutine_threadsafe(burst(), LOOP).result(600)
-
-    def on_message(cl: paho.Client, u: Any, m: paho.MQTTMessage) -> None:
-        got[0] += 1
-        if got[0] >= total:
-            done.set()
-
-    c = client()
-    c.on_message = on_message
+    on_loop(burst())
     t0 = time.monotonic()
-    c.connect("localhost", broker.port, clean_start=False, properties=props)
-    c.loop_start()
-    done.wait(300)
+    subprocess.run(
+        [*common, "-c", "-x", "3600", "-C", str(total)],
+        check=True, timeout=600, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
     seconds = time.monotonic() - t0
-    c.unsubscribe("$share/bare/pbx/+/up/#")
-    time.sleep(0.3)
-    c.disconnect()
-    c.loop_stop()
-    return got[0] / seconds
+    # A clean start ends the session: nothing more is queued for it.
+    subprocess.run([*common, "-E"], check=True, timeout=30, stdout=subprocess.DEVNULL)
+    return total / seconds
 
 
 LOOP: asyncio.AbstractEventLoop
@@ -259,7 +235,11 @@ def main(argv: list[str] | None = None) -> int:
 
             # -- 2. ingest rate ---------------------------------------------------------------
             figures["bare_rate"] = bare_rate(pki, broker, fleet, args.burst)
-            print(f"2. baseline: bare paho subscriber, ack only: {figures['bare_rate']:,.0f}/s")
+            print(
+                f"2. baseline: mosquitto_sub on a shared persistent session, no database: "
+                f"{figures['bare_rate']:,.0f}/s",
+                flush=True,
+            )
             for n_workers in (1, 2):
                 group = f"bench{n_workers}"
                 wdata = {**data, "broker": {**data["broker"], "share_group": group}}
@@ -285,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                             a.put_health()
                         await asyncio.sleep(0)  # let the other boxes keep their keepalive
                     await fleet.wait(fleet.drained, 300, "burst queued in the broker", interval=0.2)
-                    return args.burst * len(fleet.agents)
+                    return int(args.burst) * len(fleet.agents)
 
                 sent = on_loop(burst())
                 t = time.monotonic()
@@ -438,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             # -- sizes for PostgreSQL sizing ---------------------------------------------------
             with psycopg.connect(dsn) as conn:
-                sizes = dict(
+                sizes: dict[str, int] = dict(
                     conn.execute(
                         "SELECT relname, pg_total_relation_size(oid) FROM pg_class"
                         " WHERE relname IN ('envelopes', 'health')"

@@ -87,10 +87,13 @@ def _config(args: argparse.Namespace) -> NocConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "ca":
+    i = 0
+    while i < len(argv) and argv[i] in ("-c", "--config", "--log-level"):
+        i += 2  # the global options take a value each
+    if i < len(argv) and argv[i] == "ca":
         from noc import ca
 
-        return ca.main(argv[1:])
+        return ca.main(argv[i + 1 :])  # the CA needs no configuration file
     args = _parser().parse_args(argv)
     from noc import logs
 
