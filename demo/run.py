@@ -35,8 +35,9 @@ import psycopg
 import yaml
 
 from agent.uplink.tls import client_context
-from demo.noc_side import PASSWORD, NocSide
+from demo.noc_side import NocSide
 from noc.ca import make_ca, make_key_and_csr
+from tests.support.nocseed import PASSWORD
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "demo" / "run"

@@ -74,6 +74,9 @@ class WebSettings:
     port: int = 8080
     secure_cookies: bool = True
     session_ttl: float = 12 * 3600.0
+    # A box silent for this many heartbeats is shown offline, whatever its retained status
+    # says: mosquitto 2.0 checks keepalives only every 5 s, so its last will can come late.
+    silent_after: float = 1.5
     login_window: float = 900.0  # failures counted over this window ...
     login_max_failures: int = 5  # ... this many per user name or address, then refused
 

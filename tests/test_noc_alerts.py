@@ -112,7 +112,9 @@ def test_each_rule_opens_once_and_reaches_the_webhook(noc_dsn: str, receiver: Re
         s = settings(receiver)
         run(conn, s)
         run(conn, s)
-        severities = dict(conn.execute("SELECT rule, severity FROM alerts").fetchall())
+        severities: dict[str, str] = dict(
+            conn.execute("SELECT rule, severity FROM alerts").fetchall()
+        )
     assert sorted(receiver.seen()) == sorted(
         [
             ("opened", "box-off", "offline"),

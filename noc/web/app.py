@@ -37,7 +37,7 @@ from noc import accounts, commands
 from noc.accounts import User
 from noc.config import NocConfig
 from noc.errors import NocError
-from noc.web import charts, queries
+from noc.web import charts, fleetrows, queries
 
 log = structlog.get_logger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -48,17 +48,7 @@ CSP = (
 )
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
-    s = int(seconds)
-    if s < 90:
-        return f"{s} s"
-    if s < 5400:
-        return f"{s // 60} min"
-    if s < 172800:
-        return f"{s // 3600} h"
-    return f"{s // 86400} d"
+_age = fleetrows.age
 
 
 def _when(t: dt.datetime | None) -> str:
@@ -132,8 +122,7 @@ class Dashboard:
             lstrip_blocks=True,
         )
         self.env.filters.update(age=_age, when=_when, pct=_pct, dur=_dur)
-        a = config.alerts
-        self.stale = a.offline_after * a.heartbeat
+        self.stale = config.web.silent_after * config.alerts.heartbeat
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -241,7 +230,8 @@ class Dashboard:
         open_alerts = await self.db(lambda c: queries.alerts(c, limit=8))
         return self.render(
             request, "fleet.html", user=user, rows=rows, counts=queries.fleet_counts(rows),
-            args=args, sort_link=_sort_link(args), offline_after=self.config.alerts.offline_after,
+            rows_html=fleetrows.rows(rows, age_warn=self.stale),
+            args=args, sort_link=_sort_link(args), silent_after=self.config.web.silent_after,
             alerts=[a for a in open_alerts if not a["resolved_at"]],
         )  # fmt: skip
 
@@ -251,7 +241,7 @@ class Dashboard:
             return PlainTextResponse("login required", status_code=401)
         args = self._fleet_args(request)
         rows = await self.db(queries.fleet, user, stale=self.stale, **args)
-        response = self.render(request, "_fleet_rows.html", rows=rows)
+        response = HTMLResponse(fleetrows.rows(rows, age_warn=self.stale))
         response.headers["X-Fleet-Counts"] = ",".join(
             f"{k}={v}" for k, v in queries.fleet_counts(rows).items()
         )
