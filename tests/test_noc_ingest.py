@@ -259,3 +259,38 @@ def test_garbage_is_kept_aside_and_the_stream_goes_on(
         thread.join(10)
     assert count(noc_dsn, "SELECT count(*) FROM rejects") == 1
     assert "not JSON" in count(noc_dsn, "SELECT reason FROM rejects")
+
+
+def test_a_box_cannot_read_the_fleet_through_a_shared_subscription(
+    pki: PKI, noc_broker: NocBroker
+) -> None:
+    """With the shipped ACL, a box that subscribes to $share/x/pbx/+/up/# receives nothing of
+    another box's (mosquitto checks read access on every delivered message's real topic)."""
+    got: list[str] = []
+    snoop = _device_client(pki, noc_broker, "pbx-snoop")
+    snoop.on_message = lambda c, u, m: got.append(m.topic)
+    victim = _device_client(pki, noc_broker, "pbx-victim")
+    try:
+        snoop.subscribe("$share/other/pbx/+/up/#", qos=1)
+        snoop.subscribe("pbx/+/up/#", qos=1)
+        time.sleep(0.5)  # SUBACKs say granted either way: the proof is what arrives
+        for i in range(5):
+            env = {"v": 1, "id": new_id(), "ts": "2026-05-01T10:00:00.000Z", "class": "health",
+                   "seq": i + 1, "body": {}}  # fmt: skip
+            victim.publish(
+                "pbx/pbx-victim/up/health", json.dumps(env).encode(), qos=1
+            ).wait_for_publish(5)
+        own = {"v": 1, "id": new_id(), "ts": "2026-05-01T10:00:00.000Z", "class": "health",
+               "seq": 1, "body": {}}  # fmt: skip
+        snoop.publish("pbx/pbx-snoop/up/health", json.dumps(own).encode(), qos=1).wait_for_publish(
+            5
+        )
+        deadline = time.monotonic() + 5
+        while "pbx/pbx-snoop/up/health" not in got and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        for c in (snoop, victim):
+            c.disconnect()
+            c.loop_stop()
+    assert "pbx/pbx-snoop/up/health" in got  # its own subtree arrives: the subscription works
+    assert not [t for t in got if "pbx-victim" in t]
