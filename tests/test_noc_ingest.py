@@ -81,6 +81,7 @@ def workers(root: Path, data: dict[str, Any], names: list[str]) -> dict[str, Noc
     return procs
 
 
+@pytest.mark.timeout(300)  # 6,100 envelopes, a SIGKILL, a broker restart, on 2 shared cores
 def test_exactly_once_across_two_workers_a_kill_and_a_broker_restart(
     pki: PKI, noc_broker: NocBroker, noc_dsn: str, tmp_path: Path
 ) -> None:
@@ -146,6 +147,7 @@ def test_exactly_once_across_two_workers_a_kill_and_a_broker_restart(
     assert [e["session_present"] for e in connects] == [False, True]
 
 
+@pytest.mark.timeout(300)  # 20,000 envelopes through 50 TLS sessions on 2 shared cores
 def test_burst_of_20000_from_50_boxes_lands_complete(
     pki: PKI, noc_broker: NocBroker, noc_dsn: str, tmp_path: Path
 ) -> None:
