@@ -8,14 +8,19 @@ headless Chromium (Debian's, through chromedriver) for the screenshots.
 The demo box is real and live. Two more boxes (one of the demo customer's,
 one of another customer's) get 30 days of call statistics and a day of
 health made up and stored through the ingest code (tests/support/nocseed.py),
-so that the reports have something to show; the demo says so.
+so that the reports have something to show; the demo says so. The other
+customer's box then stays live as a simulated box (the agent's real uplink
+code with its own certificate, tests/support/agents.py); the demo customer's
+second box has its uplink severed by its customer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,10 @@ import psycopg
 import yaml
 
 from noc import accounts
+from noc.ca import CA
+from tests.support.agents import SimAgent
 from tests.support.nocseed import PASSWORD, history, seed_accounts, set_status, store_history
+from tests.support.pki import Creds
 from tests.support.postgres import Postgres, PostgresUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +51,9 @@ class NocSide:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.dsn = ""
         self.config = self.run / "noc.yaml"
+        self._sim_stop: asyncio.Event | None = None
+        self._sim_thread: threading.Thread | None = None
+        self._sim_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def url(self) -> str:
@@ -85,6 +96,40 @@ class NocSide:
             if time.monotonic() > deadline:
                 raise SystemExit(f"noc web did not start; see {self.run}/web.log")
             time.sleep(0.1)
+        self.start_simulated_box("globex-pbx-01")
+
+    def start_simulated_box(self, device: str) -> None:
+        """A live box of another customer: the agent's real uplink, its own certificate."""
+        ca = CA.load(self.files["ca"].parent)
+        cert, key = ca.issue_device(device, self.run / "sim")
+        box = SimAgent(
+            device, Creds(device, cert, key), self.files["ca"], self.broker_port,
+            self.run / "sim", keepalive=10, heartbeat=10, reconnect_max=5.0,
+        )  # fmt: skip
+        ready = threading.Event()
+
+        async def main() -> None:
+            self._sim_stop = asyncio.Event()
+            box.open()
+            box.start()
+            ready.set()
+            while not self._sim_stop.is_set():
+                box.put_health()
+                try:
+                    await asyncio.wait_for(self._sim_stop.wait(), 10)
+                except TimeoutError:
+                    pass
+            await box.stop()
+
+        def run() -> None:
+            self._sim_loop = asyncio.new_event_loop()
+            self._sim_loop.run_until_complete(main())
+            self._sim_loop.close()
+
+        self._sim_thread = threading.Thread(target=run, name="simulated-box", daemon=True)
+        self._sim_thread.start()
+        ready.wait(10)
+        print(f"  {device}: a simulated box (the agent's uplink code) sends health every 10 s")
 
     def settings(self) -> dict[str, Any]:
         """The NOC's configuration file (noc.yaml) for the demo."""
@@ -97,7 +142,7 @@ class NocSide:
                 "key_file": str(self.files["noc_key"]),
             },
             "web": {"host": "127.0.0.1", "port": self.web_port},
-            "alerts": {"heartbeat": "10s", "interval": "5s"},
+            "alerts": {"heartbeat": "10s", "interval": "5s", "resolve_after": "10s"},
             "command_timeout": "5s",
         }
 
@@ -139,7 +184,7 @@ class NocSide:
             with Browser(self.url) as b:
                 b.login("noc-admin", PASSWORD, then="/fleet")
                 made.append(b.screenshot(shots / "fleet.png"))
-                b.get(f"/devices/{device}")
+                b.get(f"/devices/{device}?span=1h")
                 made.append(b.screenshot(shots / "device.png"))
             with Browser(self.url) as b:
                 b.login("alice", PASSWORD, then="/report")
@@ -149,7 +194,11 @@ class NocSide:
         return made
 
     def stop(self) -> None:
-        """Stop the NOC's processes and PostgreSQL."""
+        """Stop the simulated box, the NOC's processes and PostgreSQL."""
+        if self._sim_loop is not None and self._sim_stop is not None:
+            self._sim_loop.call_soon_threadsafe(self._sim_stop.set)
+        if self._sim_thread is not None:
+            self._sim_thread.join(10)
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()

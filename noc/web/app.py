@@ -42,6 +42,8 @@ from noc.web import charts, fleetrows, queries
 log = structlog.get_logger(__name__)
 HERE = Path(__file__).resolve().parent
 COOKIE = "noc_session"
+#: A device page's spans: seconds shown, health step, calls step (all seconds).
+SPANS = {"1h": (3600, 60, 300), "24h": (86400, 300, 3600), "7d": (7 * 86400, 3600, 21600)}
 CSP = (
     "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -256,10 +258,12 @@ class Dashboard:
         if not user.staff:
             return await self._report(request, user, dev)
         span = request.query_params.get("span", "24h")
-        # Health: 5-minute points over a day, hourly over a week; calls: hourly bars, 6-hourly.
-        seconds, step, call_step = (7 * 86400, 3600, 21600) if span == "7d" else (86400, 300, 3600)
+        span = span if span in SPANS else "24h"
+        seconds, step, call_step = SPANS[span]
         now = dt.datetime.now(dt.UTC)
-        since = (now - dt.timedelta(seconds=seconds)).replace(minute=0, second=0, microsecond=0)
+        since = dt.datetime.fromtimestamp(
+            (now.timestamp() - seconds) // call_step * call_step, dt.UTC
+        )
 
         def load(conn: Any) -> dict[str, Any]:
             return {
@@ -295,9 +299,10 @@ class Dashboard:
         ]  # fmt: skip
         c = _filled(d["calls"], since, call_step, seconds // call_step + 1)
         fmt = "%H:%M" if span != "7d" else "%d %b"
+        per = {3600: "hour", 21600: "6 hours", 300: "5 minutes"}[call_step]
         call_charts = [
             charts.bar_chart(
-                f"Calls per {'hour' if span != '7d' else '6 hours'}", _bars(c, fmt),
+                f"Calls per {per}", _bars(c, fmt),
                 labels=("answered", "not answered"), every=max(len(c) // 8, 1),
             ),
             charts.line_chart(
