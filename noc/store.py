@@ -441,7 +441,10 @@ def health_fields(body: dict[str, Any]) -> dict[str, Any]:
         "uptime": _int(body.get("uptime")),
         "outbox_queued": _int(outbox.get("queued")),
         "outbox_dropped": _int(outbox.get("dropped")),
-        "asterisk_up": bool(ast.get("running")) if ast is not None else None,
+        # True, False, or unknown (None: AMI not configured and no process check).
+        "asterisk_up": ast.get("running")
+        if ast is not None and isinstance(ast.get("running"), bool)
+        else None,
         "agent_version": str(version)[:40] if isinstance(version, str) else None,
     }
 

@@ -186,3 +186,14 @@ def test_snapshot_parts_reassembled_in_any_order(
         assert "+[added-by-test]" in diffs[0][2]
         history = one(conn, "SELECT count(*) FROM snapshots WHERE complete_at IS NOT NULL")
         assert history == 2
+
+
+def test_asterisk_state_is_true_false_or_unknown(noc_dsn: str) -> None:
+    """running true/false is kept; running null (AMI not configured, no process check) stays
+    unknown rather than becoming "down" and raising a false alert."""
+    with psycopg.connect(noc_dsn) as conn:
+        for n, (dev, running) in enumerate((("a", True), ("b", False), ("c", None))):
+            body = {"pbx": {"asterisk": {"running": running}}}
+            put(conn, "health", envelope("health", n + 1, body), dev=dev)
+        states = dict(conn.execute("SELECT device_id, asterisk_up FROM devices").fetchall())
+    assert states == {"a": True, "b": False, "c": None}
