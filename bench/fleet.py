@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                 "last_s": times[-1] if times else None,
                 "p50_s": statistics.median(times) if times else None,
                 "histogram_5s": dict(sorted(Counter(int(x // 5) * 5 for x in times).items())),
+                "histogram_1s": dict(sorted(Counter(int(x) for x in times).items())),
             }
             print(
                 f"4. broker down {up_at - down_at:.1f} s: {len(times)}/{len(alive)} boxes back, "
