@@ -195,5 +195,7 @@ def test_asterisk_state_is_true_false_or_unknown(noc_dsn: str) -> None:
         for n, (dev, running) in enumerate((("a", True), ("b", False), ("c", None))):
             body = {"pbx": {"asterisk": {"running": running}}}
             put(conn, "health", envelope("health", n + 1, body), dev=dev)
-        states = dict(conn.execute("SELECT device_id, asterisk_up FROM devices").fetchall())
+        states: dict[str, bool | None] = dict(
+            conn.execute("SELECT device_id, asterisk_up FROM devices").fetchall()
+        )
     assert states == {"a": True, "b": False, "c": None}
