@@ -199,3 +199,36 @@ def test_asterisk_state_is_true_false_or_unknown(noc_dsn: str) -> None:
             conn.execute("SELECT device_id, asterisk_up FROM devices").fetchall()
         )
     assert states == {"a": True, "b": False, "c": None}
+
+
+def test_retention_prunes_only_what_is_older(noc_dsn: str) -> None:
+    """Rows older than their retention go; newer rows, devices and open alerts stay."""
+    from noc import retention
+    from noc.config import RetentionSettings
+
+    with psycopg.connect(noc_dsn) as conn:
+        for seq in (1, 2):
+            put(conn, "health", envelope("health", seq, {"cpu": {"percent": 1.0}}))
+        put(conn, "callstats", envelope("callstats", 3, bucket(0, calls=10, answered=6)))
+        with conn.transaction():
+            for seq, age in ((1, "40 days"), (2, "1 day")):
+                conn.execute(
+                    "UPDATE health SET ts = now() - %s::interval WHERE envelope_id ="
+                    " (SELECT id FROM envelopes WHERE seq = %s)",
+                    (age, seq),
+                )
+            conn.execute("UPDATE callstats SET bucket_start = now() - interval '10 days'")
+            conn.execute(
+                "UPDATE envelopes SET received_at = now() - interval '40 days' WHERE seq = 1"
+            )
+            conn.execute(
+                "INSERT INTO alerts (device_id, rule, severity, detail, opened_at)"
+                " VALUES (%s, 'disk', 'warning', 'old but open', now() - interval '1 year')",
+                (DEV,),
+            )
+        counts = retention.prune(conn, RetentionSettings())
+        assert counts["health"] == 1 and counts["envelopes"] == 1
+        assert counts["callstats"] == 0  # a bucket is kept 400 days
+        assert one(conn, "SELECT count(*) FROM health") == 1
+        assert one(conn, "SELECT count(*) FROM devices") == 1
+        assert one(conn, "SELECT count(*) FROM alerts WHERE resolved_at IS NULL") == 1
