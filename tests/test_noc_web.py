@@ -225,3 +225,23 @@ def test_login_is_throttled(site: Site) -> None:
         )
     status, _, body = http(site, "/login", data={"username": "bob", "password": PASSWORD})
     assert status == 429 and "Too many" in body
+
+
+def test_fleet_rows_sort_and_filter(site: Site) -> None:
+    """The fleet fragment sorts by any column both ways and filters by name and state."""
+    import re
+
+    cookie = login_cookie(site, "noc-admin")
+
+    def order(query: str) -> list[str]:
+        status, _, body = http(site, f"/fleet/rows?{query}", cookie=cookie)
+        assert status == 200
+        return re.findall(r'data-device="([^"]+)"', body)
+
+    assert order("sort=device") == sorted(DEVICES)
+    assert order("sort=device&dir=desc") == sorted(DEVICES, reverse=True)
+    by_org = order("sort=org")
+    assert by_org.index("acme-pbx-01") < by_org.index("globex-pbx-01")
+    assert order("q=globex") == ["globex-pbx-01"]
+    assert order("state=offline") == ["pbx-lab-1"]
+    assert order("sort=nonsense'--") == sorted(DEVICES)  # unknown column: the default order
