@@ -16,6 +16,7 @@ import base64
 import binascii
 import datetime as dt
 import difflib
+import hashlib
 import json
 import re
 import zlib
@@ -28,7 +29,7 @@ from psycopg.types.json import Jsonb
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # no "." or ".." (URLs)
 CLASSES = frozenset({"health", "config", "callstats"})
-SNAPSHOT_SCHEMA = "pbx-config-snapshot/1"
+SNAPSHOT_SCHEMAS = ("pbx-config-snapshot/1", "pbx-config-snapshot/2")
 CALLSTATS_SCHEMA = "callstats/1"
 MAX_PARTS = 100_000  # a bound against nonsense, not an assumption about snapshots
 MAX_DIFF_LINES = 5_000
@@ -494,16 +495,26 @@ _CALLSTATS_UPSERT = (
 # -- configuration snapshots -------------------------------------------------------------
 
 
-def _check_part(body: dict[str, Any]) -> tuple[str, int, int]:
-    if body.get("schema") != SNAPSHOT_SCHEMA:
+def _check_part(body: dict[str, Any]) -> tuple[str, int, int | None]:
+    """Snapshot id, part number and the count of parts where this part says it.
+
+    Schema 1 gives ``parts`` in every part; schema 2 only in the last one (its count is
+    known only once the manifest has streamed to its end).
+    """
+    schema = body.get("schema")
+    if schema not in SNAPSHOT_SCHEMAS:
         raise Rejected(
-            f"config schema {str(body.get('schema'))[:40]!r}: expected {SNAPSHOT_SCHEMA}"
+            f"config schema {str(schema)[:40]!r}: expected one of {', '.join(SNAPSHOT_SCHEMAS)}"
         )
     snap, part, parts = body.get("snapshot"), _int(body.get("part")), _int(body.get("parts"))
     if not isinstance(snap, str) or not 1 <= len(snap) <= 128:
         raise Rejected("config: snapshot id missing")
-    if parts is None or part is None or not 1 <= part <= parts <= MAX_PARTS:
+    if part is None or not 1 <= part <= MAX_PARTS:
+        raise Rejected("config: part must be a whole number from 1")
+    if schema == SNAPSHOT_SCHEMAS[0] and (parts is None or not part <= parts <= MAX_PARTS):
         raise Rejected("config: part and parts must satisfy 1 <= part <= parts")
+    if schema == SNAPSHOT_SCHEMAS[1] and parts is not None and parts != part:
+        raise Rejected(f"config: only the last part carries parts ({parts} on part {part})")
     return snap, part, parts
 
 
@@ -514,17 +525,27 @@ def _snapshot_part(conn: Conn, device: str, body: dict[str, Any]) -> None:
         " ON CONFLICT DO NOTHING",
         (device, snap, parts),
     )
-    # The row lock orders the workers holding this snapshot's parts: the one that sees
-    # the last part sees every other part committed, whichever worker stored it.
+    # The row lock orders the workers holding this snapshot's parts: the one that stores
+    # the last missing part sees every other part committed, whichever worker stored it.
     row = conn.execute(
         "SELECT parts, complete_at FROM snapshots WHERE device_id = %s AND snapshot_id = %s"
         " FOR UPDATE",
         (device, snap),
     ).fetchone()
     assert row is not None
-    if row[0] != parts:
-        raise Rejected(f"config: snapshot {snap} part {part} says {parts} parts, not {row[0]}")
-    if row[1] is not None:
+    known, complete = row
+    if parts is not None:
+        if known is not None and known != parts:
+            raise Rejected(f"config: snapshot {snap} part {part} says {parts} parts, not {known}")
+        if known is None:
+            conn.execute(
+                "UPDATE snapshots SET parts = %s WHERE device_id = %s AND snapshot_id = %s",
+                (parts, device, snap),
+            )
+            known = parts
+    if known is not None and part > known:
+        raise Rejected(f"config: snapshot {snap} has {known} parts, not {part}")
+    if complete is not None:
         return  # already assembled: a part sent again under a new envelope id
     conn.execute(
         "INSERT INTO snapshot_parts (device_id, snapshot_id, part, parts, body)"
@@ -535,7 +556,7 @@ def _snapshot_part(conn: Conn, device: str, body: dict[str, Any]) -> None:
         "SELECT count(*) FROM snapshot_parts WHERE device_id = %s AND snapshot_id = %s",
         (device, snap),
     ).fetchone()
-    if have is not None and have[0] == parts:
+    if known is not None and have is not None and have[0] == known:
         _assemble(conn, device, snap)
 
 
@@ -552,6 +573,49 @@ def _decode(content: Any) -> dict[str, str]:
     if not isinstance(texts, dict):
         raise Rejected("config content: expected path -> text")
     return {str(k): str(v) for k, v in texts.items()}
+
+
+def _chunks(bodies: list[dict[str, Any]]) -> tuple[dict[str, str], list[str]]:
+    """Schema 2: large files sent in pieces; joined by offset, checked contiguous and final."""
+    pieces: dict[str, list[tuple[int, bool, bytes]]] = {}
+    for b in bodies:
+        chunk = b.get("chunk")
+        if not isinstance(chunk, dict):
+            continue
+        try:
+            data = zlib.decompress(base64.b64decode(str(chunk.get("data", "")), validate=True))
+        except (binascii.Error, zlib.error) as exc:
+            raise Rejected(f"config chunk cannot be decoded: {exc}") from None
+        offset = _int(chunk.get("offset"))
+        path = chunk.get("path")
+        if not isinstance(path, str) or offset is None:
+            raise Rejected("config chunk without a path or offset")
+        pieces.setdefault(path, []).append((offset, bool(chunk.get("final")), data))
+    texts: dict[str, str] = {}
+    problems: list[str] = []
+    for path, got in pieces.items():
+        got.sort()
+        joined = bytearray()
+        for offset, _, data in got:
+            if offset != len(joined):
+                problems.append(f"{path}: chunk at {offset}, expected {len(joined)}")
+                break
+            joined += data
+        else:
+            if not got[-1][1]:
+                problems.append(f"{path}: the final chunk is missing")
+            else:
+                texts[path] = joined.decode("utf-8", "replace")
+    return texts, problems
+
+
+def manifest_digest(entries: list[dict[str, Any]]) -> str:
+    """``sha256:`` of each entry's canonical JSON and a newline, in path (UTF-8 byte) order."""
+    h = hashlib.sha256()
+    for e in sorted(entries, key=lambda e: str(e["path"]).encode("utf-8")):
+        text = json.dumps(e, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        h.update(text.encode("utf-8") + b"\n")
+    return f"sha256:{h.hexdigest()}"
 
 
 def _diff(path: str, old: str, new: str) -> str:
@@ -579,21 +643,43 @@ def _assemble(conn: Conn, device: str, snap: str) -> None:
         )
     ]
     first = bodies[0]
+    # Schema 1 carries the summary and removals in part 1; schema 2 the summary in the
+    # last part and removals in any part, in path order.
+    v2 = first.get("schema") == SNAPSHOT_SCHEMAS[1]
     mode = str(first.get("mode", ""))
     manifest: list[dict[str, Any]] = []
     texts: dict[str, str] = {}
+    removed: list[str] = []
     for b in bodies:
         entries = b.get("manifest")
         if isinstance(entries, list):
             manifest.extend(e for e in entries if isinstance(e, dict) and "path" in e)
         texts.update(_decode(b.get("content")))
+        if v2:
+            removed.extend(str(p) for p in b.get("removed", []) if isinstance(p, str))
+    chunked, problems = _chunks(bodies)
+    texts.update(chunked)
+    if not v2:
+        removed = [str(p) for p in first.get("removed", []) if isinstance(p, str)]
+    summary_src = bodies[-1] if v2 else first
+    summary = summary_src.get("summary") if isinstance(summary_src.get("summary"), dict) else {}
+    by_path = {str(e["path"]): e for e in manifest}
+    for path in list(texts):  # a text that does not match its entry's digest is not kept
+        want = by_path.get(path, {}).get("digest")
+        got = "sha256:" + hashlib.sha256(texts[path].encode("utf-8")).hexdigest()
+        if want != got:
+            problems.append(f"{path}: content does not match its manifest digest")
+            del texts[path]
+    if v2 and mode == "full" and summary.get("manifest_digest") != manifest_digest(manifest):
+        problems.append("the manifest does not match manifest_digest")
+    if problems:
+        summary = {**summary, "noc_problems": problems[:50]}
     current = {
         str(r[0]): (r[1], r[2])
         for r in conn.execute(
             "SELECT path, digest, content FROM config_files WHERE device_id = %s", (device,)
         )
     }
-    removed = [str(p) for p in first.get("removed", []) if isinstance(p, str)]
     if mode == "full":
         listed = {str(e["path"]) for e in manifest}
         removed = sorted(p for p in current if p not in listed)
@@ -635,7 +721,6 @@ def _assemble(conn: Conn, device: str, snap: str) -> None:
             " VALUES (%s, %s, %s, 'removed', %s) ON CONFLICT DO NOTHING",
             (device, snap, path, _diff(path, old[1] or "", "") if old else f"{path}: removed\n"),
         )
-    summary = first.get("summary") if isinstance(first.get("summary"), dict) else {}
     taken = first.get("taken_at")
     conn.execute(
         "UPDATE snapshots SET complete_at = now(), mode = %s, base = %s, taken_at = %s,"

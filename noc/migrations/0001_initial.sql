@@ -134,7 +134,7 @@ CREATE TABLE snapshot_parts (
     device_id    text NOT NULL,
     snapshot_id  text NOT NULL,
     part         integer NOT NULL,
-    parts        integer NOT NULL,
+    parts        integer,                   -- schema 2: only the last part says how many
     body         jsonb NOT NULL,
     received_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (device_id, snapshot_id, part)
@@ -143,7 +143,7 @@ CREATE TABLE snapshot_parts (
 CREATE TABLE snapshots (
     device_id     text NOT NULL,
     snapshot_id   text NOT NULL,
-    parts         integer NOT NULL,
+    parts         integer,                  -- NULL until the part that says it has arrived
     mode          text,
     base          text,
     taken_at      timestamptz,
