@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from agent.collectors.callstats.aggregate import STATE_FORMAT, Aggregator, Bucket, render
 from agent.collectors.callstats.collector import CallstatsCollector
 from agent.collectors.callstats.settings import CallstatsSettings
-from agent.collectors.callstats.store import STATE_FILE, CallstatsStore
+from agent.collectors.callstats.store import STATE_FILE, BucketStatus, CallstatsStore, Changed
 from agent.errors import StateError
 from tests.fixtures.cdr.cdrgen import csv_bytes, make_calls, recount, stored_counters
 from tests.support.callstats import OPEN, Clock, Sink
@@ -225,7 +225,7 @@ def test_corrupt_counters_raise_state_error_naming_the_file(tmp_path: Path) -> N
     agg = Aggregator(BUCKET, lambda start: None)
     agg.add(T0 + 5, T0 + 50, 45, 40, "ANSWERED", "inbound", "provider-a", "00", 0)
     with store.transaction() as db:
-        CallstatsStore.save_buckets(db, [(agg.buckets[T0], "open", -1)])
+        CallstatsStore.save_buckets(db, [Changed(agg.buckets[T0], BucketStatus.OPEN, -1)])
         db.execute("UPDATE buckets SET state = ? WHERE start = ?", (b"CS\x02h-garbage", T0))
     with pytest.raises(StateError, match=str(path)):
         store.bucket(T0)

@@ -71,7 +71,7 @@ def rows(
         out: list[tuple[str, dict[str, Any]]] = []
         start = int(since)
         for r in store.since(start - start % 60):
-            if r.status in ("sent", "refused") and r.body is not None:
+            if r.status.offered and r.body is not None:
                 out.append((r.status, r.body))
             else:
                 body = render(

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import structlog
 
@@ -50,7 +50,13 @@ from agent.collectors.callstats.csv_source import (
 from agent.collectors.callstats.directions import Classifier
 from agent.collectors.callstats.mariadb_source import MariaDbSource, ingest_rows
 from agent.collectors.callstats.settings import CallstatsSettings
-from agent.collectors.callstats.store import STATE_FILE, CallstatsStore
+from agent.collectors.callstats.store import (
+    STATE_FILE,
+    BucketStatus,
+    CallstatsStore,
+    Changed,
+    Offered,
+)
 from agent.errors import CollectorError, StateError
 from agent.policy.classes import DataClass
 
@@ -65,8 +71,20 @@ BATCH_SECONDS = 0.5
 
 _T = TypeVar("_T")
 
-#: (bucket start, revision, body, approved, time) of one bucket offered to the gate.
-Offer = tuple[int, int, dict[str, Any], bool, float]
+
+class Offer(NamedTuple):
+    """One bucket offered to the gate: the revision rendered, its body, the gate's answer."""
+
+    start: int
+    revision: int
+    body: dict[str, Any]
+    approved: bool
+    at: float
+
+    def offered(self) -> Offered:
+        """What the state file records of it."""
+        status = BucketStatus.SENT if self.approved else BucketStatus.REFUSED
+        return Offered(self.start, status, self.revision, self.body, self.at)
 
 
 @dataclass(slots=True)
@@ -107,11 +125,11 @@ class CallstatsCollector:
         self._classifier = Classifier(settings)
         self._parse = DateParser(utc=settings.usegmtime)
         self._agg = Aggregator(self._size, self._load)
-        self._status_of: dict[int, tuple[str, int]] = {}
+        self._status_of: dict[int, tuple[BucketStatus, int]] = {}
         # No bucket after this one is stored: a backlog's new buckets need no look-up.
         self._stored_max = self._store.max_start()
         #: Offers made whose commit failed, with their buckets: the next commit records them.
-        self._unrecorded: list[tuple[Bucket, str, int, dict[str, Any], float]] = []
+        self._unrecorded: list[tuple[Bucket, Offered]] = []
         for row in self._store.pending():
             self._agg.buckets[row.start] = row.bucket
             self._status_of[row.start] = (row.status, row.revision)
@@ -222,7 +240,7 @@ class CallstatsCollector:
         row = self._store.bucket(start)
         if row is None:
             return None
-        if row.status == "refused":
+        if row.status is BucketStatus.REFUSED:
             return False
         self._status_of[start] = (row.status, row.revision)
         return row.bucket
@@ -317,25 +335,27 @@ class CallstatsCollector:
         self._rows += batch.rows
         agg = self._agg
         buckets = agg.buckets
-        offered = {o[0] for o in offers}
+        offered = {o.start for o in offers}
         touched = [
-            (buckets[s], *self._next_status(s))
+            Changed(buckets[s], *self._next_status(s))
             for s in agg.touched
             if s in buckets and s not in offered
         ]
         with_state = self._unrecorded
-        status_only: list[tuple[int, str, int, dict[str, Any], float]] = []
-        new_state: list[tuple[Bucket, str, int, dict[str, Any], float]] = []
-        for start, rev, body, ok, at in offers:
-            if ok:
-                self._last_sent = {"bucket_start": body["bucket_start"], "revision": rev}
+        status_only: list[Offered] = []
+        new_state: list[tuple[Bucket, Offered]] = []
+        for offer in offers:
+            if offer.approved:
+                self._last_sent = {
+                    "bucket_start": offer.body["bucket_start"],
+                    "revision": offer.revision,
+                }
             else:
                 self._refused_total += 1
-            status = "sent" if ok else "refused"
-            if start in agg.touched:
-                new_state.append((buckets[start], status, rev, body, at))
+            if offer.start in agg.touched:
+                new_state.append((buckets[offer.start], offer.offered()))
             else:
-                status_only.append((start, status, rev, body, at))
+                status_only.append(offer.offered())
         try:
             with self._store.transaction() as db:
                 CallstatsStore.save_offered(db, with_state + new_state, status_only)
@@ -358,15 +378,15 @@ class CallstatsCollector:
             raise
         self._unrecorded = []
         status_of = self._status_of
-        for b, status, rev in touched:
-            status_of[b.start] = (status, rev)
+        for changed in touched:
+            status_of[changed.bucket.start] = (changed.status, changed.revision)
         top = max(agg.touched, default=None)
         if top is not None and (self._stored_max is None or top > self._stored_max):
             self._stored_max = top
         agg.touched.clear()
-        for start, _rev, _body, ok, _at in offers:
-            if not ok:
-                agg.refused.add(start)
+        for offer in offers:
+            if not offer.approved:
+                agg.refused.add(offer.start)
         for start in ready:
             buckets.pop(start, None)
             status_of.pop(start, None)
@@ -376,26 +396,26 @@ class CallstatsCollector:
             log.debug(
                 "callstats.offered",
                 buckets=len(offers),
-                refused=sum(1 for o in offers if not o[3]),
+                refused=sum(1 for o in offers if not o.approved),
             )
 
     def _offers_unrecorded(self, offers: list[Offer]) -> None:
         """Offers whose commit failed: treat them as made, record them with the next commit."""
         agg = self._agg
-        for start, rev, body, ok, at in offers:
-            b = agg.buckets[start]
-            status = "sent" if ok else "refused"
-            self._unrecorded.append((b, status, rev, body, at))
+        for offer in offers:
+            start = offer.start
+            record = offer.offered()
+            self._unrecorded.append((agg.buckets[start], record))
             # Its counters as offered go with that record; only later rows make it change.
             agg.touched.discard(start)
-            self._status_of[start] = (status, rev)
-            if not ok:
+            self._status_of[start] = (record.status, offer.revision)
+            if not offer.approved:
                 agg.buckets.pop(start)
                 agg.refused.add(start)
 
-    def _next_status(self, start: int) -> tuple[str, int]:
-        status, rev = self._status_of.get(start, ("open", -1))
-        return ("revise" if status == "sent" else status), rev
+    def _next_status(self, start: int) -> tuple[BucketStatus, int]:
+        status, rev = self._status_of.get(start, (BucketStatus.OPEN, -1))
+        return (BucketStatus.REVISE if status is BucketStatus.SENT else status), rev
 
     # -- offering (event loop) ----------------------------------------------------------
 
@@ -413,10 +433,10 @@ class CallstatsCollector:
         touched = self._agg.touched
         min_count = self._s.min_count
         for start in ready:
-            status, rev = self._status_of.get(start, ("open", -1))
-            if status == "sent" and start in touched:
-                status = "revise"  # late rows in this very batch, not committed yet
-            if status in ("open", "revise"):
+            status, rev = self._status_of.get(start, (BucketStatus.OPEN, -1))
+            if status is BucketStatus.SENT and start in touched:
+                status = BucketStatus.REVISE  # late rows in this very batch, not committed yet
+            if status.waiting:
                 body = render(
                     self._agg.buckets[start],
                     bucket_seconds=size,
@@ -424,5 +444,5 @@ class CallstatsCollector:
                     min_count=min_count,
                 )
                 ok = emit(Record(DataClass.CALLSTATS, body))
-                offers.append((start, rev + 1, body, ok, now))
+                offers.append(Offer(start, rev + 1, body, ok, now))
         return ready, offers

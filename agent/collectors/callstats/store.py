@@ -20,13 +20,14 @@ the checkpoint is not touched, so an upgrade neither skips nor repeats a row.
 
 from __future__ import annotations
 
+import enum
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -56,15 +57,52 @@ CREATE INDEX IF NOT EXISTS seen_calldate ON seen (calldate);
 """
 
 
+class BucketStatus(enum.StrEnum):
+    """Where a bucket is between counting and the gate (the ``status`` column)."""
+
+    OPEN = "open"  # never offered
+    SENT = "sent"  # offered and approved at ``revision``
+    REVISE = "revise"  # sent, then late rows changed it: offer ``revision + 1``
+    REFUSED = "refused"  # the gate said no: never offered again
+
+    @property
+    def offered(self) -> bool:
+        """Whether a body was offered for it (and is stored)."""
+        return self in (BucketStatus.SENT, BucketStatus.REFUSED)
+
+    @property
+    def waiting(self) -> bool:
+        """Whether it is still to be offered once it has closed."""
+        return self in (BucketStatus.OPEN, BucketStatus.REVISE)
+
+
 @dataclass(slots=True)
 class BucketRow:
     """One bucket as stored: its counters and what was last offered."""
 
     start: int
     bucket: Bucket
-    status: str
+    status: BucketStatus
     revision: int
     body: dict[str, Any] | None
+
+
+class Changed(NamedTuple):
+    """A bucket whose counters changed, with the status it is stored under."""
+
+    bucket: Bucket
+    status: BucketStatus
+    revision: int
+
+
+class Offered(NamedTuple):
+    """What was offered for one bucket: the status it earned, its revision, body and time."""
+
+    start: int
+    status: BucketStatus
+    revision: int
+    body: dict[str, Any]
+    at: float
 
 
 class CallstatsStore:
@@ -159,7 +197,7 @@ class CallstatsStore:
         return BucketRow(
             start=r[0],
             bucket=self._decode(r[0], r[1]),
-            status=r[2],
+            status=BucketStatus(r[2]),
             revision=r[3],
             body=json.loads(r[4]) if r[4] else None,
         )
@@ -206,19 +244,19 @@ class CallstatsStore:
         return None if row is None or row[0] is None else int(row[0])
 
     @staticmethod
-    def save_buckets(db: sqlite3.Connection, items: Iterable[tuple[Bucket, str, int]]) -> None:
+    def save_buckets(db: sqlite3.Connection, items: Iterable[Changed]) -> None:
         """Write the counters of changed buckets (with their new status) in a transaction."""
         db.executemany(
             "INSERT INTO buckets (start, state, status, revision) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (start) DO UPDATE SET state = excluded.state, status = excluded.status",
-            [(b.start, b.encode(), status, revision) for b, status, revision in items],
+            [(c.bucket.start, c.bucket.encode(), c.status, c.revision) for c in items],
         )
 
     @staticmethod
     def save_offered(
         db: sqlite3.Connection,
-        with_state: Iterable[tuple[Bucket, str, int, dict[str, Any], float]],
-        status_only: Iterable[tuple[int, str, int, dict[str, Any], float]],
+        with_state: Iterable[tuple[Bucket, Offered]],
+        status_only: Iterable[Offered],
     ) -> None:
         """Record buckets just offered (status ``sent`` or ``refused``, revision, body, time).
 
@@ -232,13 +270,13 @@ class CallstatsStore:
             "state = excluded.state, status = excluded.status, revision = excluded.revision, "
             "body = excluded.body, offered_at = excluded.offered_at",
             [
-                (b.start, b.encode(), status, rev, _BODY(body), at)
-                for b, status, rev, body, at in with_state
+                (b.start, b.encode(), o.status, o.revision, _BODY(o.body), o.at)
+                for b, o in with_state
             ],
         )
         db.executemany(
             "UPDATE buckets SET status = ?, revision = ?, body = ?, offered_at = ? WHERE start = ?",
-            [(status, rev, _BODY(body), at, start) for start, status, rev, body, at in status_only],
+            [(o.status, o.revision, _BODY(o.body), o.at, o.start) for o in status_only],
         )
 
     @staticmethod
