@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from agent.cli import main
-from agent.cli.cmd_callstats import parse_since
+from agent.cli.common import UsageError, parse_since
 from agent.collectors.base import Record
 from agent.collectors.callstats.collector import CallstatsCollector
 from agent.collectors.callstats.store import STATE_FILE
@@ -93,5 +93,5 @@ def test_since_accepts_durations_and_iso_times() -> None:
     """--since takes 2h or an ISO time; anything else is a usage error with the value."""
     assert parse_since("2h", 10_000.0) == 10_000.0 - 7200
     assert parse_since("2026-05-01T10:00:00+00:00", 0) == 1_777_629_600
-    with pytest.raises(ValueError, match="yesterday"):
+    with pytest.raises(UsageError, match="yesterday"):
         parse_since("yesterday", 0)

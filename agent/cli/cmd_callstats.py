@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,22 +33,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the bodies as JSON lines")
     p.set_defaults(func=run)
-
-
-def parse_since(text: str, now: float) -> float:
-    """``2h`` → now − 2 h; ``2026-05-01`` or ``2026-05-01T10:00`` (local unless offset given)."""
-    from agent.confreader import parse_duration
-
-    seconds = parse_duration(text)
-    if seconds is not None:
-        return now - seconds
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(
-            f"--since: expected a duration such as 2h or an ISO time, got {text!r}"
-        ) from None
-    return when.timestamp()
 
 
 def rows(
@@ -129,14 +112,11 @@ def table(items: list[tuple[str, dict[str, Any]]], min_count: int) -> str:
 def run(args: argparse.Namespace) -> int:
     """Print the buckets since ``--since`` as a table (or JSON lines)."""
     from agent import config as config_mod
-    from agent.cli import fail_usage
+    from agent.cli.common import parse_since
 
     cfg = config_mod.load(args.config)
     cs = cfg.collectors.callstats
-    try:
-        since = parse_since(args.since, time.time())
-    except ValueError as exc:
-        return fail_usage(str(exc))
+    since = parse_since(args.since)
     items = rows(cfg.paths.state_dir, since, bucket_seconds=int(cs.bucket), min_count=cs.min_count)
     if args.json:
         for status, body in items:

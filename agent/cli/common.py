@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 from agent.errors import EX_USAGE, AgentError
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig
     from agent.paths import Paths
 
 
@@ -18,13 +17,6 @@ class UsageError(AgentError):
     """A command-line argument is wrong."""
 
     exit_code = EX_USAGE
-
-
-def load_config(args: argparse.Namespace) -> AgentConfig:
-    """The configuration named by ``-c``; raises ConfigError (exit 78) when it is bad."""
-    from agent.config import load
-
-    return load(args.config)
 
 
 def load_paths(args: argparse.Namespace) -> Paths:
@@ -43,13 +35,17 @@ def load_paths(args: argparse.Namespace) -> Paths:
     return paths
 
 
-def parse_since(text: str) -> float:
-    """``--since``: a duration back from now (``1h``, ``2d``) or an ISO date/time."""
+def parse_since(text: str, now: float | None = None) -> float:
+    """``--since``: a duration back from ``now`` (``1h``, ``2d``) or an ISO date/time.
+
+    An ISO time without an offset is local time. Anything else is a usage error
+    (exit 64) that shows the value.
+    """
     from agent.confreader import parse_duration
 
     seconds = parse_duration(text)
     if seconds is not None:
-        return time.time() - seconds
+        return (time.time() if now is None else now) - seconds
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

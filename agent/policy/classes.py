@@ -20,5 +20,3 @@ class DataClass(enum.StrEnum):
 
 #: Classes that exist on a PBX but are never sent: the privacy policy's promise.
 HARD_DENIED: frozenset[str] = frozenset({"recordings", "voicemail", "chats", "cdr_records"})
-
-SENDABLE: frozenset[DataClass] = frozenset(DataClass)
