@@ -431,9 +431,8 @@ def test_qos0_flood_is_bounded(linked: AgentProcess, broker: Mosquitto) -> None:
     the link stays up, and the daemon's memory stays bounded."""
     import asyncio
 
-    import aiomqtt
-
-    from tests.support.mqtt import context_for
+    from agent.uplink.mqtt import LinkSettings, MqttLink
+    from agent.uplink.tls import client_context
 
     assert linked.proc is not None
     proc = psutil.Process(linked.proc.pid)
@@ -442,11 +441,15 @@ def test_qos0_flood_is_bounded(linked: AgentProcess, broker: Mosquitto) -> None:
     pad = "x" * 8_000
 
     async def blast() -> None:
-        ctx = context_for(broker.pki, broker.pki.device("noc"))
-        async with aiomqtt.Client(broker.host, broker.port, tls_context=ctx) as c:
-            for i in range(n):
-                body = {"v": 1, "id": f"q{i}", "ts": time.time(), "cmd": "ping", "pad": pad}
-                await c.publish(f"pbx/{DEVICE}/cmd", json.dumps(body).encode(), qos=0)
+        noc = broker.pki.device("noc")
+        ctx = client_context(broker.pki.ca_file, noc.cert, noc.key)
+        c = MqttLink(LinkSettings(host=broker.host, port=broker.port, client_id="noc-blast"), ctx)
+        await c.connect()
+        for i in range(n):
+            body = {"v": 1, "id": f"q{i}", "ts": time.time(), "cmd": "ping", "pad": pad}
+            c.publish(f"pbx/{DEVICE}/cmd", json.dumps(body).encode(), qos=0)
+        # DISCONNECT goes out after them, in order: once it is written, all of them were.
+        await c.disconnect(within=30)
 
     asyncio.run(blast())
 

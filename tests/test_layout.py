@@ -7,6 +7,7 @@ posts somewhere, a second MQTT client) fails here before review.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 AGENT = Path(__file__).resolve().parents[1] / "agent"
@@ -170,4 +171,27 @@ def test_noc_service_does_not_use_the_agents_internals() -> None:
         for p in modules(NOC)
         if p.name not in NOC_REFERENCE_TOOLS and any(m.startswith("agent") for m in imports_of(p))
     )
+    assert offenders == []
+
+
+def test_one_mqtt_boundary() -> None:
+    """paho is imported by agent/uplink/mqtt.py alone; no agent module imports aiomqtt."""
+    paho_users = sorted(
+        str(p.relative_to(AGENT)) for p in modules(AGENT) if "paho" in imports_of(p)
+    )
+    assert paho_users == ["uplink/mqtt.py"]
+    assert [str(p) for p in modules(AGENT) if "aiomqtt" in imports_of(p)] == []
+
+
+PRIVATE_REACH = re.compile(r"\._client\b|\b_sock_close\b|\.__aexit__\(|\._client_connect\b")
+
+
+def test_no_reaching_into_a_librarys_private_parts() -> None:
+    """No agent module touches an MQTT client's private attributes or calls __aexit__ by hand."""
+    offenders = [
+        f"{p.relative_to(AGENT)}:{n}"
+        for p in modules(AGENT)
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if PRIVATE_REACH.search(line) and not line.lstrip().startswith("#")
+    ]
     assert offenders == []

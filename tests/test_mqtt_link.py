@@ -285,41 +285,107 @@ def test_keepalive_pings_keep_an_idle_link_up(pki: PKI, broker: Mosquitto) -> No
     assert run(scenario()) is LinkState.CONNECTED
 
 
-def test_a_flood_of_messages_is_held_back(pki: PKI, broker: Mosquitto) -> None:
-    """A consumer that does not read keeps the inbox near its high mark; all arrive in the end."""
-    total = mqtt.INBOX_HIGH * 3
+def _link_with(pki: PKI, creds: Creds, broker: Mosquitto, **settings: Any) -> MqttLink:
+    ctx = client_context(pki.ca_file, creds.cert, creds.key)
+    return MqttLink(
+        LinkSettings(
+            host=broker.host,
+            port=broker.port,
+            client_id=f"{creds.cn}-{uuid.uuid4().hex[:8]}",
+            **settings,
+        ),
+        ctx,
+    )
+
+
+async def _wait_until(predicate: Any, what: str, seconds: float = 10.0) -> None:
+    async with asyncio.timeout(seconds):
+        while not predicate():  # noqa: ASYNC110 -- counters, no event to await
+            await asyncio.sleep(0.02)
+    assert predicate(), what
+
+
+def test_a_flood_of_qos0_messages_is_capped(pki: PKI, broker: Mosquitto) -> None:
+    """QoS 0 messages past the cap are dropped and counted; the inbox never holds more."""
+    total, cap = 500, 50
 
     async def scenario() -> tuple[int, int]:
-        dev = link_for(pki, pki.device("pbx-test-1"), broker.host, broker.port)
-        noc = link_for(pki, pki.device("noc"), broker.host, broker.port)
+        dev = _link_with(pki, pki.device("pbx-test-1"), broker, max_queued_qos0=cap)
+        noc = _link_with(pki, pki.device("noc"), broker)
+        await dev.connect()
+        await noc.connect()
+        await dev.subscribe("pbx/pbx-test-1/cmd", qos=0)
+        drops: list[int] = []
+        dev.on_drop(lambda: drops.append(1))
+        for i in range(total):
+            noc.publish("pbx/pbx-test-1/cmd", b"%d" % i, qos=0)
+        await _wait_until(
+            lambda: dev.dropped_qos0 + len(dev._inbox) == total, "every message accounted for"
+        )
+        held = len(dev._inbox)
+        first = await dev.next_message()
+        assert first.payload == b"0"
+        await dev.disconnect()
+        await noc.disconnect()
+        assert len(drops) == dev.dropped_qos0
+        return held, dev.dropped_qos0
+
+    held, dropped = run(scenario())
+    assert held == cap
+    assert dropped == total - cap
+
+
+def test_manual_acks_and_receive_maximum_hold_a_flood_at_the_broker(
+    pki: PKI, broker: Mosquitto
+) -> None:
+    """With Receive Maximum 4 and manual acks, a fifth QoS 1 message waits for an ack."""
+
+    async def scenario() -> list[bytes]:
+        dev = _link_with(pki, pki.device("pbx-test-1"), broker, receive_maximum=4, manual_ack=True)
+        noc = _link_with(pki, pki.device("noc"), broker)
         await dev.connect()
         await noc.connect()
         await dev.subscribe("pbx/pbx-test-1/cmd")
-        woke = asyncio.Event()
-        noc.on_ack(woke.set)
-        sent = 0
-        acked = 0
-        while acked < total:
-            while sent < total and sent - acked < 100:
-                noc.publish("pbx/pbx-test-1/cmd", b"%d" % sent)
-                sent += 1
-            await woke.wait()
-            woke.clear()
-            acked += len(noc.take_acks())
-        await asyncio.sleep(0.5)  # give the link every chance to read more than it should
-        peak = len(dev._inbox)
-        got = 0
-        while got < total:
-            async with asyncio.timeout(10):
+        for i in range(10):
+            noc.publish("pbx/pbx-test-1/cmd", b"%d" % i)
+        got = [await dev.next_message() for _ in range(4)]
+        # Nothing more arrives while these four are unacknowledged.
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.0):
                 await dev.next_message()
-            got += 1
+        for m in got:
+            dev.ack(m)
+        rest = []
+        for _ in range(6):
+            async with asyncio.timeout(5):
+                m = await dev.next_message()
+            dev.ack(m)
+            rest.append(m)
         await dev.disconnect()
         await noc.disconnect()
-        return peak, got
+        return [m.payload for m in got + rest]
 
-    peak, got = run(scenario())
-    assert got == total
-    assert peak < mqtt.INBOX_HIGH + 200  # one socket read's worth past the mark at most
+    assert run(scenario()) == [b"%d" % i for i in range(10)]
+
+
+def test_packets_over_the_announced_maximum_are_not_sent_to_us(pki: PKI, broker: Mosquitto) -> None:
+    """The broker honours Maximum Packet Size: a large message is dropped, a small one arrives."""
+
+    async def scenario() -> bytes:
+        dev = _link_with(pki, pki.device("pbx-test-1"), broker, max_packet_size=1024)
+        noc = _link_with(pki, pki.device("noc"), broker)
+        await dev.connect()
+        await noc.connect()
+        await dev.subscribe("pbx/pbx-test-1/cmd")
+        noc.publish("pbx/pbx-test-1/cmd", b"x" * 4096)
+        noc.publish("pbx/pbx-test-1/cmd", b"small")
+        async with asyncio.timeout(5):
+            m = await dev.next_message()
+        await dev.disconnect()
+        await noc.disconnect()
+        return m.payload
+
+    assert run(scenario()) == b"small"
 
 
 def test_a_link_is_used_once(pki: PKI, broker: Mosquitto) -> None:

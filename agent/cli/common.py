@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from agent.errors import EX_USAGE, AgentError
 
 if TYPE_CHECKING:
+    from agent.config import AgentConfig
     from agent.paths import Paths
 
 
@@ -17,6 +18,13 @@ class UsageError(AgentError):
     """A command-line argument is wrong."""
 
     exit_code = EX_USAGE
+
+
+def load_config(args: argparse.Namespace) -> AgentConfig:
+    """The configuration named by ``-c``; raises ConfigError (exit 78) when it is bad."""
+    from agent.config import load
+
+    return load(args.config)
 
 
 def load_paths(args: argparse.Namespace) -> Paths:

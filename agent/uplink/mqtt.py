@@ -25,9 +25,12 @@ How it drives paho:
   keepalive apart (paho sends PINGREQ from there): no wake-up per second.
 - paho's callbacks run on the loop's thread inside those calls; they only
   append to lists, resolve futures and call the listeners a user registered.
-- Incoming messages wait in a bounded inbox; when it is full the link stops
-  reading the socket until the consumer catches up, so a flood of messages
-  slows the broker down instead of growing this process.
+- Incoming messages wait in an inbox whose size the link bounds with the
+  broker's help: MQTT 5's Receive Maximum (announced at CONNECT) caps the QoS 1
+  messages not yet acknowledged, and with ``manual_ack`` a message is
+  acknowledged only when the consumer says so, so a flood waits at the broker;
+  QoS 0 messages, which MQTT does not flow-control, are dropped and counted
+  past ``max_queued_qos0``.
 """
 
 from __future__ import annotations
@@ -45,15 +48,14 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.errors import BrokerRefused, UplinkError
 from agent.uplink.tls import TLSFailure, classify_tls_error
 
 #: A PUBACK, SUBACK or CONNACK reason code at or above this is a failure (MQTT 5, 2.4).
 FAILURE = 0x80
-#: Inbox size at which the link stops reading the socket, and where it starts again.
-INBOX_HIGH = 1000
-INBOX_LOW = 100
 
 _REASONS = {
     128: "unspecified error",
@@ -92,12 +94,13 @@ class Will:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A message the broker delivered to us."""
+    """A message the broker delivered to us (``mid`` for :meth:`MqttLink.ack`)."""
 
     topic: str
     payload: bytes
     qos: int
     retain: bool
+    mid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +130,14 @@ class LinkSettings:
     clean_start: bool = True
     #: MQTT 5 session expiry in seconds (0: the session ends with the connection).
     session_expiry: int = 0
+    #: MQTT 5 Receive Maximum: QoS 1 messages the broker may send us unacknowledged.
+    receive_maximum: int | None = None
+    #: MQTT 5 Maximum Packet Size: the broker drops larger packets instead of sending them.
+    max_packet_size: int | None = None
+    #: Acknowledge incoming QoS 1 messages only through :meth:`MqttLink.ack`.
+    manual_ack: bool = False
+    #: QoS 0 messages waiting beyond this are dropped (and counted).
+    max_queued_qos0: int = 1000
 
 
 class _Watch:
@@ -209,9 +220,12 @@ class MqttLink:
         self._subacks: dict[int, asyncio.Future[list[int]]] = {}
         self._inbox: collections.deque[Message] = collections.deque()
         self._inbox_ready = asyncio.Event()
-        self._paused = False
+        self._queued_qos0 = 0
+        self._drop_listeners: list[Callable[[], None]] = []
+        #: QoS 0 messages dropped because too many were waiting.
+        self.dropped_qos0 = 0
         self._errors: list[str] = []  # paho's error log lines while connecting
-        self._client = self._make_client()
+        self._paho = self._make_client()
 
     def _make_client(self) -> paho.Client:
         s = self.settings
@@ -219,6 +233,7 @@ class MqttLink:
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
             protocol=paho.MQTTv5,
+            manual_ack=s.manual_ack,
         )
         c.tls_set_context(self._ctx)
         c.connect_timeout = s.connect_timeout
@@ -253,7 +268,7 @@ class MqttLink:
         self.state = LinkState.CONNECTING
         self._connack = loop.create_future()
         # paho formats every log line for on_log; only connect-time errors are worth it.
-        self._client.on_log = self._on_log
+        self._paho.on_log = self._on_log
         attempt = loop.run_in_executor(None, self._blocking_connect)
         # If we give up on it, the thread still ends (close_now aborts it): retrieve its result.
         attempt.add_done_callback(_retrieve)
@@ -279,7 +294,7 @@ class MqttLink:
             self.close_now("connect abandoned")
             raise
         finally:
-            self._client.on_log = None
+            self._paho.on_log = None
         if not self._connack.done():
             # Dropped after a completed handshake but before CONNACK.
             self.close_now("dropped before CONNACK")
@@ -296,14 +311,14 @@ class MqttLink:
 
     def _blocking_connect(self) -> None:
         s = self.settings
-        props = None
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if s.session_expiry:
-            from paho.mqtt.packettypes import PacketTypes
-            from paho.mqtt.properties import Properties
-
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = s.session_expiry
-        rc = self._client.connect(
+        if s.receive_maximum is not None:
+            props.ReceiveMaximum = s.receive_maximum
+        if s.max_packet_size is not None:
+            props.MaximumPacketSize = s.max_packet_size
+        rc = self._paho.connect(
             s.host,
             s.port,
             keepalive=max(1, round(s.keepalive)),
@@ -351,7 +366,7 @@ class MqttLink:
         """Queue a message; returns its message id. A QoS 1 message's PUBACK becomes an
         :class:`Ack` in :meth:`take_acks` (and wakes the ack listeners)."""
         self._require_connected()
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        info = self._paho.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise UplinkError(f"publish on {topic} failed: {paho.error_string(info.rc)}")
         if qos:
@@ -364,7 +379,7 @@ class MqttLink:
         """Publish at QoS 1 and wait up to ``within`` seconds for its PUBACK."""
         self._require_connected()
         assert self._loop is not None
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        info = self._paho.publish(topic, payload, qos=1, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise UplinkError(f"publish on {topic} failed: {paho.error_string(info.rc)}")
         fut: asyncio.Future[Ack] = self._loop.create_future()
@@ -382,15 +397,30 @@ class MqttLink:
         acks, self._acks = self._acks, []
         return acks
 
+    @property
+    def acks_waiting(self) -> bool:
+        """Whether PUBACKs arrived that :meth:`take_acks` has not taken yet."""
+        return bool(self._acks)
+
     def on_ack(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` (on the loop's thread) whenever PUBACKs arrive or the link is lost."""
         self._ack_listeners.append(listener)
+
+    def on_drop(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` for each QoS 0 message dropped because too many were waiting."""
+        self._drop_listeners.append(listener)
+
+    def ack(self, message: Message) -> None:
+        """Acknowledge an incoming QoS 1 message (with ``manual_ack``); the broker may then
+        send the next one. Nothing to do once the link is closed."""
+        if message.qos > 0 and self.settings.manual_ack and self.connected:
+            self._paho.ack(message.mid, message.qos)
 
     async def subscribe(self, topic: str, *, qos: int = 1, within: float = 10.0) -> int:
         """Subscribe and return the granted QoS; BrokerRefused if the broker refused it."""
         self._require_connected()
         assert self._loop is not None
-        rc, mid = self._client.subscribe(topic, qos=qos)
+        rc, mid = self._paho.subscribe(topic, qos=qos)
         if rc != paho.MQTT_ERR_SUCCESS or mid is None:
             raise UplinkError(f"subscribe to {topic} failed: {paho.error_string(rc)}")
         fut: asyncio.Future[list[int]] = self._loop.create_future()
@@ -418,9 +448,8 @@ class MqttLink:
             self._inbox_ready.clear()
             await self._inbox_ready.wait()
         message = self._inbox.popleft()
-        if self._paused and len(self._inbox) <= INBOX_LOW:
-            self._paused = False
-            self._watch_read()
+        if message.qos == 0:
+            self._queued_qos0 -= 1
         return message
 
     async def messages(self) -> AsyncIterator[Message]:
@@ -437,14 +466,15 @@ class MqttLink:
 
     async def disconnect(self, within: float = 1.0) -> None:
         """Send DISCONNECT (the broker then drops our will) and close, in ``within`` seconds."""
-        if self.state is LinkState.CONNECTED:
-            self._client.disconnect()
-            try:
+        try:
+            if self.state is LinkState.CONNECTED:
+                self._paho.disconnect()
                 async with asyncio.timeout(within):
                     await self._lost.wait()  # paho closes the socket once DISCONNECT is written
-            except TimeoutError:
-                pass
-        self.close_now("disconnected")
+        except TimeoutError:
+            pass
+        finally:
+            self.close_now("disconnected")  # also when cancelled while waiting
 
     def close_now(self, reason: str = "closed") -> None:
         """Close the connection at once: when this returns, no further byte is sent.
@@ -489,7 +519,7 @@ class MqttLink:
 
     def _watch_read(self) -> None:
         sock = self._sock
-        if sock is not None and self._loop is not None and not self._reading and not self._paused:
+        if sock is not None and self._loop is not None and not self._reading:
             self._loop.add_reader(sock, self._readable)
             self._reading = True
 
@@ -506,8 +536,8 @@ class MqttLink:
     def _readable(self) -> None:
         sock = self._sock
         while sock is not None and sock is self._sock:
-            rc = self._client.loop_read()
-            if rc != paho.MQTT_ERR_SUCCESS or self._paused:
+            rc = self._paho.loop_read()
+            if rc != paho.MQTT_ERR_SUCCESS:
                 break
             # TLS may hold decrypted bytes the descriptor no longer signals.
             if not isinstance(sock, ssl.SSLSocket) or sock.pending() == 0:
@@ -515,7 +545,7 @@ class MqttLink:
 
     def _writable(self) -> None:
         if self._sock is not None:
-            self._client.loop_write()
+            self._paho.loop_write()
 
     def _schedule_misc(self) -> None:
         if self._loop is None or self.state is LinkState.CLOSED:
@@ -528,7 +558,7 @@ class MqttLink:
     def _tick(self) -> None:
         self._misc = None
         if self._sock is not None:
-            self._client.loop_misc()
+            self._paho.loop_misc()
         self._schedule_misc()
 
     # -- paho's callbacks (the loop's thread, except where noted) ------------------------
@@ -613,15 +643,17 @@ class MqttLink:
             topic = msg.topic
         except UnicodeDecodeError:
             return  # a broker forwards only UTF-8 topic names; nothing to answer here
-        self._inbox.append(Message(topic, bytes(msg.payload), int(msg.qos), bool(msg.retain)))
+        qos = int(msg.qos)
+        if qos == 0:
+            if self._queued_qos0 >= self.settings.max_queued_qos0:
+                # At most once is all QoS 0 promises; unbounded memory is not an option.
+                self.dropped_qos0 += 1
+                for listener in self._drop_listeners:
+                    listener()
+                return
+            self._queued_qos0 += 1
+        self._inbox.append(Message(topic, bytes(msg.payload), qos, bool(msg.retain), int(msg.mid)))
         self._inbox_ready.set()
-        if len(self._inbox) >= INBOX_HIGH and not self._paused:
-            # Backpressure: stop reading until the consumer catches up.
-            self._paused = True
-            sock = self._sock
-            if sock is not None and self._reading and self._loop is not None:
-                self._loop.remove_reader(sock)
-                self._reading = False
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

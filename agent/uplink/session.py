@@ -1,11 +1,10 @@
 """The MQTT session to the vendor's broker: mutual TLS, QoS 1 delivery, commands, the switch.
 
-One connection at a time, made only while the switch is on. On connect the
-retained status becomes ``online`` (the last will says ``offline``); the
-outbox is drained with QoS 1 and up to ``max_inflight`` publishes in flight,
-an envelope being deleted only when its PUBACK arrives with a success reason
-code (aiomqtt 2.x returns from ``publish()`` whatever the PUBACK says, so the
-session watches paho's ``on_publish`` itself). A PUBACK with an error code
+One connection at a time, made only while the switch is on, through the one MQTT
+boundary (:mod:`agent.uplink.mqtt`). On connect the retained status becomes
+``online`` (the last will says ``offline``); the outbox is drained with QoS 1
+and up to ``max_inflight`` publishes in flight, an envelope being deleted only
+when its PUBACK arrives with a success reason code. A PUBACK with an error code
 (e.g. 135, not authorized) leaves the envelope in the outbox, is logged and
 counted, and ends the connection so that it is retried after the backoff.
 
@@ -16,29 +15,26 @@ full disk costs at most one window of duplicates after a restart, never a
 reconnect loop that sends the window again and again.
 
 :meth:`UplinkSession.sever` is the switch: it publishes ``severed``, closes
-the connection and returns only when the socket is closed.
+the connection and returns only when the socket is closed; a connection still
+being made is abandoned at once, its TLS handshake shut down under it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
+import enum
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import aiomqtt
-import paho.mqtt.client as paho_mqtt
 import structlog
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.errors import AgentError, BrokerRefused, StateError, TLSMaterialError, UplinkError
 from agent.logs import Throttle
-from agent.supervisor import backoff, cancel_and_wait, check_cancelled
+from agent.supervisor import backoff, cancel_and_wait
 from agent.uplink import tls
 from agent.uplink.commands import CommandHandler, CommandHost
+from agent.uplink.mqtt import LinkSettings, MqttLink, Will, reason_text
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
@@ -49,6 +45,8 @@ log = structlog.get_logger(__name__)
 
 SEVER_PUBLISH_TIMEOUT = 0.5
 DISCONNECT_TIMEOUT = 1.0
+#: Bound on the round trips of the session's own messages (status, replies, SUBACK).
+ROUND_TRIP_TIMEOUT = 10.0
 # What the NOC can make us hold in memory (MQTT 5 CONNECT properties, honoured by the
 # broker): QoS 1 commands not yet answered, and the size of any packet sent to us.
 # A command is acknowledged only after its reply is published, so a flood waits at
@@ -60,52 +58,18 @@ MAX_PACKET_FROM_BROKER = 64 * 1024
 # dropped (at most once is what QoS 0 promises) and counted.
 MAX_QUEUED_QOS0 = 64
 
-
-class _CommandQueue(asyncio.Queue[aiomqtt.Message]):
-    """aiomqtt's queue of incoming messages, bounded for QoS 0 and never dropping QoS 1.
-
-    A QoS 1 message dropped here would never be acknowledged and would hold a slot
-    of the receive window until the connection ends; their number is bounded by
-    the window anyway.
-    """
-
-    on_drop: Callable[[], None] | None = None
-
-    def put_nowait(self, item: aiomqtt.Message) -> None:
-        if item.qos == 0 and self.qsize() >= MAX_QUEUED_QOS0:
-            if self.on_drop is not None:
-                self.on_drop()
-            return
-        super().put_nowait(item)
-
-
 STALL_RETRY_BASE = 0.05  # seconds before retrying a delivery the store refused; doubles ...
 STALL_RETRY_MAX = 1.0  # ... up to this, so that recovery follows free space within a second
 
 
-class _Acks:
-    """Collects PUBACKs from paho's callback (which runs on the event loop's thread)."""
+class UplinkState(enum.StrEnum):
+    """What ``agentctl status`` says of the connection."""
 
-    def __init__(self, paho: paho_mqtt.Client, wake: asyncio.Event | None = None) -> None:
-        self.paho = paho
-        self.wake = wake
-        self.ready = asyncio.Event()
-        self.done: list[tuple[int, int]] = []
-        self._aiomqtt_on_publish: Any = paho.on_publish
-        paho.on_publish = self._on_publish
-
-    def _on_publish(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
-        self.done.append((mid, int(getattr(rc, "value", 0))))
-        self.ready.set()
-        if self.wake is not None:
-            self.wake.set()
-        if self._aiomqtt_on_publish is not None:
-            self._aiomqtt_on_publish(client, userdata, mid, rc, props)
-
-    def take(self) -> list[tuple[int, int]]:
-        done, self.done = self.done, []
-        self.ready.clear()
-        return done
+    STARTING = "starting"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    WAITING = "waiting"  # a failed attempt, waiting out the backoff
+    SEVERED = "severed"  # the customer's switch is off
 
 
 class UplinkSession:
@@ -134,7 +98,7 @@ class UplinkSession:
             switch_word=lambda: "on" if switch_on() else "off",
         )
         self.prefix = f"pbx/{self.device_id}"
-        self.state = "starting"
+        self.state = UplinkState.STARTING
         self.last_error: str | None = None
         self.connected_since: float | None = None
         self.connects = 0
@@ -146,7 +110,7 @@ class UplinkSession:
         self.paused: str | None = None  # why deliveries are paused (the store refuses them)
         self._wake = asyncio.Event()
         self._new_data = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
+        self._link: MqttLink | None = None
         self._session: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         self._closed.set()
@@ -156,8 +120,8 @@ class UplinkSession:
 
     def wake(self) -> None:
         """Connect now rather than after the current backoff (the switch turned on)."""
-        if self.switch_on() and self.state in ("severed", "waiting"):
-            self.state = "connecting"
+        if self.switch_on() and self.state in (UplinkState.SEVERED, UplinkState.WAITING):
+            self.state = UplinkState.CONNECTING
         self._wake.set()
 
     def status(self) -> dict[str, Any]:
@@ -177,59 +141,42 @@ class UplinkSession:
         }
 
     async def sever(self) -> None:
-        """The customer's switch: say ``severed``, close the connection, return when closed."""
-        session, client = self._session, self._client
+        """The customer's switch: say ``severed``, close the connection, return when closed.
+
+        When this returns no further byte goes to the broker: a connection still being
+        made is abandoned (its handshake shut down), an open one is closed after a
+        bounded attempt to publish ``severed`` and DISCONNECT.
+        """
+        session, link = self._session, self._link
         if session is None or session.done():
-            self.state = "severed"
+            self.state = UplinkState.SEVERED
             return
-        if client is not None and self.state == "connected":
-            try:
-                async with asyncio.timeout(SEVER_PUBLISH_TIMEOUT):
-                    await client.publish(f"{self.prefix}/status", b"severed", qos=1, retain=True)
-            except (TimeoutError, aiomqtt.MqttError):
-                pass  # the customer's word wins over telling the NOC why
-        if client is not None:
-            await self._disconnect_now(client)
-        # Until the session has ended, even if it swallows a cancellation (check_cancelled).
+        if link is not None:
+            if link.connected:
+                try:
+                    await link.publish_wait(
+                        f"{self.prefix}/status",
+                        b"severed",
+                        retain=True,
+                        within=SEVER_PUBLISH_TIMEOUT,
+                    )
+                except UplinkError:
+                    pass  # the customer's word wins over telling the NOC why
+                await link.disconnect(within=DISCONNECT_TIMEOUT)
+            else:
+                link.close_now("severed by the customer")
+        # Until the session has ended, even if something in it swallows a cancellation.
         await cancel_and_wait(session)
         await self._closed.wait()
-        self.state = "severed"
+        self.state = UplinkState.SEVERED
         log.warning("uplink_severed_by_customer")
-
-    async def _abandon(self, client: aiomqtt.Client, connect_done: threading.Event) -> None:
-        """After a failed or cancelled connect: wait for paho's thread, close what it opened."""
-        deadline = time.monotonic() + self.cfg.connect_timeout
-        cancelled = False
-        # paho offers nothing to await here; poll briefly (a loopback handshake takes ms).
-        while not connect_done.is_set() and time.monotonic() < deadline:
-            try:
-                await asyncio.sleep(0.005)
-            except asyncio.CancelledError:
-                cancelled = True  # sever() cancels repeatedly; finish closing first
-        paho = client._client
-        if paho.socket() is not None:
-            paho._sock_close()
-        if cancelled:
-            raise asyncio.CancelledError
-
-    async def _disconnect_now(self, client: aiomqtt.Client) -> None:
-        """Send DISCONNECT (so the broker keeps ``severed``, not the will) and close the socket."""
-        paho = client._client
-        if paho.socket() is not None:
-            paho.disconnect()  # queued; paho closes the socket once it is written
-            deadline = time.monotonic() + DISCONNECT_TIMEOUT
-            # paho offers nothing to await for "written and closed": poll briefly.
-            while paho.socket() is not None and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.005)
-        if paho.socket() is not None:
-            paho._sock_close()  # the broker did not take it in time: close regardless
 
     async def run(self) -> None:
         """Connect, deliver and reconnect with capped, jittered backoff, until cancelled."""
         attempt = 0
         while True:
             if not self.switch_on():
-                self.state = "severed"
+                self.state = UplinkState.SEVERED
                 self._wake.clear()
                 await self._wake.wait()
                 attempt = 0
@@ -241,8 +188,8 @@ class UplinkSession:
                 self._session.cancel()
                 # Time to say offline and disconnect (bounded inside _close) ...
                 await asyncio.wait({self._session}, timeout=DISCONNECT_TIMEOUT + 1)
-                # ... then again until it has ended: a cancellation the session swallowed
-                # (see check_cancelled) would otherwise leave this wait, and shutdown, hanging.
+                # ... then again until it has ended, so a swallowed cancellation cannot
+                # leave this wait, and shutdown, hanging.
                 await cancel_and_wait(self._session)
                 raise
             exc = None if self._session.cancelled() else self._session.exception()
@@ -256,7 +203,7 @@ class UplinkSession:
             if isinstance(exc, TLSMaterialError):
                 delay = max(delay, min(60.0, self.cfg.reconnect_max))
             attempt += 1
-            self.state = "waiting"
+            self.state = UplinkState.WAITING
             log.error(
                 "uplink_failed", error=str(exc), retry_in=round(delay, 2), kind=type(exc).__name__
             )
@@ -272,126 +219,85 @@ class UplinkSession:
     async def _connected(self) -> None:
         cfg = self.cfg
         tls.check_material(cfg.ca_file, cfg.cert_file, cfg.key_file, device_id=self.device_id)
-        ctx = tls.client_context(cfg.ca_file, cfg.cert_file, cfg.key_file)
-        limits = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        limits.ReceiveMaximum = COMMAND_RECEIVE_MAXIMUM
-        limits.MaximumPacketSize = MAX_PACKET_FROM_BROKER
-        client = aiomqtt.Client(
-            cfg.host,
-            cfg.port,
-            identifier=self.device_id,
-            tls_context=ctx,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            keepalive=int(cfg.keepalive),
-            will=aiomqtt.Will(f"{self.prefix}/status", b"offline", qos=1, retain=True),
-            max_inflight_messages=cfg.max_inflight,
-            timeout=cfg.connect_timeout,
-            # Without it, pipelined QoS 1 publishes wait on Nagle's algorithm for their turn.
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            properties=limits,
-            queue_type=_CommandQueue,
-        )
-        client.pending_calls_threshold = 1_000_000
-        client._client.manual_ack_set(True)  # a command is acknowledged once answered
-        if isinstance(client._queue, _CommandQueue):
-            client._queue.on_drop = self._command_dropped
-        self.state = "connecting"
-        self._closed.clear()
-        # paho's blocking connect (TCP and TLS handshake) runs in a worker thread that a
-        # cancellation cannot stop; knowing when it ends lets an abandoned attempt close
-        # the socket it opened instead of leaving it to finish behind the switch's back.
-        connect_done = threading.Event()
-        raw_connect = client._client_connect
-
-        def connect_then_flag() -> None:
-            try:
-                raw_connect()
-            finally:
-                connect_done.set()
-
-        client._client_connect = connect_then_flag  # type: ignore[method-assign]
-        try:
-            await tls.connect_client(
-                client,
+        link = MqttLink(
+            LinkSettings(
                 host=cfg.host,
-                ca_file=cfg.ca_file,
-                cert_file=cfg.cert_file,
+                port=cfg.port,
+                client_id=self.device_id,
+                keepalive=cfg.keepalive,
                 connect_timeout=cfg.connect_timeout,
-            )
-        except BaseException:
-            try:
-                await self._abandon(client, connect_done)
-            finally:
-                self._closed.set()
-            raise
-        self._client = client
-        self.connects += 1
+                max_inflight=cfg.max_inflight,
+                will=Will(f"{self.prefix}/status", b"offline", qos=1, retain=True),
+                receive_maximum=COMMAND_RECEIVE_MAXIMUM,
+                max_packet_size=MAX_PACKET_FROM_BROKER,
+                manual_ack=True,  # a command is acknowledged once answered
+                max_queued_qos0=MAX_QUEUED_QOS0,
+            ),
+            tls.client_context(cfg.ca_file, cfg.cert_file, cfg.key_file),
+        )
+        link.on_ack(self._new_data.set)
+        link.on_drop(self._command_dropped)
+        self.state = UplinkState.CONNECTING
+        self._link = link  # sever() can abandon it from here on
+        self._closed.clear()
         try:
-            acks = _Acks(client._client, self._new_data)  # aiomqtt hides PUBACK reason codes
-            # paho formats a debug line per packet for aiomqtt's logger: a tenth of the CPU
-            # at full rate, for lines nobody reads. Errors still reach us through on_log.
-            client._client.disable_logger()
-            await client.publish(f"{self.prefix}/status", b"online", qos=1, retain=True)
-            await client.subscribe(f"{self.prefix}/cmd", qos=1)
-            check_cancelled()
+            await link.connect()
+            self.connects += 1
+            await link.publish_wait(
+                f"{self.prefix}/status", b"online", retain=True, within=ROUND_TRIP_TIMEOUT
+            )
+            await link.subscribe(f"{self.prefix}/cmd", within=ROUND_TRIP_TIMEOUT)
             self.connected_since = time.time()
-            self.state = "connected"
+            self.state = UplinkState.CONNECTED
             self.last_error = None
             log.info("uplink_connected", broker=cfg.broker, device_id=self.device_id)
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._deliver(client, acks), name="uplink-deliver")
-                tg.create_task(self._heartbeat(client), name="uplink-heartbeat")
-                tg.create_task(self._commands(client), name="uplink-commands")
-        except* aiomqtt.MqttError as group:
-            raise UplinkError(f"connection to {cfg.broker} lost: {group.exceptions[0]}") from None
+                tg.create_task(self._deliver(link), name="uplink-deliver")
+                tg.create_task(self._heartbeat(link), name="uplink-heartbeat")
+                tg.create_task(self._commands(link), name="uplink-commands")
+                tg.create_task(self._watch(link), name="uplink-watch")
         except* AgentError as group:
             raise group.exceptions[0] from None
         finally:
-            self._client = None
+            self._link = None
             self.connected_since = None
             try:
-                await self._close(client, offline=not self.switch_on())
+                await self._close(link, severed=not self.switch_on())
             finally:
-                self._closed.set()  # even when a second cancellation lands inside _close
+                link.close_now()  # even when a second cancellation lands inside _close
+                self._closed.set()
 
-    async def _close(self, client: aiomqtt.Client, *, offline: bool) -> None:
-        """Disconnect cleanly if we can, and close the socket whatever happens."""
-        paho = client._client
-        try:
-            if offline and paho.is_connected():
-                pass  # severed already said so; an orderly stop says offline below
-            elif paho.is_connected():
-                info = paho.publish(f"{self.prefix}/status", b"offline", qos=0, retain=True)
-                del info
-            async with asyncio.timeout(DISCONNECT_TIMEOUT):
-                await client.__aexit__(None, None, None)
-        except (TimeoutError, aiomqtt.MqttError, RuntimeError):
-            pass
-        finally:
-            # Whatever state paho is in, no further byte may go out on this socket. paho's
-            # own close also tells aiomqtt to stop watching the descriptor, which a bare
-            # close() would not (and a reused descriptor number would then confuse the loop).
-            if paho.socket() is not None:
-                paho._sock_close()
+    async def _close(self, link: MqttLink, *, severed: bool) -> None:
+        """Say ``offline`` on an orderly stop (severed already said why), then DISCONNECT."""
+        if link.connected and not severed:
+            try:
+                link.publish(f"{self.prefix}/status", b"offline", qos=0, retain=True)
+            except UplinkError:
+                pass
+        await link.disconnect(within=DISCONNECT_TIMEOUT)
 
-    async def _heartbeat(self, client: aiomqtt.Client) -> None:
+    async def _watch(self, link: MqttLink) -> None:
+        reason = await link.wait_lost()
+        raise UplinkError(f"connection to {self.cfg.broker} lost: {reason}")
+
+    async def _heartbeat(self, link: MqttLink) -> None:
         while True:
             await asyncio.sleep(self.cfg.heartbeat)
-            await client.publish(f"{self.prefix}/status", b"online", qos=1, retain=True)
-            check_cancelled()
+            await link.publish_wait(
+                f"{self.prefix}/status", b"online", retain=True, within=ROUND_TRIP_TIMEOUT
+            )
 
-    async def _commands(self, client: aiomqtt.Client) -> None:
+    async def _commands(self, link: MqttLink) -> None:
         # handle() never raises and payload() never fails: whatever the NOC sends, this
-        # loop ends only with the connection. It is the one consumer of the message
-        # queue, which holds nothing but commands (the only subscription).
-        async for message in client.messages:
-            raw = message.payload
-            payload = bytes(raw) if isinstance(raw, bytes | bytearray) else b""
-            reply = self.commands.handle(payload)
-            await client.publish(f"{self.prefix}/reply", reply.payload(), qos=1)
-            if message.qos > 0:
-                client._client.ack(message.mid, message.qos)
-            check_cancelled()
+        # loop ends only with the connection. It is the one consumer of the link's
+        # messages, which are nothing but commands (the only subscription).
+        while True:
+            message = await link.next_message()
+            reply = self.commands.handle(message.payload)
+            await link.publish_wait(
+                f"{self.prefix}/reply", reply.payload(), within=ROUND_TRIP_TIMEOUT
+            )
+            link.ack(message)
 
     def _command_dropped(self) -> None:
         self.commands_dropped += 1
@@ -403,8 +309,7 @@ class UplinkSession:
                 dropped=self.commands_dropped,
             )
 
-    async def _deliver(self, client: aiomqtt.Client, acks: _Acks) -> None:
-        paho = client._client
+    async def _deliver(self, link: MqttLink) -> None:
         window = self.cfg.max_inflight
         inflight: dict[int, Stored] = {}
         acked: list[Stored] = []  # acknowledged by the broker, their deletion not committed yet
@@ -419,12 +324,8 @@ class UplinkSession:
                 if room > 0:
                     self._new_data.clear()
                     for item in self.outbox.pending(room, after_seq=last_seq):
-                        info = paho.publish(
-                            f"{self.prefix}/up/{item.data_class}", item.payload, qos=1
-                        )
-                        if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
-                            raise UplinkError(f"publish failed: {paho_mqtt.error_string(info.rc)}")
-                        inflight[info.mid] = item
+                        mid = link.publish(f"{self.prefix}/up/{item.data_class}", item.payload)
+                        inflight[mid] = item
                         last_seq = item.seq
                 if acked:
                     # Retry the commit after a pause, or sooner when more PUBACKs come in.
@@ -439,20 +340,20 @@ class UplinkSession:
                 elif not inflight:
                     await self._new_data.wait()
                     continue
-                elif not acks.done:
+                elif not link.acks_waiting:
                     # One event for both "a PUBACK came" and "the outbox grew": no futures per
                     # turn. No await since the outbox was read, so clearing here loses nothing.
                     self._new_data.clear()
                     await self._new_data.wait()
                 failed: list[tuple[Stored, int]] = []
-                for mid, code in acks.take():
-                    if mid not in inflight:
+                for ack in link.take_acks():
+                    item_or_none = inflight.pop(ack.mid, None)
+                    if item_or_none is None:
                         continue
-                    item = inflight.pop(mid)
-                    if code >= 0x80:
-                        failed.append((item, code))
+                    if ack.ok:
+                        acked.append(item_or_none)
                     else:
-                        acked.append(item)
+                        failed.append((item_or_none, ack.reason))
                 if acked:
                     try:
                         self.outbox.delivered(acked)
@@ -470,8 +371,8 @@ class UplinkSession:
                     item, code = failed[0]
                     raise BrokerRefused(
                         f"the broker refused envelope seq {item.seq} ({item.data_class}) with "
-                        f"reason code {code} ({_reason(code)}); it stays in the outbox. Check "
-                        f"that the broker's ACL lets {self.device_id!r} publish under "
+                        f"reason code {code} ({reason_text(code)}); it stays in the outbox. "
+                        f"Check that the broker's ACL lets {self.device_id!r} publish under "
                         f"{self.prefix}/#"
                     )
         finally:
@@ -491,16 +392,3 @@ class UplinkSession:
         if self.paused is not None:
             log.warning("uplink_deliveries_resumed")
             self.paused = None
-
-
-def _reason(code: int) -> str:
-    names = {
-        128: "unspecified error",
-        131: "implementation specific error",
-        135: "not authorized",
-        144: "topic name invalid",
-        145: "packet id in use",
-        151: "quota exceeded",
-        153: "payload format invalid",
-    }
-    return names.get(code, "error")

@@ -8,22 +8,18 @@ kept in :mod:`agent.uplink.material` so that ``config check`` can run it
 without loading the MQTT stack). And the context it talks with must trust the
 pinned vendor CA only, never the system store, and check the broker's host name.
 
-TLS failures reach us as :class:`ssl.SSLError` or, through aiomqtt, only as
-their text; :func:`classify_tls_error` turns either into a message a person
-can act on (wrong CA, wrong host name, client certificate refused ...).
+TLS failures reach us as :class:`ssl.SSLError`, or only as the text paho
+logged; :func:`classify_tls_error` turns either into a message a person can
+act on (wrong CA, wrong host name, client certificate refused ...).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import ssl
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import aiomqtt
-from paho.mqtt.client import MQTT_LOG_ERR
+from typing import Literal
 
 from agent.errors import BrokerRefused, TLSMaterialError, UplinkError
 from agent.uplink.material import MaterialInfo as MaterialInfo
@@ -178,92 +174,3 @@ def classify_tls_error(
     if isinstance(exc, ConnectionRefusedError) or "Connection refused" in text:
         return TLSFailure("unreachable", f"nothing accepts connections at {host!r} ({text})")
     return TLSFailure("other", f"TLS connection to {host!r} failed: {text}")
-
-
-async def _cancel(task: asyncio.Future[Any]) -> None:
-    """Cancel ``task`` and wait for it, so that nothing is left pending or unretrieved."""
-    task.cancel()
-    # wait() does not raise, so a cancellation of our own caller still propagates.
-    await asyncio.wait({task})
-    if not task.cancelled():
-        task.exception()  # mark it retrieved: the failure is reported by our caller
-
-
-async def connect_client(
-    client: aiomqtt.Client,
-    *,
-    host: str,
-    ca_file: PathLike | None = None,
-    cert_file: PathLike | None = None,
-    connect_timeout: float = 10.0,
-) -> None:
-    """Enter ``client`` (connect and wait for CONNACK), failing fast and clearly.
-
-    Under TLS 1.3 a broker that refuses our client certificate says so after the
-    handshake has completed on our side: paho notices on its first read, logs
-    the alert and drops the connection, but aiomqtt only fails its CONNACK wait
-    when its own time-out (10 s by default) runs out, with "Operation timed out".
-    Here a drop before CONNACK ends the wait at once, and the alert paho logged
-    is classified (:func:`classify_tls_error`).
-
-    Raises :class:`BrokerRefused` when the broker refused us, :class:`UplinkError`
-    otherwise. After a failure the client must not be reused: make a new one
-    for the next attempt (aiomqtt keeps its re-entrancy lock held).
-    """
-    paho = client._client  # aiomqtt exposes no public hook for these two paho callbacks
-    loop = asyncio.get_running_loop()
-    dropped: asyncio.Future[str] = loop.create_future()
-    last_error: list[str] = []
-    aiomqtt_on_disconnect = paho.on_disconnect
-
-    def on_log(_c: object, _u: object, level: int, buf: str) -> None:
-        if level == MQTT_LOG_ERR:
-            last_error.append(buf)
-
-    def resolve(reason: str) -> None:
-        if not dropped.done():
-            dropped.set_result(reason)
-
-    def on_disconnect(*args: Any) -> None:
-        # Usually on the loop's thread (aiomqtt drives paho from loop callbacks), but
-        # paho may call it from the executor thread that runs connect(): hop safely.
-        reason = last_error[-1] if last_error else "connection closed by broker"
-        loop.call_soon_threadsafe(resolve, reason)
-        if aiomqtt_on_disconnect is not None:
-            aiomqtt_on_disconnect(*args)
-
-    paho.on_log = on_log
-    paho.on_disconnect = on_disconnect
-    enter: asyncio.Future[Any] = asyncio.ensure_future(client.__aenter__())
-    waiters: set[asyncio.Future[Any]] = {enter, dropped}
-    try:
-        async with asyncio.timeout(connect_timeout):
-            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    except TimeoutError:
-        await _cancel(enter)
-        raise UplinkError(
-            f"no answer (CONNACK) from the broker {host!r} within {connect_timeout:g}s"
-        ) from None
-    finally:
-        paho.on_disconnect = aiomqtt_on_disconnect
-        paho.on_log = None
-    if enter in done:
-        try:
-            enter.result()
-        except aiomqtt.MqttError as exc:
-            raise classify_tls_error(
-                exc, host=host, ca_file=ca_file, cert_file=cert_file
-            ).error() from exc
-        return
-    await _cancel(enter)
-    reason = dropped.result()
-    failure = classify_tls_error(reason, host=host, ca_file=ca_file, cert_file=cert_file)
-    if failure.kind == "other":
-        # Dropped after a completed handshake but before CONNACK, with no TLS alert
-        # seen: mosquitto does that to clients it will not admit.
-        failure = TLSFailure(
-            "client_refused",
-            f"the broker {host!r} closed the connection before accepting it: it most likely "
-            f"refused this box's client certificate ({reason})",
-        )
-    raise failure.error()

@@ -19,10 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiomqtt
-
+from agent.uplink.mqtt import LinkSettings, MqttLink
+from agent.uplink.tls import client_context
 from tests.support.mosquitto import Mosquitto
-from tests.support.mqtt import context_for
 
 # Each kind is one way a payload can be wrong (or right: "ok" and "replay" are the
 # controls that show accepted commands still run in the middle of a flood).
@@ -223,23 +222,25 @@ async def _flood(
     expect_replies: bool,
 ) -> FloodResult:
     result = FloodResult()
-    ctx = context_for(broker.pki, broker.pki.device("noc"))
+    noc = broker.pki.device("noc")
     got_one = asyncio.Event()
-    async with aiomqtt.Client(
-        broker.host,
-        broker.port,
-        tls_context=ctx,
-        identifier=f"noc-flood-{random.getrandbits(32):08x}",
-        protocol=aiomqtt.ProtocolVersion.V5,
-        max_inflight_messages=window,
-    ) as client:
-        client.pending_calls_threshold = 1_000_000
-        await client.subscribe(f"pbx/{device}/reply", qos=1)
+    link = MqttLink(
+        LinkSettings(
+            host=broker.host,
+            port=broker.port,
+            client_id=f"noc-flood-{random.getrandbits(32):08x}",
+            max_inflight=window,
+        ),
+        client_context(broker.pki.ca_file, noc.cert, noc.key),
+    )
+    await link.connect()
+    try:
+        await link.subscribe(f"pbx/{device}/reply", qos=1)
 
         async def read() -> None:
-            async for m in client.messages:
-                payload = m.payload if isinstance(m.payload, bytes) else b""
-                result.replies.append(json.loads(payload))
+            while True:
+                m = await link.next_message()
+                result.replies.append(json.loads(m.payload))
                 got_one.set()
 
         reader = asyncio.create_task(read())
@@ -250,7 +251,7 @@ async def _flood(
                     while expect_replies and result.sent - len(result.replies) >= window:
                         got_one.clear()
                         await got_one.wait()
-                    await client.publish(f"pbx/{device}/cmd", payload, qos=1)
+                    await link.publish_wait(f"pbx/{device}/cmd", payload)
                     result.sent += 1
                 while expect_replies and len(result.replies) < result.sent:
                     got_one.clear()
@@ -261,6 +262,8 @@ async def _flood(
             result.seconds = time.monotonic() - t0
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+    finally:
+        await link.disconnect()
     return result
 
 

@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiomqtt
-
+from agent.errors import UplinkError
+from agent.uplink.mqtt import LinkSettings, MqttLink
+from agent.uplink.tls import client_context
 from tests.support.mosquitto import Mosquitto
-from tests.support.mqtt import context_for
 
 
 @dataclass
@@ -43,7 +43,7 @@ class NocListener:
         self.messages: list[Received] = []
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
-        self._client: aiomqtt.Client | None = None
+        self._client: MqttLink | None = None
         self._subscribed = threading.Event()
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -65,39 +65,45 @@ class NocListener:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        ctx = context_for(self.broker.pki, self.broker.pki.device("noc"))
-        kwargs: dict[str, Any] = {}
-        if self.persistent:
-            kwargs = {"clean_session": False, "protocol": aiomqtt.ProtocolVersion.V311}
+        noc = self.broker.pki.device("noc")
+        stopper = asyncio.ensure_future(self._stop.wait())
         while not self._stop.is_set():
+            link = MqttLink(
+                LinkSettings(
+                    host=self.broker.host,
+                    port=self.broker.port,
+                    client_id="noc-test",
+                    # A persistent session: the broker keeps what arrives while we are away.
+                    clean_start=not self.persistent,
+                    session_expiry=3600 if self.persistent else 0,
+                ),
+                client_context(self.broker.pki.ca_file, noc.cert, noc.key),
+            )
             try:
-                async with aiomqtt.Client(
-                    self.broker.host,
-                    self.broker.port,
-                    tls_context=ctx,
-                    identifier="noc-test",
-                    **kwargs,
-                ) as client:
-                    self._client = client
-                    await client.subscribe(self.topic, qos=1)
-                    self._subscribed.set()
-                    reader = asyncio.ensure_future(self._read(client))
-                    stopper = asyncio.ensure_future(self._stop.wait())
-                    await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                    reader.cancel()
-                    stopper.cancel()
-                    await asyncio.wait({reader, stopper})
-                    if not reader.cancelled() and reader.exception() is not None:
-                        raise reader.exception()  # type: ignore[misc]
-            except aiomqtt.MqttError:
+                await link.connect()
+                self._client = link
+                await link.subscribe(self.topic, qos=1)
+                self._subscribed.set()
+                reader = asyncio.ensure_future(self._read(link))
+                await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                reader.cancel()
+                await asyncio.wait({reader})
+                if not reader.cancelled():
+                    reader.exception()  # the link was lost: connect again below
+            except UplinkError:
+                pass
+            finally:
                 self._client = None
+                await link.disconnect()
+            if not self._stop.is_set():
                 await asyncio.sleep(0.1)  # broker down in an outage test: try again
+        stopper.cancel()
 
-    async def _read(self, client: aiomqtt.Client) -> None:
-        async for m in client.messages:
-            payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+    async def _read(self, link: MqttLink) -> None:
+        while True:
+            m = await link.next_message()
             with self._lock:
-                self.messages.append(Received(str(m.topic), payload, bool(m.retain)))
+                self.messages.append(Received(m.topic, m.payload, m.retain))
 
     def snapshot(self) -> list[Received]:
         """A copy of what arrived so far."""
@@ -122,7 +128,7 @@ class NocListener:
 
         async def pub() -> None:
             assert self._client is not None
-            await self._client.publish(f"pbx/{device}/cmd", data, qos=1)
+            await self._client.publish_wait(f"pbx/{device}/cmd", data)
 
         asyncio.run_coroutine_threadsafe(pub(), self._loop).result(10)
 

@@ -34,6 +34,11 @@ _NOT_TRUNK_TECH: Final = frozenset(
 _CACHE_MAX: Final = 50_000
 
 
+def channel_prefix(channel: str) -> str:
+    """``PJSIP/provider-0000001a`` → ``PJSIP/provider``: all before the last ``-``, if any."""
+    return channel.rpartition("-")[0] or channel
+
+
 def trunk_name(prefix: str) -> tuple[str, str]:
     """``PJSIP/provider`` → (``pjsip``, ``provider``); the technology is lower-cased."""
     slash = prefix.find("/")
