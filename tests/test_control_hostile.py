@@ -66,7 +66,10 @@ def raw(path: Path, data: bytes, timeout: float = 5.0) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(path))
-        s.sendall(data)
+        try:
+            s.sendall(data)
+        except BrokenPipeError:
+            pass  # refused at once (busy), perhaps before we wrote: its reply is still there
         buf = b""
         while not buf.endswith(b"\n"):
             chunk = s.recv(65536)
