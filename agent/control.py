@@ -273,7 +273,7 @@ class ControlServer:
 
     async def close(self) -> None:
         """Stop serving, close every connection and remove the socket."""
-        from agent.supervisor import cancel_and_wait
+        from agent.aio import cancel_and_wait
 
         if self._resume is not None:
             self._resume.cancel()

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from agent import __version__, anchor, control, statelock, switch
+from agent.aio import cancel_and_wait
 from agent.collectors.base import Collector, Record
 from agent.config import AgentConfig, load
 from agent.errors import (
@@ -41,7 +42,7 @@ from agent.salvage import salvage_outbox
 from agent.sdnotify import Notifier
 from agent.stacks import task_stacks, thread_stacks
 from agent.store import Opened, database_id, open_store, transaction
-from agent.supervisor import Supervisor, cancel_and_wait
+from agent.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from agent.collectors.factory import CollectorSpec
@@ -425,7 +426,7 @@ class Daemon:
             stop.cancel()
             reload.cancel()
         if self.stop_event.is_set():
-            self.notifier.notify("STOPPING=1")
+            self.notifier.stopping()
             return "stop"
         self.reload_event.clear()
         return "reload"

@@ -2,7 +2,7 @@
 
 Every error the agent raises on purpose derives from :class:`AgentError` and
 carries a message a person can act on. Errors of the libraries we use
-(sqlite3, aiomqtt, paramiko, OSError) are translated where they enter, with
+(sqlite3, paho-mqtt, paramiko, OSError) are translated where they enter, with
 ``raise ... from exc``, so no other layer needs to import them.
 
 ::

@@ -28,6 +28,7 @@ class Notifier:
         self._address = os.environ.get("NOTIFY_SOCKET") or None
         self._native = _native() if self._address else None
         self._sock: socket.socket | None = None
+        self._stopping = False
 
     @property
     def enabled(self) -> bool:
@@ -84,8 +85,10 @@ class Notifier:
         self.notify("WATCHDOG=1")
 
     def stopping(self) -> None:
-        """Announce an orderly shutdown."""
-        self.notify("STOPPING=1")
+        """Announce the shutdown, once: as it begins, or on the way out if it began otherwise."""
+        if not self._stopping:
+            self._stopping = True
+            self.notify("STOPPING=1")
 
     def close(self) -> None:
         """Close the notify socket."""

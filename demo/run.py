@@ -15,7 +15,6 @@ Files go to ``demo/run/`` (removed at the next run).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import pwd
@@ -30,11 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import psycopg
 import yaml
 
-from agent.uplink.tls import client_context
 from demo.noc_side import NocSide
 from noc.ca import make_ca, make_key_and_csr
 from tests.support.nocseed import PASSWORD
@@ -89,23 +86,40 @@ class Noc(threading.Thread):
         self.ready = threading.Event()
 
     def run(self) -> None:
-        asyncio.run(self.main())
+        from noc import mqtt
+        from noc.config import BrokerSettings
+        from noc.errors import BrokerError
 
-    async def main(self) -> None:
-        ctx = client_context(self.ca, self.cert, self.key)
+        settings = BrokerSettings(
+            host="localhost",
+            port=self.port,
+            ca_file=self.ca,
+            cert_file=self.cert,
+            key_file=self.key,
+        )
+
+        def on_message(c: Any, userdata: Any, m: Any) -> None:
+            self.received += 1
+            if not self.quiet:
+                print(f"  NOC <- {describe(str(m.topic), m.payload)}", flush=True)
+
+        def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+            c.subscribe("pbx/#", qos=1)  # again after each of paho's reconnects
+
+        def on_subscribe(*args: Any) -> None:
+            self.ready.set()
+
         while True:
+            c = mqtt.client(settings, client_id="noc-demo")
+            c.on_connect = on_connect
+            c.on_message = on_message
+            c.on_subscribe = on_subscribe
             try:
-                async with aiomqtt.Client(
-                    "localhost", self.port, tls_context=ctx, identifier="noc-demo"
-                ) as client:
-                    await client.subscribe("pbx/#", qos=1)
-                    self.ready.set()
-                    async for m in client.messages:
-                        self.received += 1
-                        if not self.quiet:
-                            print(f"  NOC <- {describe(str(m.topic), m.payload)}", flush=True)
-            except aiomqtt.MqttError:
-                await asyncio.sleep(0.5)
+                mqtt.connect_blocking(c, settings)  # paho's own thread runs it from here
+            except BrokerError:
+                time.sleep(0.5)
+                continue
+            return
 
 
 def describe(topic: str, payload: Any) -> str:

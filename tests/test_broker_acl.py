@@ -7,8 +7,6 @@ another host, and a refused client certificate fails fast with a clear error.
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 import ssl
 import time
 import uuid
@@ -21,9 +19,6 @@ import pytest
 from agent.errors import BrokerRefused, UplinkError
 from agent.uplink.mqtt import Ack, LinkSettings, Message, MqttLink, Will
 from agent.uplink.tls import classify_tls_error, client_context
-from noc._connect import NocSettings
-from noc.monitor import monitor
-from noc.send import make_command, send_command
 from tests.support.mosquitto import Mosquitto
 from tests.support.pki import PKI, Creds
 from tests.support.relay import Relay
@@ -342,43 +337,3 @@ def test_relay_counts_bytes_and_sees_the_close(
     assert counts.accepted == 1
     assert counts.down > 0
     assert relay.bytes_up == counts.up  # nothing more once closed
-
-
-def test_noc_tools_send_a_command_and_print_what_arrives(broker: Mosquitto, pki: PKI) -> None:
-    """noc.send returns the reply with its command's id; noc.monitor prints class, seq and id."""
-    noc, dev = pki.device("noc"), pki.device("pbx-test-2")
-    settings = NocSettings(
-        host="localhost",
-        port=broker.port,
-        ca_file=pki.ca_file,
-        cert_file=noc.cert,
-        key_file=noc.key,
-    )
-
-    async def scenario() -> str:
-        out, ready = io.StringIO(), asyncio.Event()
-        mon = asyncio.create_task(
-            monitor(settings, topic="pbx/pbx-test-2/+/#", count=4, out=out, ready=ready)
-        )
-        await ready.wait()
-        async with session(broker.host, broker.port, ctx_of(pki, dev), dev.cn) as box:
-            await box.subscribe("pbx/pbx-test-2/cmd", qos=1)
-            cmd = make_command("ping")
-            sender = asyncio.create_task(send_command(settings, "pbx-test-2", cmd, wait=5))
-            got = json.loads((await next_message(box)).payload)
-            assert (got["v"], got["id"], got["cmd"], got["args"]) == (1, cmd["id"], "ping", {})
-            other = {"v": 1, "id": "someone-else", "ok": True, "result": "no"}
-            mine = {"v": 1, "id": cmd["id"], "ok": True, "result": "pong"}
-            await publish(box, "pbx/pbx-test-2/reply", json.dumps(other).encode())
-            await publish(box, "pbx/pbx-test-2/reply", json.dumps(mine).encode())
-            assert await sender == mine
-            env = {"v": 1, "id": "0190abc", "ts": "t", "class": "health", "seq": 7, "body": {}}
-            await publish(box, "pbx/pbx-test-2/up/health", json.dumps(env).encode())
-            assert await mon == 4
-        return out.getvalue()
-
-    lines = run(scenario()).splitlines()
-    assert len(lines) == 4
-    assert "pbx/pbx-test-2/cmd" in lines[0] and "cmd=ping" in lines[0]
-    assert "id=someone-else ok" in lines[1]
-    assert lines[3].endswith("class=health seq=7 id=0190abc")

@@ -44,6 +44,9 @@ def test_ready_status_and_clean_stop(agent: AgentProcess) -> None:
     assert code == 0
     assert took < 5.0
     assert any("STOPPING=1" in m for m in agent.messages) or agent.wait_message("STOPPING=1", 1)
+    while agent.read_notify(0.2) is not None:  # the process is gone: drain what it sent
+        pass
+    assert sum("STOPPING=1" in m for m in agent.messages) == 1  # said once, not twice
     assert not agent.socket_path.exists()
 
 
@@ -162,6 +165,32 @@ def test_sighup_good_and_bad_config(agent: AgentProcess, tmp_path: Path) -> None
     assert agent.proc.poll() is None
     events = agent.log_events()
     assert any(e["event"] == "reload_rejected_keeping_running_config" for e in events)
+
+
+def test_reload_keeps_device_id_and_paths_until_a_restart(
+    agent: AgentProcess, tmp_path: Path
+) -> None:
+    """A reload that changes device_id or the folders adopts the rest and keeps those two: the
+    database, the lock and the socket are where they were; status says a restart is needed."""
+    agent.start()
+    assert agent.proc is not None
+    cfg = base_config(tmp_path)
+    cfg["device_id"] = "pbx-other-9"
+    cfg["paths"] = {"state_dir": str(tmp_path / "elsewhere"), "runtime_dir": str(tmp_path / "r2")}
+    cfg["collectors"]["health"] = {"interval": "9s"}
+    agent.write_config(cfg)
+    agent.proc.send_signal(signal.SIGHUP)
+    sock = agent.socket_path  # the running daemon's; agentctl would now look in r2/
+
+    def reloaded() -> dict[str, Any] | None:
+        s: dict[str, Any] = control.request(sock, "status")
+        return s if s["collectors"].get("health", {}).get("interval") == 9 else None
+
+    status = wait_for(reloaded, what="the reload")
+    assert status["device_id"] == "pbx-test-1"
+    assert "restart" in status["daemon"]["last_reload_error"]
+    assert agent.socket_path.exists()
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "r2").exists()
 
 
 def test_bad_config_at_start_exits_78(agent: AgentProcess) -> None:

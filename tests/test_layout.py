@@ -150,8 +150,6 @@ NOC_DEPS = {
     "selenium",
     "noc",
 }
-# Vendor-side reference tools that predate the service and reuse the agent's TLS helper.
-NOC_REFERENCE_TOOLS = {"_connect.py", "monitor.py", "send.py"}
 
 
 def test_agent_never_imports_noc_dependencies() -> None:
@@ -169,7 +167,7 @@ def test_noc_service_does_not_use_the_agents_internals() -> None:
     offenders = sorted(
         str(p.relative_to(NOC))
         for p in modules(NOC)
-        if p.name not in NOC_REFERENCE_TOOLS and any(m.startswith("agent") for m in imports_of(p))
+        if any(m == "agent" or m.startswith("agent.") for m in imports_of(p))
     )
     assert offenders == []
 

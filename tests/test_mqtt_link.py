@@ -410,3 +410,33 @@ def test_contexts_get_the_watched_socket_class(pki: PKI) -> None:
     MqttLink(LinkSettings(host="localhost", port=1, client_id="x"), ctx)
     assert issubclass(ctx.sslsocket_class, ssl.SSLSocket)
     assert ctx.sslsocket_class is mqtt._WatchedSSLSocket
+
+
+def test_failed_handshakes_leave_no_descriptor_behind(pki: PKI, broker: Mosquitto) -> None:
+    """Twenty refused handshakes (wrong CA pinned) cost no file descriptor: paho drops such a
+    socket unclosed, the link's socket class closes it."""
+    import os
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def scenario() -> tuple[int, int]:
+        async def attempt() -> None:
+            link = link_for(
+                pki,
+                pki.device("pbx-test-1"),
+                broker.host,
+                broker.port,
+                ca_file=pki.rogue_ca_file,
+            )
+            with pytest.raises(UplinkError):
+                await link.connect()
+
+        await attempt()  # the first one opens what stays open anyway (the executor's thread)
+        before = fds()
+        for _ in range(20):
+            await attempt()
+        return before, fds()
+
+    before, after = run(scenario())
+    assert after <= before

@@ -1,117 +1,187 @@
-"""Cancellation that is swallowed must still end a task, and a stop must stay bounded."""
+"""The supervisor in process, with fake components, a fake clock and a fake sleep.
+
+What it promises the daemon: a failing component is restarted with growing
+backoff while the others run on; the backoff starts afresh after a component
+ran well for a while; a component that returns has finished and is not
+restarted; cancellation (shutdown, reload) goes straight through and is never
+counted as a failure; an AgentError is logged as a failure, anything else as a
+crash with its traceback.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 import pytest
+import structlog
 
-from agent.supervisor import cancel_and_wait, check_cancelled
+from agent.errors import CollectorError
+from agent.supervisor import STABLE_FOR, Supervisor
 
 
-async def _swallow_race(loop_body_checks: bool) -> tuple[asyncio.Task[int], int]:
-    """A loop awaiting acknowledgements through wait_for, as the uplink's heartbeat does,
-    cancelled in the same turn as its acknowledgement arrives (Python 3.11's race)."""
-    loop = asyncio.get_running_loop()
-    acks: list[asyncio.Future[None]] = []
-    turns = 0
+class FakeTime:
+    """A clock the test moves, and a sleep that records its delay and moves the clock."""
 
-    async def heartbeat() -> int:
-        nonlocal turns
-        while True:
-            fut: asyncio.Future[None] = loop.create_future()
-            acks.append(fut)
-            await asyncio.wait_for(fut, 10)
-            turns += 1
-            if loop_body_checks:
-                check_cancelled()
-            if turns > 3:
-                return turns
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
 
-    task = asyncio.create_task(heartbeat())
-    await asyncio.sleep(0)  # the task now waits inside wait_for
-    acks[-1].set_result(None)
-    task.cancel()  # lands just as the acknowledgement completes
-    for _ in range(10):
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
         await asyncio.sleep(0)
-        if acks and not acks[-1].done():
-            acks[-1].set_result(None)
-    return task, turns
 
 
-@pytest.mark.skipif(sys.version_info >= (3, 12), reason="wait_for no longer swallows (3.12)")
-def test_wait_for_swallows_a_cancel_on_this_python() -> None:
-    """The race is real here: without the check the loop runs on after cancel()."""
+def supervisor(t: FakeTime, attempts: list[int]) -> Supervisor:
+    """A supervisor on fake time whose backoff records each attempt number (delay 1 s)."""
+
+    def delay(attempt: int) -> float:
+        attempts.append(attempt)
+        return 1.0
+
+    return Supervisor(clock=t.clock, sleep=t.sleep, delay=delay)
+
+
+async def run_until(
+    sup: Supervisor,
+    components: dict[str, Callable[[], Awaitable[None]]],
+    done: asyncio.Event,
+) -> None:
+    """Run the supervisor until ``done`` is set (or 5 s of real time), then cancel it."""
+    task = asyncio.create_task(sup.run(components))
+    try:
+        async with asyncio.timeout(5):
+            await done.wait()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def test_failing_component_restarts_with_growing_backoff_while_others_run() -> None:
+    """Four failures: attempts 0..3, restarts counted, last error kept; a neighbour is not
+    disturbed."""
+    t, attempts = FakeTime(), list[int]()
+    sup = supervisor(t, attempts)
+    done = asyncio.Event()
+    calls = {"bad": 0, "good": 0}
+
+    async def bad() -> None:
+        calls["bad"] += 1
+        if calls["bad"] == 5:
+            done.set()
+            await asyncio.Event().wait()
+        raise CollectorError(f"source gone ({calls['bad']})")
+
+    async def good() -> None:
+        calls["good"] += 1
+        await asyncio.Event().wait()
+
+    asyncio.run(run_until(sup, {"bad": bad, "good": good}, done))
+    assert attempts == [0, 1, 2, 3]
+    assert t.slept == [1.0, 1.0, 1.0, 1.0]
+    assert sup.states["bad"].restarts == 4
+    assert sup.states["bad"].last_error == "source gone (4)"
+    assert calls["good"] == 1 and sup.states["good"].restarts == 0
+
+
+def test_backoff_starts_afresh_after_a_stable_run() -> None:
+    """A failure after running longer than STABLE_FOR is attempt 0 again."""
+    t, attempts = FakeTime(), list[int]()
+    sup = supervisor(t, attempts)
+    done = asyncio.Event()
+    calls = 0
+
+    async def flaky() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            t.now += STABLE_FOR + 1  # this run lasted long enough
+        if calls == 5:
+            done.set()
+            await asyncio.Event().wait()
+        raise CollectorError("flaky")
+
+    asyncio.run(run_until(sup, {"flaky": flaky}, done))
+    assert attempts == [0, 1, 0, 1]
+
+
+def test_a_component_that_returns_is_not_restarted() -> None:
+    """Returning is finishing: no restart, no error, not running."""
+    t, attempts = FakeTime(), list[int]()
+    sup = supervisor(t, attempts)
+    calls = 0
+
+    async def once() -> None:
+        nonlocal calls
+        calls += 1
+
+    asyncio.run(sup.run({"once": once}))
+    assert calls == 1
+    assert attempts == [] and sup.states["once"].restarts == 0
+    assert sup.states["once"].running is False
+
+
+def test_cancellation_goes_straight_through_and_is_no_failure() -> None:
+    """Cancelling the supervisor cancels every component; nothing is counted or slept."""
+    t, attempts = FakeTime(), list[int]()
+    sup = supervisor(t, attempts)
+    cancelled: list[str] = []
+    started = asyncio.Event()
+
+    def component(name: str) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            try:
+                started.set()
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(name)
+                raise
+
+        return run
 
     async def main() -> None:
-        task, _ = await _swallow_race(loop_body_checks=False)
-        assert await task > 1  # it went on and finished its turns as if never cancelled
-
-    asyncio.run(main())
-
-
-def test_check_cancelled_ends_the_loop_after_a_swallowed_cancel() -> None:
-    """With check_cancelled after the await, the same race ends the task as asked."""
-
-    async def main() -> None:
-        task, _ = await _swallow_race(loop_body_checks=True)
+        task = asyncio.create_task(sup.run({"a": component("a"), "b": component("b")}))
+        await started.wait()
+        await asyncio.sleep(0)
+        task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert task.cancelled()
 
     asyncio.run(main())
+    assert sorted(cancelled) == ["a", "b"]
+    assert attempts == [] and t.slept == []
+    assert all(s.restarts == 0 and not s.running for s in sup.states.values())
 
 
-def test_check_cancelled_is_quiet_without_a_pending_cancel() -> None:
-    """A timeout that fired and was handled leaves nothing pending."""
+def test_agent_errors_are_failures_and_bugs_are_crashes_in_the_log() -> None:
+    """An AgentError logs component_failed with its message; a bug logs component_crashed
+    with the exception (its traceback goes with it), both with the retry delay."""
+    t, attempts = FakeTime(), list[int]()
+    sup = supervisor(t, attempts)
+    done = asyncio.Event()
+    calls = 0
 
-    async def main() -> None:
-        try:
-            async with asyncio.timeout(0.01):
-                await asyncio.sleep(1)
-        except TimeoutError:
-            pass
-        check_cancelled()  # does not raise
+    async def mixed() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise CollectorError("cannot read the CDR file")
+        if calls == 2:
+            raise KeyError("a bug")
+        done.set()
+        await asyncio.Event().wait()
 
-    asyncio.run(main())
-
-
-def test_cancel_and_wait_repeats_until_the_task_ends_and_stays_bounded() -> None:
-    """A task that swallows one cancel still ends; one that never ends costs only the budget."""
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-
-        async def swallows_once() -> None:
-            try:
-                await asyncio.sleep(10)
-            except asyncio.CancelledError:
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            await asyncio.sleep(10)
-
-        t1 = asyncio.create_task(swallows_once())
-        await asyncio.sleep(0)
-        assert await cancel_and_wait(t1, 2.0)
-        assert t1.cancelled()
-
-        release = asyncio.Event()
-
-        async def never_ends() -> None:
-            while not release.is_set():
-                try:
-                    await asyncio.sleep(10)
-                except asyncio.CancelledError:
-                    continue
-
-        t2 = asyncio.create_task(never_ends())
-        await asyncio.sleep(0)
-        t0 = loop.time()
-        assert not await cancel_and_wait(t2, 0.3)
-        assert 0.3 <= loop.time() - t0 < 1.0
-        release.set()
-        t2.cancel()
-        await asyncio.wait({t2}, timeout=1)
-        assert t2.done()
-
-    asyncio.run(main())
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(run_until(sup, {"mixed": mixed}, done))
+    events: list[MutableMapping[str, Any]] = [
+        e for e in logs if e["event"].startswith("component_")
+    ]
+    assert [e["event"] for e in events] == ["component_failed", "component_crashed"]
+    assert events[0]["error"] == "cannot read the CDR file" and events[0]["retry_in"] == 1.0
+    assert events[1]["exc_info"] is True
+    assert sup.states["mixed"].last_error == "KeyError('a bug')"

@@ -19,7 +19,7 @@ def versions() -> dict[str, str]:
     from agent import __version__
 
     out = {"pbx-agent": __version__, "python": platform.python_version()}
-    for dist in ("aiomqtt", "paho-mqtt", "cryptography", "structlog", "PyYAML", "psutil"):
+    for dist in ("paho-mqtt", "cryptography", "structlog", "PyYAML", "psutil"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from agent.aio import backoff, cancel_and_wait
 from agent.errors import AgentError, BrokerRefused, StateError, TLSMaterialError, UplinkError
 from agent.logs import Throttle
-from agent.supervisor import backoff, cancel_and_wait
 from agent.uplink import tls
 from agent.uplink.commands import CommandHandler, CommandHost
 from agent.uplink.mqtt import LinkSettings, MqttLink, Will, reason_text
@@ -57,6 +57,9 @@ MAX_PACKET_FROM_BROKER = 64 * 1024
 # QoS 0 commands are not flow-controlled by MQTT; beyond this many waiting they are
 # dropped (at most once is what QoS 0 promises) and counted.
 MAX_QUEUED_QOS0 = 64
+
+#: A connection up at least this long resets the reconnect backoff when it ends.
+STABLE_FOR = 60.0
 
 STALL_RETRY_BASE = 0.05  # seconds before retrying a delivery the store refused; doubles ...
 STALL_RETRY_MAX = 1.0  # ... up to this, so that recovery follows free space within a second
@@ -111,6 +114,7 @@ class UplinkSession:
         self._wake = asyncio.Event()
         self._new_data = asyncio.Event()
         self._link: MqttLink | None = None
+        self._served_since: float | None = None  # when the current connection came up
         self._session: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         self._closed.set()
@@ -123,6 +127,11 @@ class UplinkSession:
         if self.switch_on() and self.state in (UplinkState.SEVERED, UplinkState.WAITING):
             self.state = UplinkState.CONNECTING
         self._wake.set()
+
+    @property
+    def link(self) -> MqttLink | None:
+        """The connection being made or in use; None between connections."""
+        return self._link
 
     def status(self) -> dict[str, Any]:
         """For ``agentctl status``."""
@@ -199,6 +208,12 @@ class UplinkSession:
             if not isinstance(exc, AgentError):
                 raise exc  # a bug: the supervisor logs it and restarts us
             self.last_error = str(exc)
+            up = self._served_since
+            if up is not None and time.monotonic() - up >= STABLE_FOR:
+                # It was up a good while: this is a new outage, not the next failed attempt
+                # of the old one, so the first retry comes after about a second again.
+                attempt = 0
+            self._served_since = None
             delay = backoff(attempt, base=1.0, cap=self.cfg.reconnect_max)
             if isinstance(exc, TLSMaterialError):
                 delay = max(delay, min(60.0, self.cfg.reconnect_max))
@@ -248,6 +263,7 @@ class UplinkSession:
             )
             await link.subscribe(f"{self.prefix}/cmd", within=ROUND_TRIP_TIMEOUT)
             self.connected_since = time.time()
+            self._served_since = time.monotonic()
             self.state = UplinkState.CONNECTED
             self.last_error = None
             log.info("uplink_connected", broker=cfg.broker, device_id=self.device_id)

@@ -30,25 +30,6 @@ MIN_TLS_VERSION = ssl.TLSVersion.TLSv1_2
 PathLike = str | os.PathLike[str]
 
 
-class _ClosingSSLSocket(ssl.SSLSocket):
-    """An SSLSocket that closes itself when its handshake fails.
-
-    paho-mqtt 2.2 wraps and handshakes the socket in ``connect()`` and drops it
-    unclosed when the handshake raises (wrong CA, wrong host, refused client
-    certificate under TLS 1.2): one leaked descriptor per failed attempt, for as
-    long as the reconnect loop runs.
-    """
-
-    def do_handshake(self, block: bool = False) -> None:
-        try:
-            super().do_handshake(block)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            raise  # a non-blocking handshake in progress, not a failure
-        except OSError:
-            self.close()
-            raise
-
-
 def client_context(
     ca_file: PathLike,
     cert_file: PathLike,
@@ -69,7 +50,6 @@ def client_context(
         ctx.maximum_version = max_version
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.sslsocket_class = _ClosingSSLSocket
     try:
         ctx.load_verify_locations(cafile=os.fspath(ca_file))
     except (OSError, ssl.SSLError) as exc:
@@ -131,10 +111,11 @@ def classify_tls_error(
     ca_file: PathLike | None = None,
     cert_file: PathLike | None = None,
 ) -> TLSFailure:
-    """Turn an ssl error (or its text, as aiomqtt passes it on) into an actionable message.
+    """Turn an ssl error (or its text, as paho logged it) into an actionable message.
 
-    aiomqtt re-raises connect failures as ``MqttError(str(exc))``, losing the
-    exception type, so the classification works on the text as well.
+    An alert that ends the connection after the handshake (a refused client
+    certificate under TLS 1.3) reaches us only as the line paho logged, so the
+    classification works on the text as well.
     """
     text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
     ca = os.fspath(ca_file) if ca_file is not None else "the pinned CA file"

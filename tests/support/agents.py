@@ -146,11 +146,10 @@ class SimAgent:
     def kill(self) -> None:
         """Drop the connection the way a dead process does: the socket closes, nothing is said."""
         assert self.session is not None
-        client = self.session._client
-        if client is not None and client._client.socket() is not None:
-            # paho's own close also tells aiomqtt to stop watching the descriptor; no
-            # DISCONNECT is sent, so the broker sees EOF and publishes the will.
-            client._client._sock_close()
+        link = self.session.link
+        if link is not None:
+            # No DISCONNECT is sent: the broker sees the socket close and publishes the will.
+            link.close_now("killed")
         if self.task is not None:
             self.task.cancel()
 
