@@ -21,6 +21,7 @@ from agent.collectors.pbxconfig.settings import parse_settings as parse_snapshot
 from agent.confreader import LineMap, Problems, Section, load_yaml, parse_yaml
 from agent.paths import CONTROL_SOCKET_NAME, DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR
 from agent.policy.classes import HARD_DENIED, DataClass
+from agent.sshkeys import HostKeyPin, KeyFormatError, known_hosts_name, parse_host_key
 
 DEFAULT_CONFIG_PATH = Path("/etc/pbx-agent/agent.yaml")
 
@@ -96,6 +97,55 @@ class UplinkConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SupportService:
+    """A local service the vendor may reach through the support tunnel."""
+
+    name: str
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (IPv6 in brackets)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SupportConfig:
+    """Remote support: the vendor's bastion (pinned) and the services it may reach."""
+
+    bastion_host: str
+    bastion_port: int = 22
+    bastion_user: str
+    host_key: HostKeyPin
+    services: tuple[SupportService, ...]
+    key_file: Path
+    account: str = "pbx-support"
+    sshd_log: Path | None = None
+    max_window: float = 4 * 3600.0
+    idle_timeout: float = 1800.0
+    keepalive_interval: float = 15.0
+    keepalive_deadline: float = 15.0
+    reconnect_max: float = 60.0
+    connect_timeout: float = 15.0
+    max_channels: int = 16
+
+    @property
+    def bastion(self) -> str:
+        """``host:port`` of the bastion."""
+        return f"{self.bastion_host}:{self.bastion_port}"
+
+    def service(self, name: str) -> SupportService | None:
+        """The configured service called ``name``."""
+        return next((s for s in self.services if s.name == name), None)
+
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        """The configured services' names, in configuration order."""
+        return tuple(s.name for s in self.services)
+
+
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     """The whole validated configuration."""
 
@@ -107,6 +157,7 @@ class AgentConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     uplink: UplinkConfig | None = None
+    support: SupportConfig | None = None
     log_level: str = "info"
 
 
@@ -143,6 +194,10 @@ def build(data: LineMap, path: Path) -> AgentConfig:
     outbox_sec.finish()
     uplink = _uplink(top.section("uplink")) if top.has("uplink") else None
     top.raw("uplink")
+    support = None
+    if top.has("support") and isinstance(paths.state_dir, Path):
+        support = _support(top.section("support"), device_id, paths.state_dir)
+    top.raw("support")
     log_level = top.choice("log_level", ("debug", "info", "warning", "error"), "info")
     top.finish()
     problems.raise_if_any()
@@ -155,6 +210,7 @@ def build(data: LineMap, path: Path) -> AgentConfig:
         policy=policy,
         outbox=outbox,
         uplink=uplink,
+        support=support,
         log_level=log_level,
     )
 
@@ -261,3 +317,98 @@ def _uplink(sec: Section) -> UplinkConfig:
     )
     sec.finish()
     return u
+
+
+HOST_PATTERN = r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[?[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*\]?"
+SERVICE_NAME_PATTERN = r"[a-z][a-z0-9_-]{0,31}"
+ACCOUNT_PATTERN = r"[a-z_][a-z0-9_-]{0,31}"
+BASTION_USER_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}"
+_HOST_PORT = re.compile(
+    r"\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<p6>\d{1,5})|(?P<h>[A-Za-z0-9.-]+):(?P<p>\d{1,5})"
+)
+
+# Stands in for a host key that failed validation: the problem is reported and build() raises.
+_PLACEHOLDER_KEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+)
+
+
+def _host_port(text: str) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` → (host, port); None when it is neither."""
+    m = _HOST_PORT.fullmatch(text)
+    if m is None:
+        return None
+    port = int(m["p6"] or m["p"])
+    return (m["v6"] or m["h"], port) if 1 <= port <= 65535 else None
+
+
+def _bastion_pin(b: Section, host: str, port: int) -> HostKeyPin:
+    text: object = b.str("host_key")
+    if not isinstance(text, str):
+        return parse_host_key(_PLACEHOLDER_KEY)
+    try:
+        pin = parse_host_key(text)
+    except KeyFormatError as exc:
+        b.problem("host_key", f"not a usable host key ({exc})")
+        return parse_host_key(_PLACEHOLDER_KEY)
+    if host and not pin.matches_host(host, port):
+        b.problem(
+            "host_key",
+            f"the known_hosts line is for {', '.join(pin.hosts or ())}, not for the bastion "
+            f"{known_hosts_name(host, port)} (write just 'TYPE BASE64', or the line for this "
+            "host and port)",
+        )
+    return pin
+
+
+def _support_services(sec: Section) -> tuple[SupportService, ...]:
+    services: list[SupportService] = []
+    svc = sec.section("services")
+    names = list(svc.keys())
+    for name in names:
+        value = svc.raw(str(name))
+        if not isinstance(name, str) or re.fullmatch(SERVICE_NAME_PATTERN, name) is None:
+            svc.problem(str(name), "a service name is lower-case letters, digits, '_' or '-'")
+            continue
+        parsed = _host_port(value) if isinstance(value, str) else None
+        if parsed is None:
+            svc.problem(name, f"expected HOST:PORT of the local service, got {value!r}")
+            continue
+        services.append(SupportService(name=name, host=parsed[0], port=parsed[1]))
+    if not names:
+        sec.problem("services", "name at least one local service the vendor may reach")
+    svc.finish()
+    return tuple(services)
+
+
+def _support(sec: Section, device_id: object, state_dir: Path) -> SupportConfig:
+    b = sec.section("bastion")
+    raw_host = b.str("host", pattern=HOST_PATTERN, hint="a host name or an IP address")
+    host = raw_host.strip("[]") if isinstance(raw_host, str) else ""
+    port = b.int("port", 22, min=1, max=65535)
+    default_user = device_id if isinstance(device_id, str) else "pbx"
+    user = b.str("user", default_user, pattern=BASTION_USER_PATTERN, hint="the box's account")
+    pin = _bastion_pin(b, host, port if isinstance(port, int) else 22)
+    b.finish()
+    services = _support_services(sec)
+    sshd_log = sec.path("sshd_log") if sec.has("sshd_log") else None
+    sec.raw("sshd_log")
+    cfg = SupportConfig(
+        bastion_host=host,
+        bastion_port=port,
+        bastion_user=user,
+        host_key=pin,
+        services=services,
+        key_file=sec.path("key_file", str(state_dir / "support" / "id_ed25519")),
+        account=sec.str("account", "pbx-support", pattern=ACCOUNT_PATTERN, hint="a user name"),
+        sshd_log=sshd_log,
+        max_window=sec.duration("max_window", 4 * 3600.0, min=60, max=7 * 86400),
+        idle_timeout=sec.duration("idle_timeout", 1800.0, min=1, max=86400),
+        keepalive_interval=sec.duration("keepalive_interval", 15.0, min=0.2, max=3600),
+        keepalive_deadline=sec.duration("keepalive_deadline", 15.0, min=0.2, max=3600),
+        reconnect_max=sec.duration("reconnect_max", 60.0, min=0.5, max=3600),
+        connect_timeout=sec.duration("connect_timeout", 15.0, min=0.5, max=120),
+        max_channels=sec.int("max_channels", 16, min=1, max=48),
+    )
+    sec.finish()
+    return cfg

@@ -46,6 +46,7 @@ from agent.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from agent.collectors.factory import CollectorSpec
+    from agent.uplink.support import SupportController
 
 log = structlog.get_logger(__name__)
 
@@ -242,6 +243,8 @@ class Daemon:
         self.control.route("uplink-status", self._uplink_status, admin=False)
         self.control.route("collect", self._collect_now, admin=True)
         self.control.route("reload", self._reload_request, admin=True)
+        self.support = self.build_support(config)
+        self.support.register(self.control)
 
     def _record_reset(self, loss: anchor.Loss, opened: Opened, last: anchor.Mark | None) -> None:
         """Say in the new ledger what was lost; queue what a corrupt file still holds."""
@@ -351,6 +354,18 @@ class Daemon:
             commands=self,
         )
 
+    def build_support(self, config: AgentConfig) -> SupportController:
+        """Remote support: the window, the NOC's support.connect, the tunnel (paramiko lazily)."""
+        from agent.uplink.support import SupportController
+
+        return SupportController(
+            config=config.support,
+            device_id=config.device_id,
+            state_dir=self.state_dir,
+            ledger=self.ledger,
+            switch_on=lambda: self.switch.on,
+        )
+
     # -- NOC command hooks (called by the uplink) ------------------------------------------
 
     def collectors_known(self) -> list[str]:
@@ -388,10 +403,12 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watchdog(), name="watchdog")
                 tg.create_task(self._watch_switch(), name="switch-watch")
+                tg.create_task(self.support.run(), name="support")
                 workers = tg.create_task(self._run_workers(self.config), name="workers")
                 self.notifier.ready(self._status_line())
                 while True:
                     if await self._wait_stop_or_reload() == "stop":
+                        await self.support.shutdown()  # the tunnel first: it is the vendor's way in
                         await self._stop_workers(workers)
                         raise _Stop
                     new = self._try_reload()
@@ -401,6 +418,7 @@ class Daemon:
                         await self._stop_workers(workers)
                         self.config = new
                         self.gate.set_policy(new.policy)
+                        self.support.reconfigure(new.support)
                         workers = tg.create_task(self._run_workers(new), name="workers")
                     self.notifier.ready(self._status_line())
         except* _Stop:
@@ -522,6 +540,8 @@ class Daemon:
         if was_on == state.on:
             return
         log.warning("uplink_switch", state=state.word, source=source)
+        if not state.on:
+            await self.support.sever()  # the window and any tunnel close with the switch
         if not state.on and self.uplink is not None:
             await self.uplink.sever()
         elif state.on and self.uplink is not None:
@@ -608,6 +628,7 @@ class Daemon:
             "versions": versions(),
             "switch": self.switch.to_json(),
             "uplink": self.uplink.status() if self.uplink else {"configured": False},
+            "support": self.support.status(),
             "policy": {
                 "send": sorted(c.value for c in self.config.policy.send),
                 "effective": self.gate.effective(),

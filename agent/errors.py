@@ -19,7 +19,10 @@ carries a message a person can act on. Errors of the libraries we use
     ├── CollectorError         a collector could not gather (source missing, unreadable)
     └── UplinkError            the uplink could not be set up or used
         ├── TLSMaterialError   key/cert/CA unusable: loose permissions, expired, mismatch
-        └── BrokerRefused      the broker refused us (certificate, ACL, protocol)
+        ├── BrokerRefused      the broker refused us (certificate, ACL, protocol)
+        └── SupportError       remote support refused (no window, wrong ticket, switch off)
+            │                  or failed (bastion unreachable, key refused, forward refused)
+            └── HostKeyMismatch  the bastion showed a host key other than the pinned one
 """
 
 from __future__ import annotations
@@ -154,3 +157,11 @@ class TLSMaterialError(UplinkError):
 
 class BrokerRefused(UplinkError):
     """The broker refused the connection or an operation."""
+
+
+class SupportError(UplinkError):
+    """Remote support was refused by a lock, or its tunnel could not be set up or kept."""
+
+
+class HostKeyMismatch(SupportError):
+    """The bastion's host key is not the one pinned in the configuration: never connect."""

@@ -22,6 +22,7 @@ COMMANDS = (
     "run",
     "status",
     "uplink",
+    "support",
     "collect",
     "config",
     "audit",

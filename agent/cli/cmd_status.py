@@ -64,6 +64,15 @@ def print_status(s: dict[str, Any]) -> None:
         out.write(line + "\n")
         if up.get("paused"):
             out.write(f"  deliveries paused: {up['paused']}\n")
+    sup = s.get("support") or {}
+    if sup.get("configured"):
+        w = sup.get("window")
+        sess = sup.get("session")
+        opened = f"open until {when(w['until'])}" if w and w["open"] else "closed"
+        line = f"support: window {opened}"
+        if sess and sess.get("live"):
+            line += f", tunnel {sess['state']} ({sess['channels_open']} channel(s) open)"
+        out.write(line + " (agentctl support status)\n")
     ob = s["outbox"]
     out.write(
         f"outbox: {ob['queued']} queued ({size(ob['bytes'])} of {size(ob['max_bytes'])}), "

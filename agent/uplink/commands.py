@@ -43,7 +43,7 @@ MAX_COMMAND_BYTES = 16 * 1024
 MAX_ID_LENGTH = 64
 MAX_DEPTH = 8  # a command is two levels deep (message, args); room to grow, not to recurse
 FUTURE_SKEW = 60.0  # seconds a command's ts may be ahead of our clock
-ALLOWED = ("ping", "collect", "policy", "narrow")
+ALLOWED = ("ping", "collect", "policy", "narrow", "support.connect", "support.disconnect")
 
 _SEEN_SCHEMA = "CREATE TABLE IF NOT EXISTS seen_commands (id TEXT PRIMARY KEY, ts REAL NOT NULL)"
 
@@ -256,7 +256,7 @@ class CommandHandler:
         if raw_cmd not in ALLOWED:
             raise Refused(f"command '{known.cmd}' is not allowed (allowed: {', '.join(ALLOWED)})")
         known.spent = True
-        return self._plan(raw_cmd, args)
+        return self._plan(raw_cmd, args, known.id)
 
     def _record(self, reply: Reply, size: int, now: float, known: _Known) -> Reply:
         """Remember the id and append the ledger entry in one transaction; a replay is refused."""
@@ -289,7 +289,12 @@ class CommandHandler:
                 raise
         return reply
 
-    def _plan(self, cmd: str, args: dict[str, Any]) -> _Plan:
+    def _plan(self, cmd: str, args: dict[str, Any], cmd_id: str | None = None) -> _Plan:
+        if cmd.startswith("support."):
+            # Remote support checks its own locks (window, ticket, switch): agent.uplink.support.
+            from agent.uplink.support import run_command
+
+            return _Plan(run_command(self.host, cmd, args, cmd_id))
         gate = self.host.gate
         if cmd == "ping":
             return _Plan({"pong": time.time()})

@@ -1,0 +1,222 @@
+"""Remote support end to end: a real OpenSSH bastion, the daemon, the NOC over MQTT, a service."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.daemon import wait_for
+from tests.support.mosquitto import Mosquitto
+from tests.support.pki import PKI
+from tests.support.sshd import SshdUnavailable, private_root, require_sshd
+from tests.support.support_rig import SupportRig, refuses, round_trip
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def rig_factory(pki: PKI, broker: Mosquitto) -> Iterator[Callable[..., SupportRig]]:
+    """Make support rigs in a root-owned folder (sshd's StrictModes); all closed afterwards."""
+    try:
+        require_sshd()
+    except SshdUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    made: list[SupportRig] = []
+    with private_root() as root:
+
+        def make(**kwargs: Any) -> SupportRig:
+            rig = SupportRig(root / f"r{len(made)}", pki, broker, **kwargs)
+            made.append(rig)
+            return rig
+
+        try:
+            yield make
+        finally:
+            for rig in made:
+                rig.close()
+
+
+def test_data_flows_through_the_tunnel_and_is_accounted(
+    rig_factory: Callable[..., SupportRig],
+) -> None:
+    """Inside the window the vendor reaches the service; every channel and byte is in the ledger."""
+    rig = rig_factory().start()
+    assert rig.support_status()["paramiko_loaded"] is False
+    rig.open_window("10m", ticket="T-100")
+    reply = rig.connect(ticket="T-100")
+    assert reply["ok"] is True, reply
+    rig.wait_usable()
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    assert round_trip(rig.ports["web"], payload) == payload
+    st = wait_for(
+        lambda: (s := rig.support_status())["session"]["bytes_to_vendor"] >= len(payload) and s,
+        what="byte counts",
+    )
+    assert st["paramiko_loaded"] is True
+    sess = st["session"]
+    assert sess["state"] == "up" and sess["ticket"] == "T-100"
+    assert sess["bytes_from_vendor"] >= len(payload)
+    assert any(c["service"] == "web" for c in sess["channels"])
+    out = rig.agent.ctl("support", "close")
+    assert out.returncode == 0, out.stderr
+    rig.wait_refused()
+    events = [e["event"] for e in rig.ledger()]
+    for ev in (
+        "window_open",
+        "session_start",
+        "tunnel_up",
+        "channel_open",
+        "channel_close",
+        "window_close",
+        "tunnel_down",
+        "session_end",
+    ):
+        assert ev in events, (ev, events)
+    end = rig.ledger("session_end")[-1]
+    assert end["bytes_to_vendor"] >= len(payload) and end["bytes_from_vendor"] >= len(payload)
+
+
+def test_connect_refused_without_window_with_wrong_ticket_or_foreign_address(
+    rig_factory: Callable[..., SupportRig],
+) -> None:
+    """No window, another ticket, a service outside the window, an address: refused, ledgered."""
+    rig = rig_factory(services=("web", "admin")).start()
+    no_window = rig.connect(ticket="T-1")
+    assert no_window["ok"] is False and "no support window" in no_window["error"]
+    rig.open_window("10m", ticket="T-1", services=["web"])
+    wrong = rig.connect(ticket="T-2", ports={"web": rig.ports["web"]})
+    assert wrong["ok"] is False and "ticket" in wrong["error"]
+    missing = rig.connect(ports={"web": rig.ports["web"]})
+    assert missing["ok"] is False and "ticket" in missing["error"]
+    outside = rig.connect(ticket="T-1", ports={"admin": rig.ports["admin"]})
+    assert outside["ok"] is False and "not in the customer's window" in outside["error"]
+    address = rig.connect(ticket="T-1", ports={"web": rig.ports["web"]}, host="203.0.113.9")
+    assert address["ok"] is False and "never from a command" in address["error"]
+    zero = rig.connect(ticket="T-1", ports={"web": 0})
+    assert zero["ok"] is False
+    refusals = rig.ledger("connect_refused")
+    assert len(refusals) == 6
+    commands = rig.agent.ctl("audit", "--kind", "command", "--json").stdout.splitlines()
+    assert sum('"ok": false' in c for c in commands) == 6
+    assert rig.bastion.clients() == 0  # not even a TCP connection to the bastion
+    assert rig.support_status()["session"] is None
+
+
+def up(rig: SupportRig, *, ticket: str | None = None, duration: str = "10m") -> None:
+    """Open a window, send support.connect, wait until the forwarded port works."""
+    rig.open_window(duration, ticket=ticket)
+    reply = rig.connect(**({"ticket": ticket} if ticket else {}))
+    assert reply["ok"] is True, reply
+    rig.wait_usable()
+
+
+def test_switch_off_closes_the_tunnel_and_the_window(
+    rig_factory: Callable[..., SupportRig],
+) -> None:
+    """`uplink off` cuts the tunnel within 1 s and closes the window; support needs a new one."""
+    rig = rig_factory().start()
+    up(rig)
+    out = rig.agent.ctl("uplink", "off")
+    assert out.returncode == 0, out.stderr
+    assert rig.wait_refused(timeout=1.0) < 1.0
+    st = rig.support_status()
+    assert st["window"]["open"] is False and st["window"]["close_reason"] == "switch"
+    assert st["session"]["live"] is False
+    assert rig.ledger("session_end")[-1]["reason"] == "uplink switch off"
+    assert rig.agent.ctl("uplink", "on").returncode == 0
+    wait_for(rig.online, timeout=15, what="online again")
+    again = rig.connect()
+    assert again["ok"] is False and "no support window" in again["error"]
+
+
+def test_window_end_closes_the_tunnel(rig_factory: Callable[..., SupportRig]) -> None:
+    """When the window's time is up, the forwarded port refuses within 1 s of its end."""
+    rig = rig_factory().start()
+    up(rig, duration="6s")
+    until = rig.support_status()["window"]["until"]
+    wait_for(lambda: time.time() >= until, timeout=10, what="the window's end")
+    assert rig.wait_refused(timeout=1.0) < 1.0
+    assert time.time() - until < 1.0 + 0.5  # measured from the end, polling included
+    assert rig.ledger("window_close")[-1]["reason"] == "expired"
+    assert rig.ledger("session_end")[-1]["reason"] == "support window ended"
+    late = rig.connect()
+    assert late["ok"] is False and "no support window" in late["error"]
+
+
+def test_daemon_stop_closes_the_tunnel_and_the_window_survives(
+    rig_factory: Callable[..., SupportRig],
+) -> None:
+    """SIGTERM cuts the tunnel within 1 s; after a restart the window is still open, no tunnel."""
+    rig = rig_factory().start()
+    up(rig, ticket="T-7")
+    window = rig.support_status()["window"]
+    t0 = time.monotonic()
+    rig.agent.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    wait_for(lambda: refuses(rig.ports["web"]), timeout=1.0, interval=0.01, what="refused")
+    assert time.monotonic() - t0 < 1.0
+    assert rig.agent.proc.wait(timeout=10) == 0  # type: ignore[union-attr]
+    rig.agent.start()
+    st = rig.support_status()
+    assert st["window"]["id"] == window["id"] and st["window"]["open"] is True
+    assert st["session"] is None and refuses(rig.ports["web"])
+    assert rig.ledger("session_end")[-1]["reason"] == "daemon stopping"
+    wait_for(rig.online, timeout=15, what="online again")
+    assert rig.connect(ticket="T-7")["ok"] is True
+    rig.wait_usable()
+
+
+def test_changed_bastion_host_key_is_refused(rig_factory: Callable[..., SupportRig]) -> None:
+    """A bastion showing another host key than the pinned one gets no login and no forward."""
+    rig = rig_factory()
+    rig.bastion.new_host_key()  # the configuration still pins the old one
+    rig.start()
+    rig.open_window("10m")
+    assert rig.connect()["ok"] is True
+    failed = wait_for(lambda: rig.ledger("tunnel_failed"), timeout=15, what="tunnel_failed")
+    assert "host key" in failed[0]["error"] and "pinned" in failed[0]["error"]
+    end = wait_for(lambda: rig.ledger("session_end"), timeout=5, what="session_end")
+    assert "host key" in end[0]["reason"]
+    assert "Accepted publickey" not in rig.bastion.log()
+    assert rig.bastion.clients() == 1  # one try, not a retry loop against a suspect server
+    assert refuses(rig.ports["web"])
+
+
+def test_dead_bastion_is_noticed_and_the_tunnel_comes_back(
+    rig_factory: Callable[..., SupportRig],
+) -> None:
+    """A frozen bastion is noticed within the keepalive deadline; a restarted one is rejoined."""
+    rig = rig_factory().start()
+    up(rig)
+    # Frozen, not killed: TCP stays up and only an unanswered keepalive can tell (#2326).
+    rig.bastion.freeze()
+    t0 = time.monotonic()
+    down = wait_for(lambda: rig.ledger("tunnel_down"), timeout=10, what="tunnel_down")
+    noticed = time.monotonic() - t0
+    assert "keepalive" in down[0]["reason"]
+    # keepalive_interval 1s + keepalive_deadline 1s, plus the time agentctl audit takes here.
+    assert noticed < 2.0 + 2.5, noticed
+    rig.bastion.kill()
+    rig.bastion.start()
+    wait_for(lambda: len(rig.ledger("tunnel_up")) >= 2, timeout=20, what="the tunnel back")
+    rig.wait_usable()
+    # Killed outright: the connection's end is noticed at once, and the tunnel returns again.
+    rig.bastion.kill()
+    wait_for(lambda: len(rig.ledger("tunnel_down")) >= 2, timeout=5, what="second tunnel_down")
+    rig.bastion.start()
+    wait_for(lambda: len(rig.ledger("tunnel_up")) >= 3, timeout=20, what="the tunnel back again")
+    rig.wait_usable()
+    assert rig.support_status()["session"]["connects"] == 3
+
+
+def test_idle_tunnel_closes(rig_factory: Callable[..., SupportRig]) -> None:
+    """With no channel and no byte for support.idle_timeout, the session ends by itself."""
+    rig = rig_factory(support={"idle_timeout": "3s"}).start()
+    up(rig)
+    end = wait_for(lambda: rig.ledger("session_end"), timeout=15, what="idle session_end")
+    assert end[0]["reason"].startswith("idle")
+    assert refuses(rig.ports["web"])
+    assert rig.support_status()["window"]["open"] is True  # the customer's window stays
