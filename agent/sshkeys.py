@@ -173,6 +173,7 @@ def parse_public_key(text: str) -> PublicKey:
         raise KeyFormatError("expected a public key as text: TYPE BASE64 [comment]")
     if len(text) > MAX_LINE:
         raise KeyFormatError(f"longer than {MAX_LINE} characters")
+    text = text.strip()  # a .pub file's final newline
     if any(c in text for c in "\r\n\0"):
         raise KeyFormatError("a public key is one line")
     parts = text.split()

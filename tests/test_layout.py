@@ -193,3 +193,22 @@ def test_no_reaching_into_a_librarys_private_parts() -> None:
         if PRIVATE_REACH.search(line) and not line.lstrip().startswith("#")
     ]
     assert offenders == []
+
+
+def test_paramiko_only_in_the_tunnel_and_only_when_it_comes_up() -> None:
+    """paramiko is imported by agent/uplink/sshlink.py alone, and never at module level (only
+    inside a function, or for the type checker): an idle daemon does not load it."""
+    where = []
+    for p in modules(AGENT):
+        tree = ast.parse(p.read_text())
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n.split(".")[0] == "paramiko" for n in names):
+                where.append((str(p.relative_to(AGENT)), id(node) in top))
+    assert where and all(path == "uplink/sshlink.py" for path, _ in where)
+    assert not any(module_level for _, module_level in where)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,8 +15,16 @@ import pytest
 from tests.support.daemon import wait_for
 from tests.support.mosquitto import Mosquitto
 from tests.support.pki import PKI
-from tests.support.sshd import SshdUnavailable, private_root, require_sshd
-from tests.support.support_rig import SupportRig, refuses, round_trip
+from tests.support.sshd import (
+    SUPPORT_USER,
+    KeyPair,
+    SshdUnavailable,
+    ensure_user,
+    private_root,
+    remove_user,
+    require_sshd,
+)
+from tests.support.support_rig import SupportRig, as_user, refuses, round_trip
 
 pytestmark = pytest.mark.integration
 
@@ -220,3 +231,155 @@ def test_idle_tunnel_closes(rig_factory: Callable[..., SupportRig]) -> None:
     assert end[0]["reason"].startswith("idle")
     assert refuses(rig.ports["web"])
     assert rig.support_status()["window"]["open"] is True  # the customer's window stays
+
+
+@pytest.fixture
+def support_account() -> Iterator[str]:
+    """The restricted local account vendor logins use (made for the test, removed after)."""
+    made = ensure_user(SUPPORT_USER)
+    try:
+        yield SUPPORT_USER
+    finally:
+        if made:
+            remove_user(SUPPORT_USER)
+
+
+def ssh_login(port: int, key: Path, user: str) -> subprocess.CompletedProcess[str]:
+    """Log in with OpenSSH's client as the vendor would and run ``id -un``."""
+    return subprocess.run(
+        [
+            "ssh",
+            "-p",
+            str(port),
+            "-i",
+            str(key),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=5",
+            f"{user}@127.0.0.1",
+            "id -un",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_vendor_login_works_inside_the_window_only(
+    rig_factory: Callable[..., SupportRig], support_account: str, tmp_path: Path
+) -> None:
+    """The one-time key logs in through the tunnel inside the window (ledgered); after it, no."""
+    rig = rig_factory(services=("ssh", "web"), box_sshd=True).start()
+    assert rig.box is not None
+    vendor = KeyPair()
+    key_file = vendor.write_private(tmp_path / "vendor_key")
+    keys = rig.agent.ctl("support", "authorized-keys", support_account)
+    assert keys.returncode == 0 and keys.stdout == ""  # no window: no key
+    rig.open_window("10m", ticket="T-9")
+    assert rig.connect(ticket="T-9", key=vendor.public_line)["ok"] is True
+    wait_for(lambda: not refuses(rig.ports["ssh"]), timeout=15, what="the ssh forward")
+    line = rig.agent.ctl("support", "authorized-keys", support_account).stdout.strip()
+    assert line.startswith('restrict,pty,from="127.0.0.1",expiry-time="')
+    assert vendor.public_line.split()[1] in line
+    assert rig.agent.ctl("support", "authorized-keys", "root").stdout == ""
+    login = ssh_login(rig.ports["ssh"], key_file, support_account)
+    assert login.returncode == 0, login.stderr + rig.box.log()[-2000:]
+    assert login.stdout.strip() == support_account
+    logins = wait_for(lambda: rig.ledger("login"), timeout=10, what="the login in the ledger")
+    assert logins[0]["fingerprint"] == vendor.fingerprint
+    assert logins[0]["user"] == support_account
+    st = rig.support_status()["session"]
+    assert st["logins"][0]["fingerprint"] == vendor.fingerprint
+    assert any(c["service"] == "ssh" for c in st["channels"])
+    assert rig.agent.ctl("support", "close").returncode == 0
+    rig.wait_refused("ssh")
+    # Straight to the box's sshd (from 127.0.0.1, as through the tunnel): the key is gone.
+    after = ssh_login(rig.box.port, key_file, support_account)
+    assert after.returncode == 255 and "Permission denied" in after.stderr
+    assert rig.agent.ctl("support", "authorized-keys", support_account).stdout == ""
+
+
+def test_who_may_do_what(rig_factory: Callable[..., SupportRig]) -> None:
+    """The read group sees support status and keys; only an admin opens or closes a window."""
+    rig = rig_factory().start()
+    cfg = str(rig.agent.config_path)
+    nobody, nogroup = 65534, 65534  # nogroup is the configured read_group
+    code, out = as_user(nobody, nogroup, "-c", cfg, "support", "open", "--for", "1h")
+    assert code == 77
+    assert rig.support_status()["window"] is None
+    rig.open_window("1h")
+    code, out = as_user(nobody, nogroup, "-c", cfg, "support", "status", "--json")
+    assert code == 0 and json.loads(out)["window"]["open"] is True
+    assert as_user(nobody, nogroup, "-c", cfg, "support", "close")[0] == 77
+    assert rig.support_status()["window"]["open"] is True
+    assert as_user(nobody, nogroup, "-c", cfg, "support", "authorized-keys", "x") == (0, "")
+    assert as_user(1, 1, "-c", cfg, "support", "status")[0] == 77  # not in the read group
+
+
+def test_idle_daemon_does_not_load_paramiko(rig_factory: Callable[..., SupportRig]) -> None:
+    """With support configured and a window open but no tunnel, paramiko is not even loaded."""
+    rig = rig_factory().start()
+    rig.open_window("10m")
+    pid = rig.agent.proc.pid  # type: ignore[union-attr]
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert rig.support_status()["paramiko_loaded"] is False
+    assert "/nacl/" not in maps  # PyNaCl's libsodium comes only with paramiko
+    assert rig.connect()["ok"] is True
+    rig.wait_usable()
+    assert rig.support_status()["paramiko_loaded"] is True
+    assert "/nacl/" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_window_is_capped_and_can_be_extended_without_dropping_the_vendor(
+    rig_factory: Callable[..., SupportRig],
+) -> None:
+    """--for beyond support.max_window is cut to it; reopening with the same ticket keeps the
+    tunnel, reopening for another ticket ends it."""
+    rig = rig_factory(support={"max_window": "2m"}).start()
+    t0 = time.time()
+    out = rig.open_window("10h", ticket="T-1")
+    assert "capped at 2m" in out.stdout
+    until = rig.support_status()["window"]["until"]
+    assert t0 + 110 < until <= time.time() + 120
+    assert rig.connect(ticket="T-1")["ok"] is True
+    rig.wait_usable()
+    rig.open_window("1m", ticket="T-1")  # changed its mind about the length: same ticket
+    assert rig.support_status()["session"]["live"] is True
+    assert round_trip(rig.ports["web"], b"still here") == b"still here"
+    rig.open_window("1m", ticket="T-2")
+    rig.wait_refused()
+    assert "does not cover" in rig.ledger("session_end")[-1]["reason"]
+
+
+def test_noc_disconnect_ends_the_session(rig_factory: Callable[..., SupportRig]) -> None:
+    """support.disconnect closes the tunnel; the customer's window stays open."""
+    rig = rig_factory().start()
+    up(rig)
+    reply = rig.command("support.disconnect", {})
+    assert reply["ok"] is True and reply["result"]["disconnected"]
+    rig.wait_refused()
+    assert rig.support_status()["window"]["open"] is True
+
+
+def test_close_without_the_daemon_is_ledgered_at_its_start(
+    rig_factory: Callable[..., SupportRig],
+) -> None:
+    """`support close` works with the daemon down; the daemon ledgers it when it starts."""
+    rig = rig_factory().start()
+    rig.open_window("1h")
+    assert rig.agent.stop()[0] == 0
+    out = rig.agent.ctl("support", "close")
+    assert out.returncode == 0 and "daemon not running" in out.stdout
+    status = json.loads(rig.agent.ctl("support", "status", "--json").stdout)
+    assert status["daemon_running"] is False and status["window"]["open"] is False
+    rig.agent.start()
+    closes = rig.ledger("window_close")
+    assert len(closes) == 1 and closes[0]["via"] == "agentctl" and closes[0]["uid"] == 0
+    assert rig.connect()["ok"] is False

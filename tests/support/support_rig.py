@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -38,6 +39,23 @@ from tests.support.sshd import SUPPORT_USER, KeyPair, Sshd, free_port
 
 DEVICE = "pbx-test-1"
 BASTION_USER = "nobody"  # the box's account on the bastion (a per-device account in real life)
+
+
+def interpreter_for_others() -> tuple[str, str]:
+    """A Python that an unprivileged user may run, and the PYTHONPATH that finds the agent.
+
+    The test's own interpreter may live where only root can go (a pyenv under /root);
+    the system's python3 of the same version runs the checkout with the venv's packages.
+    """
+    import site
+
+    own = Path(sys.executable).resolve()
+    if all(os.stat(p).st_mode & 0o001 for p in own.parents if str(p) != "/"):
+        return sys.executable, str(REPO)
+    system = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+    if not system.exists():
+        raise AssertionError(f"no Python {sys.version_info[:2]} that nobody may run")
+    return str(system), ":".join([str(REPO), *site.getsitepackages()])
 
 
 class EchoServer:
@@ -210,11 +228,13 @@ class SupportRig:
 
     def _write_keys_cmd(self) -> None:
         # sshd runs it as nobody, with an empty environment; it and its folders are root's.
+        # (Installed, it is the venv's agentctl; here the checkout and the venv's packages.)
         assert self.box is not None
+        python, path = interpreter_for_others()
         script = self.root / "box" / "keys-cmd"
         script.write_text(
             "#!/bin/sh\n"
-            f"exec /usr/bin/env PYTHONPATH={REPO} PYTHONDONTWRITEBYTECODE=1 {sys.executable} "
+            f"exec /usr/bin/env PYTHONPATH={path} PYTHONDONTWRITEBYTECODE=1 {python} "
             f'-m agent.cli -c {self.agent.config_path} support authorized-keys "$1"\n'
         )
         script.chmod(0o755)
@@ -319,3 +339,43 @@ def vendor_key_file(root: Path) -> Any:
     pair = KeyPair()
     path = pair.write_private(root / "vendor_key")
     yield pair, path
+
+
+def as_user(uid: int, gid: int, *args: str) -> tuple[int, str]:
+    """Run agentctl's main() in a forked child under another uid; its exit code and stdout.
+
+    What the command imports is imported here first: the interpreter's own library may
+    sit where the other user cannot read (a pyenv under /root).
+    """
+    import agent.cli
+    import agent.cli.cmd_support
+    import agent.config
+    import agent.control
+    import agent.paths
+    import agent.sshkeys
+    import agent.support_window
+    import agent.switch
+
+    del agent
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop privileges for real, then act as that user would
+        code = 70
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            sys.stdout = os.fdopen(write_end, "w")  # pytest holds the original sys.stdout
+            sys.stderr = open(os.devnull, "w")  # noqa: SIM115 -- the child exits right after
+            from agent.cli import main
+
+            code = main(list(args))
+            sys.stdout.flush()
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        out = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), out
