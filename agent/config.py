@@ -408,7 +408,7 @@ def _support(sec: Section, device_id: object, state_dir: Path) -> SupportConfig:
         keepalive_deadline=sec.duration("keepalive_deadline", 15.0, min=0.2, max=3600),
         reconnect_max=sec.duration("reconnect_max", 60.0, min=0.5, max=3600),
         connect_timeout=sec.duration("connect_timeout", 15.0, min=0.5, max=120),
-        max_channels=sec.int("max_channels", 16, min=1, max=48),
+        max_channels=sec.int("max_channels", 16, min=1, max=32),  # a thread each; TasksMax=64
     )
     sec.finish()
     return cfg

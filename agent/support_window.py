@@ -41,7 +41,7 @@ class CloseReason(StrEnum):
     EXPIRED = "expired"  # its time ran out
     SWITCH = "switch"  # agentctl uplink off
     REPLACED = "replaced"  # a new window was opened over it
-    UNREADABLE = "unreadable"  # the window file could not be trusted
+    UNLEDGERED = "unledgered"  # the ledger could not record its opening
 
 
 @dataclass(frozen=True, slots=True)

@@ -263,9 +263,9 @@ class SupportController:
 
     def disconnect(self, args: dict[str, Any]) -> dict[str, Any]:
         """``support.disconnect``: end the session (the window stays as the customer left it)."""
-        unknown = set(args) - {"session"}
+        unknown = sorted(str(k)[:32] for k in set(args) - {"session"})
         if unknown:
-            raise SupportError(f"support.disconnect: unknown argument(s) {sorted(unknown)[:5]}")
+            raise SupportError(f"support.disconnect: unknown argument(s) {', '.join(unknown[:5])}")
         self._pending = None
         s = self._session
         wanted = args.get("session")
@@ -418,10 +418,12 @@ class SupportController:
             uid=peer.uid, seconds=seconds, ticket=ticket, services=services, now=now
         )
         try:
-            # Ledgered first: a window the customer cannot see in the account is not opened.
+            support_window.write_window(self.state_dir, w)
+        except StateError as exc:
+            raise control.RequestError(str(exc), "state") from None
+        try:
             if old is not None and old.is_open(now):
                 self._record("window_close", window=old.id, reason="replaced", uid=peer.uid)
-                self.window = old.closed(CloseReason.REPLACED, uid=peer.uid, via="daemon", at=now)
             self._record(
                 "window_open",
                 window=w.id,
@@ -431,8 +433,13 @@ class SupportController:
                 ticket=ticket,
                 services=list(services),
             )
-            support_window.write_window(self.state_dir, w)
         except StateError as exc:
+            # A window the customer could not find in the account does not open.
+            unledgered = w.closed(CloseReason.UNLEDGERED, uid=peer.uid, via="daemon", at=now)
+            with contextlib.suppress(StateError):
+                support_window.write_window(self.state_dir, unledgered)
+            self.window = unledgered
+            self._end_session("support window could not be ledgered")
             raise control.RequestError(str(exc), "state") from None
         self.window = w
         log.warning("support_window_opened", window=w.id, uid=peer.uid, until=w.until)
@@ -931,7 +938,7 @@ _WINDOW_END_REASONS = {
     CloseReason.EXPIRED: "support window ended",
     CloseReason.SWITCH: "uplink switch off",
     CloseReason.REPLACED: "support window replaced",
-    CloseReason.UNREADABLE: "support window unreadable",
+    CloseReason.UNLEDGERED: "support window could not be ledgered",
 }
 
 

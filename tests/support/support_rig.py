@@ -144,6 +144,7 @@ class SupportRig:
         services: tuple[str, ...] = ("web",),
         support: dict[str, Any] | None = None,
         box_sshd: bool = False,
+        addresses: dict[str, str] | None = None,
     ) -> None:
         self.root = root
         root.mkdir(mode=0o755)
@@ -159,6 +160,7 @@ class SupportRig:
             self.box = Sshd(root, "box", self._box_settings())
             self.sshd_log = self.box.log_file
             local["ssh"] = f"127.0.0.1:{self.box.port}"
+        local.update(addresses or {})
         self.agent_root = root / "agent"
         cfg = base_config(self.agent_root)
         creds = pki.device(DEVICE)
