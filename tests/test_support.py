@@ -401,3 +401,14 @@ def test_sshd_log_lines_and_rotation(tmp_path: Path) -> None:
     log.rename(tmp_path / "auth.log.1")
     log.write_text(f"rotated {line}\n")
     assert len(follower.logins()) == 1
+
+
+def test_shipped_support_example_is_valid() -> None:
+    """The commented support section of etc/agent.yaml, uncommented, is a valid configuration."""
+    text = (Path(__file__).resolve().parents[1] / "etc" / "agent.yaml").read_text()
+    block = text[text.index("# support:") :].splitlines()
+    lines = [ln[2:] for ln in block if ln.startswith("# ") and not ln.startswith("#   # ")]
+    example = "\n".join(lines).replace('"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA..."', HOST_KEY)
+    cfg = loads("device_id: pbx-0001\n" + example).support
+    assert cfg is not None and cfg.bastion == "bastion.vendor.example:22"
+    assert cfg.service_names == ("ssh", "web") and cfg.max_window == 4 * 3600
