@@ -203,13 +203,13 @@ def test_dead_bastion_is_noticed_and_the_tunnel_comes_back(
     rig = rig_factory().start()
     up(rig)
     # Frozen, not killed: TCP stays up and only an unanswered keepalive can tell (#2326).
+    frozen_at = time.time()
     rig.bastion.freeze()
-    t0 = time.monotonic()
     down = wait_for(lambda: rig.ledger("tunnel_down"), timeout=10, what="tunnel_down")
-    noticed = time.monotonic() - t0
     assert "keepalive" in down[0]["reason"]
-    # keepalive_interval 1s + keepalive_deadline 1s, plus the time agentctl audit takes here.
-    assert noticed < 2.0 + 2.5, noticed
+    # Noticed (the ledger entry's time) within keepalive_interval 1s + keepalive_deadline 1s.
+    noticed = down[0]["ts"] - frozen_at
+    assert noticed < 2.0 + 0.5, noticed  # and the loop's scheduling on a loaded machine
     rig.bastion.kill()
     rig.bastion.start()
     wait_for(lambda: len(rig.ledger("tunnel_up")) >= 2, timeout=20, what="the tunnel back")
@@ -320,6 +320,7 @@ def test_who_may_do_what(rig_factory: Callable[..., SupportRig]) -> None:
     assert as_user(nobody, nogroup, "-c", cfg, "support", "close")[0] == 77
     assert rig.support_status()["window"]["open"] is True
     assert as_user(nobody, nogroup, "-c", cfg, "support", "authorized-keys", "x") == (0, "")
+    assert as_user(nobody, nogroup, "-c", cfg, "support", "key") == (0, rig.box_key + "\n")
     assert as_user(1, 1, "-c", cfg, "support", "status")[0] == 77  # not in the read group
 
 

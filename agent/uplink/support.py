@@ -184,6 +184,7 @@ class SupportController:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: asyncio.TaskGroup | None = None
+        self._server: control.ControlServer | None = None
         self._load_window()
 
     # -- wiring ----------------------------------------------------------------------------
@@ -195,6 +196,7 @@ class SupportController:
         server.route("support-status", self._status_request, admin=False)
         server.route("support-keys", self._keys_request, admin=False)
         server.route("support-key", self._key_request, admin=False)
+        self._server = server
 
     def reconfigure(self, config: SupportConfig | None) -> None:
         """A reloaded configuration: a session on the old bastion or services ends."""
@@ -522,6 +524,13 @@ class SupportController:
 
     async def _key_request(self, req: dict[str, Any], peer: control.Peer) -> dict[str, Any]:
         cfg = self._config_or_refuse()
+        may_make = self._server is not None and self._server.may_change(peer)
+        if not may_make and not cfg.key_file.exists():
+            raise control.RequestError(
+                "this box has no support key yet; an administrator makes it with "
+                "`agentctl support key`",
+                "state",
+            )
         try:
             public, made = await asyncio.to_thread(
                 ensure_box_key, cfg.key_file, f"pbx-agent@{self.device_id}"
