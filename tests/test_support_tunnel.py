@@ -138,6 +138,8 @@ def test_switch_off_closes_the_tunnel_and_the_window(
     assert st["window"]["open"] is False and st["window"]["close_reason"] == "switch"
     assert st["session"]["live"] is False
     assert rig.ledger("session_end")[-1]["reason"] == "uplink switch off"
+    refused = rig.agent.ctl("support", "open", "--for", "1h")
+    assert refused.returncode == 69 and "switch is off" in refused.stderr
     assert rig.agent.ctl("uplink", "on").returncode == 0
     wait_for(rig.online, timeout=15, what="online again")
     again = rig.connect()

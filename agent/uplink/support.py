@@ -697,6 +697,7 @@ class SupportController:
                 if reason.startswith("idle"):
                     s.stop_reason = reason
                     return
+                s.last_error = reason  # lost: the bastion dropped or stopped answering
                 await self._retry_pause(s, attempt, cfg)
                 attempt += 1
         finally:
@@ -846,7 +847,6 @@ class SupportController:
         s.link_up = False
         s.up_since = None
         s.state = TunnelState.RETRYING
-        s.last_error = reason
         self._safe_record(
             "tunnel_down",
             {
