@@ -382,9 +382,7 @@ class SupportController:
             "window_close", {"window": w.id, "reason": reason.value, "uid": uid, "via": "daemon"}
         )
         log.warning("support_window_closed", window=w.id, reason=reason.value, uid=uid)
-        s = self._session
-        if s is not None and s.window_id == w.id:
-            self._end_session(_WINDOW_END_REASONS[reason])
+        self._end_session(_WINDOW_END_REASONS[reason])
 
     async def _open_request(self, req: dict[str, Any], peer: control.Peer) -> dict[str, Any]:
         cfg = self._config_or_refuse()
@@ -650,7 +648,7 @@ class SupportController:
         pool = s.pool
         attempt = 0
         try:
-            while True:
+            while s.stop_reason is None:  # set from inside too (the ledger failed)
                 link = self._new_link(s, cfg)
                 s.link = link
                 try:
