@@ -225,8 +225,10 @@ class SupportRig:
         """Install the box's key on the bastion, restricted to remote forwards on ``ports``."""
         listen = ",".join(f'permitlisten="127.0.0.1:{p}"' for p in ports or self.ports.values())
         path = self.root / "bastion" / "authorized_keys"
-        path.write_text(f"restrict,port-forwarding,{listen} {public_line}\n")
-        path.chmod(0o644)
+        tmp = path.with_name(".authorized_keys")
+        tmp.write_text(f"restrict,port-forwarding,{listen} {public_line}\n" if public_line else "")
+        tmp.chmod(0o644)
+        tmp.replace(path)  # sshd may be reading it
 
     def _write_keys_cmd(self) -> None:
         # sshd runs it as nobody, with an empty environment; it and its folders are root's.
@@ -241,8 +243,14 @@ class SupportRig:
         )
         script.chmod(0o755)
 
-    def start(self, *, bastion: bool = True) -> SupportRig:
-        """Start the daemon, install its key on the bastion, start the bastion and the NOC."""
+    def start(self) -> SupportRig:
+        """Start the servers (holding their ports at once), the daemon and the NOC; install the
+        box's key on the bastion (sshd reads authorized_keys at each login)."""
+        self.authorize_box_key("")
+        self.bastion.start()
+        if self.box is not None:
+            self._write_keys_cmd()
+            self.box.start()
         self.noc.__enter__()
         self._noc_open = True
         self.agent.start()
@@ -250,11 +258,6 @@ class SupportRig:
         assert out.returncode == 0, out.stderr
         self.box_key = out.stdout.strip().splitlines()[0]
         self.authorize_box_key(self.box_key)
-        if bastion:
-            self.bastion.start()
-        if self.box is not None:
-            self._write_keys_cmd()
-            self.box.start()
         wait_for(self.online, timeout=15, what="the uplink online")
         return self
 
