@@ -385,4 +385,5 @@ def test_close_without_the_daemon_is_ledgered_at_its_start(
     rig.agent.start()
     closes = rig.ledger("window_close")
     assert len(closes) == 1 and closes[0]["via"] == "agentctl" and closes[0]["uid"] == 0
+    wait_for(rig.online, timeout=15, what="online again")  # a command before it would be lost
     assert rig.connect()["ok"] is False
