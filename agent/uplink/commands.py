@@ -292,9 +292,9 @@ class CommandHandler:
     def _plan(self, cmd: str, args: dict[str, Any], cmd_id: str | None = None) -> _Plan:
         if cmd.startswith("support."):
             # Remote support checks its own locks (window, ticket, switch): agent.uplink.support.
-            from agent.uplink.support import run_command
+            from agent.uplink.support import plan_command
 
-            return _Plan(run_command(self.host, cmd, args, cmd_id))
+            return _Plan(*plan_command(self.host, cmd, args, cmd_id))
         gate = self.host.gate
         if cmd == "ping":
             return _Plan({"pong": time.time()})

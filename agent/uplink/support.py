@@ -235,8 +235,10 @@ class SupportController:
 
     # -- the NOC's commands (from agent.uplink.commands, on the loop's thread) ---------------
 
-    def connect(self, args: dict[str, Any], command_id: str | None) -> dict[str, Any]:
-        """``support.connect``: check both locks; start (or replace) the session."""
+    def plan_connect(
+        self, args: dict[str, Any], command_id: str | None
+    ) -> tuple[dict[str, Any], Callable[[], None]]:
+        """``support.connect``: check both locks now; the session starts once it is ledgered."""
         try:
             grant = self._check_grant(args, command_id)
         except SupportError as exc:
@@ -252,30 +254,38 @@ class SupportController:
             log.warning("support_connect_refused", command=command_id, reason=str(exc))
             raise
         assert self.config is not None and self.window is not None
-        self._pending = grant
-        self._wake.set()
-        log.info("support_connect_accepted", session=grant.session, ports=grant.ports)
-        return {
+        result = {
             "session": grant.session,
             "state": TunnelState.CONNECTING.value,
             "bastion": self.config.bastion,
             "ports": grant.ports,
             "window_until": self.window.until,
         }
+        return result, lambda: self._accept(grant)
 
-    def disconnect(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _accept(self, grant: Grant) -> None:
+        self._pending = grant
+        self._wake.set()
+        log.info("support_connect_accepted", session=grant.session, ports=grant.ports)
+
+    def plan_disconnect(self, args: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None]]:
         """``support.disconnect``: end the session (the window stays as the customer left it)."""
         unknown = sorted(str(k)[:32] for k in set(args) - {"session"})
         if unknown:
             raise SupportError(f"support.disconnect: unknown argument(s) {', '.join(unknown[:5])}")
-        self._pending = None
-        s = self._session
         wanted = args.get("session")
-        if s is None or (wanted is not None and wanted != s.grant.session):
-            return {"disconnected": None}
-        self._end_session("support.disconnect from the NOC")
+        s = self._session
+        target = None
+        if s is not None and (wanted is None or wanted == s.grant.session):
+            target = s.grant.session
+        return {"disconnected": target}, lambda: self._disconnect(target)
+
+    def _disconnect(self, session: str | None) -> None:
+        self._pending = None  # a support.connect not yet started is withdrawn too
+        s = self._session
+        if s is not None and session is not None and s.grant.session == session:
+            self._end_session("support.disconnect from the NOC")
         self._wake.set()
-        return {"disconnected": s.grant.session}
 
     def _check_grant(self, args: dict[str, Any], command_id: str | None) -> Grant:
         cfg = self.config
@@ -387,10 +397,9 @@ class SupportController:
     async def _open_request(self, req: dict[str, Any], peer: control.Peer) -> dict[str, Any]:
         cfg = self._config_or_refuse()
         if not self.switch_on():
-            raise control.RequestError(
+            raise SupportError(  # exit 69: unavailable while the switch is off
                 "the uplink switch is off, and it stops remote support too: "
-                "turn it on first (agentctl uplink on)",
-                "switch-off",
+                "turn it on first (agentctl uplink on)"
             )
         seconds = req.get("seconds")
         if (
@@ -417,10 +426,7 @@ class SupportController:
         w = support_window.new_window(
             uid=peer.uid, seconds=seconds, ticket=ticket, services=services, now=now
         )
-        try:
-            support_window.write_window(self.state_dir, w)
-        except StateError as exc:
-            raise control.RequestError(str(exc), "state") from None
+        support_window.write_window(self.state_dir, w)  # StateError: exit 73, nothing opened
         try:
             if old is not None and old.is_open(now):
                 self._record("window_close", window=old.id, reason="replaced", uid=peer.uid)
@@ -433,14 +439,14 @@ class SupportController:
                 ticket=ticket,
                 services=list(services),
             )
-        except StateError as exc:
+        except StateError:
             # A window the customer could not find in the account does not open.
             unledgered = w.closed(CloseReason.UNLEDGERED, uid=peer.uid, via="daemon", at=now)
             with contextlib.suppress(StateError):
                 support_window.write_window(self.state_dir, unledgered)
             self.window = unledgered
             self._end_session("support window could not be ledgered")
-            raise control.RequestError(str(exc), "state") from None
+            raise
         self.window = w
         log.warning("support_window_opened", window=w.id, uid=peer.uid, until=w.until)
         self._wake.set()  # a session from a replaced window is re-checked against this one
@@ -455,8 +461,7 @@ class SupportController:
         if unknown:
             raise control.RequestError(
                 f"unknown service(s) {', '.join(repr(u[:32]) for u in unknown[:5])} "
-                f"(configured in support.services: {', '.join(cfg.service_names)})",
-                "usage",
+                f"(configured in support.services: {', '.join(cfg.service_names)})"
             )
         return tuple(dict.fromkeys(value))
 
@@ -527,14 +532,11 @@ class SupportController:
             raise control.RequestError(
                 "this box has no support key yet; an administrator makes it with "
                 "`agentctl support key`",
-                "state",
+                "permission",
             )
-        try:
-            public, made = await asyncio.to_thread(
-                ensure_box_key, cfg.key_file, f"pbx-agent@{self.device_id}"
-            )
-        except StateError as exc:
-            raise control.RequestError(str(exc), "state") from None
+        public, made = await asyncio.to_thread(  # StateError: exit 73
+            ensure_box_key, cfg.key_file, f"pbx-agent@{self.device_id}"
+        )
         if made:
             self._safe_record(
                 "key_made", {"file": str(cfg.key_file), "fingerprint": public.fingerprint}
@@ -548,10 +550,9 @@ class SupportController:
 
     def _config_or_refuse(self) -> SupportConfig:
         if self.config is None:
-            raise control.RequestError(
+            raise SupportError(  # exit 69: the service is not available here
                 "remote support is not configured on this box (no support section in "
-                "the configuration)",
-                "not-configured",
+                "the configuration)"
             )
         return self.config
 
@@ -977,8 +978,11 @@ def _ledger_since(ledger: Ledger, since: float) -> list[Any]:
     return list(ledger_module.read(ledger.conn, since=since, kind=LEDGER_KIND))
 
 
-def run_command(host: object, cmd: str, args: dict[str, Any], command_id: str | None) -> Any:
-    """Dispatch ``support.*`` NOC commands (from :mod:`agent.uplink.commands`)."""
+def plan_command(
+    host: object, cmd: str, args: dict[str, Any], command_id: str | None
+) -> tuple[Any, Callable[[], None]]:
+    """Check a ``support.*`` NOC command (from :mod:`agent.uplink.commands`): its reply, and
+    its effect, which the handler runs only once the command is in the ledger."""
     from agent.uplink.commands import Refused
 
     ctl = getattr(host, "support", None)
@@ -986,9 +990,9 @@ def run_command(host: object, cmd: str, args: dict[str, Any], command_id: str | 
         raise Refused("remote support is not available on this box")
     try:
         if cmd == "support.connect":
-            return ctl.connect(args, command_id)
+            return ctl.plan_connect(args, command_id)
         if cmd == "support.disconnect":
-            return ctl.disconnect(args)
+            return ctl.plan_disconnect(args)
     except AgentError as exc:  # a lock said no (SupportError), or the state could not be written
         raise Refused(str(exc)) from None
     raise Refused(f"command {cmd!r} is not allowed")
