@@ -558,6 +558,7 @@ class Daemon:
         async with self._switch_lock:
             if was_on:
                 log.warning("uplink_switch", state="off", source=f"uid {uid}")
+            await self.support.sever()  # the tunnel is cut at once; the window closes too
             if self.uplink is not None:
                 await self.uplink.sever()
             self._persist_off()

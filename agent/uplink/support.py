@@ -36,7 +36,6 @@ import contextlib
 import math
 import re
 import secrets
-import sqlite3
 import sys
 import time
 from collections import deque
@@ -927,10 +926,7 @@ class SupportController:
     # -- the ledger ------------------------------------------------------------------------
 
     def _record(self, event: str, **data: Any) -> None:
-        try:
-            self.ledger.record(LEDGER_KIND, {"event": event, **data})
-        except (sqlite3.Error, AgentError) as exc:
-            raise StateError(f"cannot write the support ledger entry {event!r}: {exc}") from exc
+        self.ledger.record(LEDGER_KIND, {"event": event, **data})  # StateError when it cannot
 
     def _safe_record(self, event: str, data: dict[str, Any]) -> None:
         """Record from a callback; when the account cannot be written, support stops."""
