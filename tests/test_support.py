@@ -15,6 +15,7 @@ import os
 import struct
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,30 @@ def open_window(root: Path, *, ticket: str | None = "T-1", seconds: float = 600)
     support_window.write_window(root / "state", w)
 
 
+_OPEN: list[Daemon] = []
+
+
 def daemon(root: Path, **support: Any) -> Daemon:
-    """The daemon object (not running) for this configuration."""
-    return Daemon(loads(config_text(root, **support), root / "agent.yaml"))
+    """The daemon object (not running) for this configuration; released after the test."""
+    d = Daemon(loads(config_text(root, **support), root / "agent.yaml"))
+    _OPEN.append(d)
+    return d
+
+
+def release(d: Daemon) -> None:
+    """What a stopping daemon lets go of: its database and its state-directory lock."""
+    if d in _OPEN:
+        _OPEN.remove(d)
+        d.db.close()
+        d.lock.release()
+
+
+@pytest.fixture(autouse=True)
+def _release_daemons() -> Iterator[None]:
+    """Release the daemon objects a test made (one daemon per state directory)."""
+    yield
+    for d in list(_OPEN):
+        release(d)
 
 
 def handler_for(d: Daemon) -> CommandHandler:
@@ -151,6 +173,7 @@ def test_no_window_no_connect(tmp_path: Path) -> None:
     h = handler_for(d)
     assert "no support window" in send(h, "support.connect", {"ports": {"web": 1}})["error"]
     (tmp_path / "state" / support_window.WINDOW_FILE).write_text("{not json")
+    release(d)
     d2 = daemon(tmp_path)
     assert d2.support.window is None and "corrupt" in str(d2.support.window_error)
     assert send(handler_for(d2), "support.connect", {"ports": {"web": 1}})["ok"] is False
@@ -169,7 +192,7 @@ def test_start_closes_a_window_the_switch_or_the_clock_ended(tmp_path: Path) -> 
         "via": "daemon",
         "window": d.support.window.id,
     }
-    d.db.close()
+    release(d)
     other = tmp_path / "other"
     w = support_window.new_window(uid=0, seconds=1, ticket=None, services=("web",), now=1000.0)
     support_window.write_window(other / "state", w)
@@ -186,6 +209,7 @@ def test_support_not_configured_refuses(tmp_path: Path) -> None:
     text = json.loads(config_text(tmp_path))
     del text["support"]
     d = Daemon(loads(json.dumps(text), tmp_path / "agent.yaml"))
+    _OPEN.append(d)
     reply = send(handler_for(d), "support.connect", {"ports": {"web": 1}})
     assert reply["ok"] is False and "not configured" in reply["error"]
 
