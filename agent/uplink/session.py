@@ -258,10 +258,12 @@ class UplinkSession:
         try:
             await link.connect()
             self.connects += 1
+            # Subscribed before saying online: a NOC that answers "online" with a command
+            # must find it heard, not dropped by the broker for want of a subscriber.
+            await link.subscribe(f"{self.prefix}/cmd", within=ROUND_TRIP_TIMEOUT)
             await link.publish_wait(
                 f"{self.prefix}/status", b"online", retain=True, within=ROUND_TRIP_TIMEOUT
             )
-            await link.subscribe(f"{self.prefix}/cmd", within=ROUND_TRIP_TIMEOUT)
             self.connected_since = time.time()
             self._served_since = time.monotonic()
             self.state = UplinkState.CONNECTED
