@@ -29,13 +29,25 @@ from noc.config import NocConfig
 from noc.errors import BrokerError, CommandError, UsageError
 from noc.store import DEVICE_ID
 
-#: Each command and the one argument it takes (None: no argument).
-ALLOWED: dict[str, str | None] = {
-    "ping": None,
-    "policy": None,
-    "collect": "collector",
-    "narrow": "class",
+#: Each command and the arguments it takes: name -> the kind of value (``str``, or
+#: ``ports``: ``NAME:PORT[,NAME:PORT…]`` on the command line, an object on the wire).
+#: Required arguments are the first listed for ``collect`` and ``narrow``; for
+#: ``support.connect`` ``ports`` is required and ``ticket``/``key`` are optional.
+ALLOWED: dict[str, dict[str, str]] = {
+    "ping": {},
+    "policy": {},
+    "collect": {"collector": "str"},
+    "narrow": {"class": "str"},
+    "support.connect": {"ports": "ports", "ticket": "str", "key": "str"},
+    "support.disconnect": {},
 }
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "collect": ("collector",),
+    "narrow": ("class",),
+    "support.connect": ("ports",),
+}
+#: The one argument the dashboard's form asks for, per command (None: none).
+FORM_ARGUMENT: dict[str, str | None] = {c: (_REQUIRED.get(c) or (None,))[0] for c in ALLOWED}
 
 
 @dataclass(frozen=True)
@@ -57,16 +69,38 @@ def make_command(cmd: str, args: dict[str, Any] | None = None) -> dict[str, Any]
     """A wire-protocol v1 command; UsageError for a command or argument not allowed."""
     if cmd not in ALLOWED:
         raise UsageError(f"command {cmd!r} is not allowed (allowed: {', '.join(ALLOWED)})")
-    args = dict(args or {})
-    wanted = ALLOWED[cmd]
-    extra = set(args) - ({wanted} if wanted else set())
-    if extra:
-        raise UsageError(f"{cmd}: unexpected argument(s) {', '.join(sorted(extra))}")
-    if wanted and not isinstance(args.get(wanted), str):
-        raise UsageError(f"{cmd}: needs {wanted}=NAME")
+    kinds = ALLOWED[cmd]
+    args = {k: _value(cmd, k, kinds.get(k), v) for k, v in (args or {}).items()}
+    missing = [k for k in _REQUIRED.get(cmd, ()) if k not in args]
+    if missing:
+        raise UsageError(f"{cmd}: needs {', '.join(f'{k}=…' for k in missing)}")
     now = time.time()
     ts = dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="milliseconds")
     return {"v": 1, "id": new_id(now), "ts": ts.replace("+00:00", "Z"), "cmd": cmd, "args": args}
+
+
+def _value(cmd: str, key: str, kind: str | None, value: Any) -> Any:
+    if kind is None:
+        raise UsageError(f"{cmd}: unexpected argument {key!r}")
+    if kind == "str":
+        if not isinstance(value, str) or not value:
+            raise UsageError(f"{cmd}: {key} must be a non-empty text")
+        return value
+    # ports: a mapping of service name to a port on the bastion's loopback
+    if isinstance(value, str):
+        pairs = [p.partition(":") for p in value.split(",") if p]
+        if not pairs or any(not name or not sep for name, sep, _ in pairs):
+            raise UsageError(f"{cmd}: {key} must be NAME:PORT[,NAME:PORT…]")
+        try:
+            value = {name: int(port) for name, _, port in pairs}
+        except ValueError:
+            raise UsageError(f"{cmd}: {key}: a port is not a number") from None
+    if not isinstance(value, dict) or not value:
+        raise UsageError(f"{cmd}: {key} must name at least one service")
+    for name, port in value.items():
+        if not isinstance(name, str) or type(port) is not int or not 0 < port < 65536:
+            raise UsageError(f"{cmd}: {key}: {name!r} needs a port from 1 to 65535")
+    return dict(value)
 
 
 def parse_args(words: list[str]) -> dict[str, Any]:

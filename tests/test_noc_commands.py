@@ -76,3 +76,33 @@ def test_send_gets_the_reply_with_its_id_and_records_it(
     assert refused.returncode == 64 and "not allowed" in refused.stderr
     silent = noc_cli(config, "send", "pbx-nobody", "ping", "--timeout", "1")
     assert silent.returncode == 69 and "no reply from pbx-nobody" in silent.stderr
+
+
+def test_command_arguments_are_checked_before_anything_leaves() -> None:
+    """The NOC's allow-list: support.connect takes ports (NAME:PORT,…), ticket and key;
+    anything else, a bad port or a missing required argument is a usage error."""
+    from noc.commands import make_command, parse_args
+    from noc.errors import UsageError
+
+    words = ["ticket=T-4711", "ports=ssh:40022,https:40443", "key=ssh-ed25519 AAAA eng@noc"]
+    cmd = make_command("support.connect", parse_args(words))
+    assert cmd["cmd"] == "support.connect" and cmd["v"] == 1
+    assert cmd["args"] == {
+        "ticket": "T-4711",
+        "ports": {"ssh": 40022, "https": 40443},
+        "key": "ssh-ed25519 AAAA eng@noc",
+    }
+    assert make_command("support.disconnect")["args"] == {}
+    assert make_command("collect", {"collector": "config"})["args"] == {"collector": "config"}
+    for bad_cmd, args in (
+        ("support.connect", {"ticket": "T-1"}),  # no ports
+        ("support.connect", {"ports": "ssh:0"}),
+        ("support.connect", {"ports": "ssh:x"}),
+        ("support.connect", {"ports": "ssh"}),
+        ("support.connect", {"ports": "ssh:22", "host": "evil.example"}),  # never an address
+        ("support.disconnect", {"ticket": "T-1"}),
+        ("collect", {}),
+        ("uplink", {"state": "on"}),
+    ):
+        with pytest.raises(UsageError):
+            make_command(bad_cmd, args)

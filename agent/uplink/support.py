@@ -50,9 +50,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 
 from agent import control, support_window
+from agent.aio import backoff, cancel_and_wait
 from agent.errors import AgentError, HostKeyMismatch, StateError, SupportError
 from agent.sshkeys import KeyFormatError, PublicKey, ensure_box_key, parse_public_key
-from agent.supervisor import backoff, cancel_and_wait
 from agent.support_window import CloseReason, Window, WindowState
 from agent.uplink.sshd_log import LogFollower, Login
 from agent.uplink.sshlink import ChannelStats, Forward, SshLink

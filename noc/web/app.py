@@ -318,7 +318,7 @@ class Dashboard:
         ]  # fmt: skip
         return self.render(
             request, "device.html", user=user, dev=dev, span=span, health_charts=health_charts,
-            call_charts=call_charts, allowed=commands.ALLOWED, **d,
+            call_charts=call_charts, allowed=commands.FORM_ARGUMENT, **d,
         )  # fmt: skip
 
     async def snapshot_page(self, request: Request) -> Response:
@@ -343,7 +343,7 @@ class Dashboard:
             raise HTTPException(404)
         cmd = str(form.get("cmd", ""))
         arg = str(form.get("arg", "")).strip()
-        wanted = commands.ALLOWED.get(cmd)
+        wanted = commands.FORM_ARGUMENT.get(cmd)
         args = {wanted: arg} if wanted and arg else {}
         try:
             sent = await run_in_threadpool(
