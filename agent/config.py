@@ -19,9 +19,10 @@ from agent.collectors.health.settings import parse_settings as parse_health
 from agent.collectors.pbxconfig.settings import SnapshotSettings
 from agent.collectors.pbxconfig.settings import parse_settings as parse_snapshot
 from agent.confreader import LineMap, Problems, Section, load_yaml, parse_yaml
+from agent.errors import KeyFormatError
 from agent.paths import CONTROL_SOCKET_NAME, DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR
 from agent.policy.classes import HARD_DENIED, DataClass
-from agent.sshkeys import HostKeyPin, KeyFormatError, known_hosts_name, parse_host_key
+from agent.sshkeys import HostKeyPin, known_hosts_name, parse_host_key
 
 DEFAULT_CONFIG_PATH = Path("/etc/pbx-agent/agent.yaml")
 

@@ -53,7 +53,9 @@ from agent.errors import (
     ControlError,
     DaemonNotRunning,
     DaemonRefused,
+    MalformedJSON,
     PermissionDenied,
+    RequestRefused,
 )
 from agent.logs import Throttle
 
@@ -124,14 +126,6 @@ class Route(NamedTuple):
 
     handler: Handler
     admin: bool
-
-
-class RequestError(Exception):
-    """A request the server answers with an error reply (internal to this module's users)."""
-
-    def __init__(self, message: str, code: str = "bad-request") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -437,7 +431,7 @@ class ControlServer:
     async def _dispatch(self, line: bytes, peer: Peer) -> dict[str, Any]:
         try:
             request = strictjson.loads(line, max_depth=MAX_REQUEST_DEPTH)
-        except strictjson.JSONRefused as exc:
+        except MalformedJSON as exc:
             return _error(f"request is not acceptable JSON: {exc}", "bad-request")
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
             return _error('request must be an object with a "cmd" string', "bad-request")
@@ -457,7 +451,7 @@ class ControlServer:
             )
         try:
             result = await route.handler(request, peer)
-        except RequestError as exc:
+        except RequestRefused as exc:
             return _error(str(exc), exc.code)
         except AgentError as exc:
             return _error(str(exc), "failed", exit_code=exc.exit_code)

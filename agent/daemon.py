@@ -31,7 +31,8 @@ from agent.errors import (
     AgentError,
     CollectorError,
     ConfigError,
-    PolicyError,
+    PolicyRefused,
+    RequestRefused,
     StateError,
     StateLocked,
 )
@@ -311,7 +312,7 @@ class Daemon:
         """
         try:
             envelope = self.gate.approve(record)
-        except PolicyError as exc:
+        except PolicyRefused as exc:
             log.debug("gate_refused", reason=str(exc))
             return False
         try:
@@ -650,7 +651,7 @@ class Daemon:
     async def _uplink(self, req: dict[str, Any], peer: control.Peer) -> dict[str, Any]:
         state = req.get("state")
         if state not in ("on", "off"):
-            raise control.RequestError('uplink: "state" must be "on" or "off"')
+            raise RequestRefused('uplink: "state" must be "on" or "off"')
         if state == "off":
             await self._switch_off(peer.uid)
         else:
@@ -663,7 +664,7 @@ class Daemon:
     async def _collect_now(self, req: dict[str, Any], peer: control.Peer) -> dict[str, Any]:
         name = req.get("collector")
         if not isinstance(name, str) or name not in self.runs:
-            raise control.RequestError(
+            raise RequestRefused(
                 f"unknown collector {name!r} (known: {', '.join(sorted(self.runs))})"
             )
         self.collect_now(str(name))

@@ -1,13 +1,28 @@
-"""One exception hierarchy for the agent.
+"""One exception hierarchy for the agent: what went wrong, and what was refused.
 
-Every error the agent raises on purpose derives from :class:`AgentError` and
-carries a message a person can act on. Errors of the libraries we use
-(sqlite3, paho-mqtt, paramiko, OSError) are translated where they enter, with
-``raise ... from exc``, so no other layer needs to import them.
+Every exception the agent raises on purpose is drawn here and carries a
+message a person can act on and the sysexits status a command line exits with.
+Errors of the libraries we use (sqlite3, paho-mqtt, paramiko, OSError) are
+translated where they enter, with ``raise ... from exc``, so no other layer
+needs to import them. (Private exceptions that never leave their module, used
+to unwind a parser or a loop, are not drawn.)
+
+Two roots, because a refusal is not a failure. An :class:`AgentError` means
+something could not be done (a file, a peer, the disk) and is logged as an
+error. A :class:`Refusal` is the answer to a request that was understood and
+said no: the gate declining a record while the switch is off, a control
+request without the right group, a NOC command outside the allow-list. It is
+answered, counted and ledgered where the promise says so, and logged at most
+as a warning: an error log line is for something a person must fix.
 
 ::
 
-    AgentError
+    AgentError                 something could not be done
+    ├── InputError             bytes from outside that cannot be used as they are (exit 65)
+    │   ├── MalformedJSON      not the strict JSON a peer must send (strictjson)
+    │   ├── KeyFormatError     an SSH key or known_hosts line that is not well formed
+    │   └── IncompleteSnapshot a snapshot's parts do not add up (reassembly)
+    ├── SecretFileError        a secret file missing, unreadable or readable by others (exit 78)
     ├── ConfigError            bad configuration: names file, key path, line (exit 78)
     ├── StateError             state directory, switch file, outbox or ledger unusable
     │   └── StateLocked        another daemon holds the state directory's lock (exit 75)
@@ -15,7 +30,6 @@ carries a message a person can act on. Errors of the libraries we use
     │   ├── DaemonNotRunning   no daemon is listening on the socket (exit 69)
     │   ├── PermissionDenied   peer credentials do not allow the request (exit 77)
     │   └── DaemonRefused      the daemon answered with an error (exit: the code it named)
-    ├── PolicyError            a record the gate must refuse (class denied, switch off)
     ├── CollectorError         a collector could not gather (source missing, unreadable)
     └── UplinkError            the uplink could not be set up or used
         ├── TLSMaterialError   key/cert/CA unusable: loose permissions, expired, mismatch
@@ -23,6 +37,12 @@ carries a message a person can act on. Errors of the libraries we use
         └── SupportError       remote support refused (no window, wrong ticket, switch off)
             │                  or failed (bastion unreachable, key refused, forward refused)
             └── HostKeyMismatch  the bastion showed a host key other than the pinned one
+
+    Refusal                    a request understood and declined: answered, not an error
+    ├── PolicyRefused          the gate declines a record (class denied, switch off, policy,
+    │                          narrowed, secret material) (exit 65)
+    ├── RequestRefused         a control request answered with an error reply (its ``code``)
+    └── CommandRefused         a NOC command answered with an error reply and ledgered
 """
 
 from __future__ import annotations
@@ -131,10 +151,28 @@ class DaemonRefused(ControlError):
         self.exit_code = exit_code
 
 
-class PolicyError(AgentError):
-    """The gate refused a record."""
+class InputError(AgentError):
+    """Bytes from outside the agent that cannot be used as they are."""
 
     exit_code = EX_DATAERR
+
+
+class MalformedJSON(InputError):
+    """Not the strict JSON a peer must send; the message says why (it never quotes much)."""
+
+
+class KeyFormatError(InputError):
+    """An SSH public key or known_hosts line that is not well formed."""
+
+
+class IncompleteSnapshot(InputError):
+    """The parts of a configuration snapshot do not add up (missing, altered, mixed)."""
+
+
+class SecretFileError(AgentError):
+    """A secret file (such as the AMI secret) is missing, unreadable or readable by others."""
+
+    exit_code = EX_CONFIG
 
 
 class CollectorError(AgentError):
@@ -165,3 +203,32 @@ class SupportError(UplinkError):
 
 class HostKeyMismatch(SupportError):
     """The bastion's host key is not the one pinned in the configuration: never connect."""
+
+
+class Refusal(Exception):
+    """Root of every refusal: a request understood and declined (see the module docstring)."""
+
+    exit_code: int = EX_DATAERR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class PolicyRefused(Refusal):
+    """The gate declined a record: the message says which check (switch, policy, ...)."""
+
+
+class RequestRefused(Refusal):
+    """A control request answered with an error reply; ``code`` names the kind of refusal."""
+
+    def __init__(self, message: str, code: str = "bad-request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CommandRefused(Refusal):
+    """A NOC command answered with an error reply (and a ledger entry)."""

@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import StateError
+from agent.errors import KeyFormatError, StateError
 
 ED25519 = "ssh-ed25519"
 ECDSA_CURVES = {
@@ -36,10 +36,6 @@ RSA = "ssh-rsa"
 KEY_TYPES = (ED25519, *ECDSA_CURVES, RSA)
 MIN_RSA_BITS = 2048
 MAX_LINE = 16 * 1024
-
-
-class KeyFormatError(ValueError):
-    """A key's text is not a usable OpenSSH public key; the message says why."""
 
 
 @dataclass(frozen=True, slots=True)

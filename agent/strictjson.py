@@ -7,7 +7,7 @@ into floats that poison comparisons, duplicate keys silently keep the last,
 bytes are read as UTF-16 or UTF-32 when they look like it, and an escaped lone
 surrogate (``"\\ud800"``) becomes a string that SQLite and UTF-8 writers refuse
 later, far from here. :func:`loads` takes the I-JSON subset (RFC 7493) with
-bounds, and every way it refuses is one exception, :class:`JSONRefused`, whose
+bounds, and every way it refuses is one exception, :class:`MalformedJSON`, whose
 message says what was wrong. Work is linear in the input, whose size the
 caller bounds before calling.
 """
@@ -18,12 +18,10 @@ import json
 import math
 from typing import Any
 
+from agent.errors import MalformedJSON
+
 DEFAULT_MAX_DEPTH = 16
 DEFAULT_MAX_INT_DIGITS = 32
-
-
-class JSONRefused(ValueError):
-    """The bytes are not JSON we accept; the message says why (it never quotes much input)."""
 
 
 def loads(
@@ -32,7 +30,7 @@ def loads(
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_int_digits: int = DEFAULT_MAX_INT_DIGITS,
 ) -> Any:
-    """Parse ``data`` (UTF-8 JSON) or raise :class:`JSONRefused`.
+    """Parse ``data`` (UTF-8 JSON) or raise :class:`MalformedJSON`.
 
     Refused: bytes that are not UTF-8; text that is not JSON; duplicate keys in
     an object; ``NaN``, ``Infinity``, ``-Infinity`` and numbers that overflow
@@ -43,21 +41,21 @@ def loads(
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise JSONRefused(f"not UTF-8 (invalid byte at offset {exc.start})") from None
+        raise MalformedJSON(f"not UTF-8 (invalid byte at offset {exc.start})") from None
 
     def parse_int(digits: str) -> int:
         if len(digits.lstrip("-")) > max_int_digits:
-            raise JSONRefused(f"an integer has more than {max_int_digits} digits")
+            raise MalformedJSON(f"an integer has more than {max_int_digits} digits")
         return int(digits)
 
     def parse_float(literal: str) -> float:
         value = float(literal)
         if not math.isfinite(value):
-            raise JSONRefused("a number is out of range")
+            raise MalformedJSON("a number is out of range")
         return value
 
     def parse_constant(name: str) -> Any:
-        raise JSONRefused(f"{name} is not a JSON number")
+        raise MalformedJSON(f"{name} is not a JSON number")
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         obj = dict(items)
@@ -65,7 +63,7 @@ def loads(
             seen: set[str] = set()
             for key, _ in items:
                 if key in seen:
-                    raise JSONRefused(f"duplicate key {_short(key)} in an object")
+                    raise MalformedJSON(f"duplicate key {_short(key)} in an object")
                 seen.add(key)
         return obj
 
@@ -78,10 +76,10 @@ def loads(
             object_pairs_hook=pairs,
         )
     except json.JSONDecodeError as exc:
-        raise JSONRefused(f"not JSON: {exc.msg} at offset {exc.pos}") from None
+        raise MalformedJSON(f"not JSON: {exc.msg} at offset {exc.pos}") from None
     except RecursionError:
         # The C scanner counts its depth against the interpreter's limit and stops cleanly.
-        raise JSONRefused(f"nested deeper than {max_depth} levels") from None
+        raise MalformedJSON(f"nested deeper than {max_depth} levels") from None
     _check_shape(value, max_depth)
     return value
 
@@ -95,7 +93,7 @@ def _check_shape(value: Any, max_depth: int) -> None:
             _check_text(item)
         elif isinstance(item, dict | list):
             if depth >= max_depth:
-                raise JSONRefused(f"nested deeper than {max_depth} levels")
+                raise MalformedJSON(f"nested deeper than {max_depth} levels")
             if isinstance(item, dict):
                 for key, child in item.items():
                     _check_text(key)
@@ -110,7 +108,7 @@ def _check_text(text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise JSONRefused(f"a string holds a lone surrogate (at character {exc.start})") from None
+        raise MalformedJSON(f"a string holds a lone surrogate (at character {exc.start})") from None
 
 
 def _short(text: str, limit: int = 32) -> str:

@@ -15,7 +15,7 @@ from agent.collectors.callstats.collector import CallstatsCollector
 from agent.collectors.callstats.settings import CallstatsSettings
 from agent.collectors.callstats.store import STATE_FILE
 from agent.config import PolicyConfig
-from agent.errors import PolicyError
+from agent.errors import PolicyRefused
 from agent.ledger import Ledger
 from agent.outbox import Outbox
 from agent.policy.gate import Gate
@@ -80,7 +80,7 @@ def test_no_cdr_detail_in_any_envelope_ledger_or_log(tmp_path: Path) -> None:
     def emit(record: Record) -> bool:
         try:
             outbox.put(gate.approve(record))
-        except PolicyError:
+        except PolicyRefused:
             return False
         return True
 

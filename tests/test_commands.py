@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from agent import ledger
 from agent.collectors.base import Record
 from agent.config import PolicyConfig
-from agent.errors import PolicyError
+from agent.errors import PolicyRefused
 from agent.ledger import Ledger
 from agent.policy.classes import HARD_DENIED, DataClass
 from agent.policy.gate import Gate
@@ -292,12 +292,12 @@ def test_narrow_only_narrows(tmp_path: Path) -> None:
             cmd("n1", "narrow", args={"class": "health", "send": ["callstats"], "switch": "on"})
         )
         assert reply.ok and reply.result == {"narrowed": "health", "effective": ["config"]}
-        with pytest.raises(PolicyError, match="narrowed-by-noc"):
+        with pytest.raises(PolicyRefused, match="narrowed-by-noc"):
             gate.approve(Record(DataClass.HEALTH, {}))
         # Narrowing a class that was never allowed does not make it allowed.
         assert r.send(cmd("n2", "narrow", args={"class": "callstats"})).ok
         assert gate.effective() == ["config"]
-        with pytest.raises(PolicyError, match="not-in-policy"):
+        with pytest.raises(PolicyRefused, match="not-in-policy"):
             gate.approve(Record(DataClass.CALLSTATS, {}))
         assert gate.policy.send == frozenset({DataClass.HEALTH, DataClass.CONFIG})
     finally:
@@ -328,12 +328,12 @@ def test_no_command_turns_the_switch_on_or_widens(rig: Rig) -> None:
     assert rig.host.switch is False
     assert rig.send(cmd("last", "policy")).result["switch"] == "off"
     for data_class in DataClass:
-        with pytest.raises(PolicyError):
+        with pytest.raises(PolicyRefused):
             gate.approve(Record(data_class, {}))
     rig.host.switch = True  # the local administrator: narrowing still holds
     assert gate.effective() == ["callstats", "config"]
     for name in HARD_DENIED:
-        with pytest.raises(PolicyError, match="hard-denied"):
+        with pytest.raises(PolicyRefused, match="hard-denied"):
             gate.approve(Record(name, {}))  # type: ignore[arg-type]
 
 

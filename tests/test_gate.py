@@ -22,7 +22,7 @@ import pytest
 
 from agent.collectors.base import Record
 from agent.config import PolicyConfig, loads
-from agent.errors import ConfigError, PolicyError
+from agent.errors import ConfigError, PolicyRefused
 from agent.ledger import Ledger
 from agent.outbox import Outbox
 from agent.policy.classes import HARD_DENIED, DataClass
@@ -92,7 +92,7 @@ def test_approves_allowed_class_in_v1_shape() -> None:
 def test_class_not_in_policy_refused_and_counted() -> None:
     """A sendable class the customer did not list is refused with reason not-in-policy."""
     gate = make_gate({DataClass.HEALTH})
-    with pytest.raises(PolicyError, match="not-in-policy"):
+    with pytest.raises(PolicyRefused, match="not-in-policy"):
         gate.approve(Record(DataClass.CALLSTATS, {"n": 1}))
     assert gate.refused[("callstats", "not-in-policy")] == 1
     assert gate.stats()["refused"] == {"callstats:not-in-policy": 1}
@@ -103,7 +103,7 @@ def test_hard_denied_classes_refused_whatever_the_policy(name: str) -> None:
     """A record claiming a hard-denied class is refused even with every class allowed."""
     gate = make_gate()
     record = Record(name, {"audio": "RIFF...."})  # type: ignore[arg-type]
-    with pytest.raises(PolicyError, match="hard-denied"):
+    with pytest.raises(PolicyRefused, match="hard-denied"):
         gate.approve(record)
     assert gate.refused[(name, "hard-denied")] == 1
     assert gate.stats()["last_seq"] == 0
@@ -113,7 +113,7 @@ def test_unknown_class_string_refused() -> None:
     """A class the code does not know, even one spelt like a real one, is refused."""
     gate = make_gate()
     for name in ("sms", "health"):  # a plain str is not the DataClass enum
-        with pytest.raises(PolicyError, match="unknown-class"):
+        with pytest.raises(PolicyRefused, match="unknown-class"):
             gate.approve(Record(name, {}))  # type: ignore[arg-type]
     assert gate.refused[("sms", "unknown-class")] == 1
     assert gate.refused[("health", "unknown-class")] == 1
@@ -135,7 +135,7 @@ def test_switch_off_refuses_and_on_resumes() -> None:
     gate.approve(health())
     switch.on = False
     for data_class in DataClass:
-        with pytest.raises(PolicyError, match="switch-off"):
+        with pytest.raises(PolicyRefused, match="switch-off"):
             gate.approve(Record(data_class, {}))
     assert gate.refused[("health", "switch-off")] == 1
     assert gate.refused[("config", "switch-off")] == 1
@@ -148,7 +148,7 @@ def test_narrowing_refuses_until_local_change() -> None:
     gate = make_gate({DataClass.HEALTH, DataClass.CONFIG})
     gate.narrow(DataClass.HEALTH)
     assert gate.effective() == ["config"]
-    with pytest.raises(PolicyError, match="narrowed-by-noc"):
+    with pytest.raises(PolicyRefused, match="narrowed-by-noc"):
         gate.approve(health())
     gate.approve(Record(DataClass.CONFIG, {"files": []}))
     assert gate.refused[("health", "narrowed-by-noc")] == 1
@@ -171,10 +171,10 @@ def test_every_refusal_counted_by_class_and_reason() -> None:
         Record(DataClass.HEALTH, {"key": PEM_KEY}),
     ]
     for record in attempts:
-        with pytest.raises(PolicyError):
+        with pytest.raises(PolicyRefused):
             gate.approve(record)
     switch.on = False
-    with pytest.raises(PolicyError):
+    with pytest.raises(PolicyRefused):
         gate.approve(health())
     assert gate.stats()["refused"] == {
         "callstats:not-in-policy": 2,
@@ -189,10 +189,10 @@ def test_every_refusal_counted_by_class_and_reason() -> None:
 def test_pem_private_key_in_body_refused() -> None:
     """A body holding a PEM private key block is refused and takes no sequence number."""
     gate = make_gate()
-    with pytest.raises(PolicyError, match="secret material"):
+    with pytest.raises(PolicyRefused, match="secret material"):
         gate.approve(Record(DataClass.CONFIG, {"files": {"/etc/asterisk/keys/a.key": PEM_KEY}}))
     rsa = PEM_KEY.replace("PRIVATE KEY", "RSA PRIVATE KEY")
-    with pytest.raises(PolicyError, match="secret material"):
+    with pytest.raises(PolicyRefused, match="secret material"):
         gate.approve(Record(DataClass.CONFIG, {"nested": [{"deep": rsa}]}))
     assert gate.refused[("config", "secret-material")] == 2
     assert gate.approve(Record(DataClass.CONFIG, {"note": "PRIVATE KEY rotation"})).seq == 1

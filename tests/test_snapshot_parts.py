@@ -27,6 +27,7 @@ from agent.collectors.pbxconfig import parts, snapshot
 from agent.collectors.pbxconfig.collector import SnapshotCollector
 from agent.collectors.pbxconfig.settings import SnapshotSettings
 from agent.config import PolicyConfig
+from agent.errors import IncompleteSnapshot
 from agent.policy.gate import Gate
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "pbx"
@@ -116,14 +117,14 @@ def test_reassembly_refuses_what_does_not_add_up() -> None:
     text = os.urandom(600_000).hex()
     bodies = pack([("/etc/asterisk/big.conf", text), ("/etc/asterisk/b.conf", "y=2\n")], [])
     assert len(bodies) > 3
-    with pytest.raises(parts.IncompleteSnapshot, match=r"parts missing: \[2\]"):
+    with pytest.raises(IncompleteSnapshot, match=r"parts missing: \[2\]"):
         parts.reassemble([b for b in bodies if b["part"] != 2])
-    with pytest.raises(parts.IncompleteSnapshot, match="last part"):
+    with pytest.raises(IncompleteSnapshot, match="last part"):
         parts.reassemble(bodies[:-1])
     tampered = json.loads(json.dumps(bodies))
     last = tampered[-1]
     last["summary"]["manifest_digest"] = "sha256:" + "0" * 64
-    with pytest.raises(parts.IncompleteSnapshot, match="manifest_digest"):
+    with pytest.raises(IncompleteSnapshot, match="manifest_digest"):
         parts.reassemble(tampered)
 
 
@@ -203,7 +204,7 @@ def test_a_part_refused_half_way_leaves_the_last_sent_snapshot_as_it_was(tmp_pat
     db = snapshot.Store(state / snapshot.STATE_DB, readonly=True)
     assert db.meta()["snapshot_id"] == base.snapshot
     db.close()
-    with pytest.raises(parts.IncompleteSnapshot):
+    with pytest.raises(IncompleteSnapshot):
         parts.reassemble(half.bodies)  # what the NOC got of it is incomplete: discarded
     again = GateSink()
     asyncio.run(c.collect(again, reason="schedule"))

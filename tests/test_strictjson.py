@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.strictjson import JSONRefused, loads, printable
+from agent.errors import MalformedJSON
+from agent.strictjson import loads, printable
 
 plain = st.recursive(
     st.none()
@@ -35,7 +36,7 @@ def test_round_trip(value: Any) -> None:
     """Any plain value json.dumps writes (within the depth limit) reads back equal."""
     text = json.dumps(value, ensure_ascii=False).encode()
     if _depth(value) > 16:
-        with pytest.raises(JSONRefused, match="nested deeper"):
+        with pytest.raises(MalformedJSON, match="nested deeper"):
             loads(text)
     else:
         assert loads(text) == value
@@ -61,8 +62,8 @@ def test_round_trip(value: Any) -> None:
     ],
 )
 def test_refusals_say_why(data: bytes, reason: str) -> None:
-    """Each way of being unacceptable is one JSONRefused whose message names it."""
-    with pytest.raises(JSONRefused) as caught:
+    """Each way of being unacceptable is one MalformedJSON whose message names it."""
+    with pytest.raises(MalformedJSON) as caught:
         loads(data)
     assert reason in str(caught.value)
     assert len(str(caught.value)) < 120
@@ -71,10 +72,10 @@ def test_refusals_say_why(data: bytes, reason: str) -> None:
 def test_limits_are_the_callers() -> None:
     """Depth and integer length are parameters."""
     assert loads(b"[[1]]", max_depth=2) == [[1]]
-    with pytest.raises(JSONRefused):
+    with pytest.raises(MalformedJSON):
         loads(b"[[1]]", max_depth=1)
     assert loads(b"123456", max_int_digits=6) == 123456
-    with pytest.raises(JSONRefused):
+    with pytest.raises(MalformedJSON):
         loads(b"1234567", max_int_digits=6)
 
 

@@ -24,9 +24,8 @@ import pytest
 from agent import ledger, support_window, switch
 from agent.config import loads
 from agent.daemon import Daemon
-from agent.errors import ConfigError, StateError
+from agent.errors import ConfigError, KeyFormatError, StateError
 from agent.sshkeys import (
-    KeyFormatError,
     ensure_box_key,
     parse_host_key,
     parse_public_key,

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.errors import EX_USAGE, AgentError
+from agent.errors import EX_USAGE, AgentError, Refusal
 
 COMMANDS = (
     "run",
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
-    except AgentError as exc:
+    except (AgentError, Refusal) as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

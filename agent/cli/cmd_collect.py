@@ -53,7 +53,7 @@ def show(args: argparse.Namespace) -> int:
 
     from agent import switch
     from agent.collectors.health.collector import HealthCollector
-    from agent.errors import PolicyError
+    from agent.errors import PolicyRefused
     from agent.policy.gate import Gate
 
     if args.collector not in SHOWABLE:
@@ -93,7 +93,7 @@ def show(args: argparse.Namespace) -> int:
     (record,) = records
     try:
         envelope = gate.approve(record)
-    except PolicyError as exc:
+    except PolicyRefused as exc:
         import json
 
         print(json.dumps(record.body, separators=(",", ":"), ensure_ascii=False))

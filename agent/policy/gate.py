@@ -27,7 +27,7 @@ import structlog
 
 from agent.collectors.base import Record
 from agent.config import PolicyConfig
-from agent.errors import PolicyError
+from agent.errors import PolicyRefused
 from agent.policy.classes import HARD_DENIED, DataClass
 
 SCHEMA_VERSION: Final = 1
@@ -134,11 +134,11 @@ class Gate:
         return sorted(c.value for c in self.policy.send - self.narrowed)
 
     def approve(self, record: Record) -> Envelope:
-        """Return an envelope for ``record`` or raise :class:`PolicyError` saying why not."""
+        """Return an envelope for ``record`` or raise :class:`PolicyRefused` saying why not."""
         reason = self._refusal(record)
         if reason is not None:
             self.refused[(str(record.data_class), reason)] += 1
-            raise PolicyError(f"{record.data_class}: {reason}")
+            raise PolicyRefused(f"{record.data_class}: {reason}")
         now = time.time()
         envelope_id = new_id(now)
         ts = iso_now(now)
@@ -151,7 +151,7 @@ class Gate:
             log.error(
                 "gate_refused_secret_material", data_class=str(record.data_class), reason=found
             )
-            raise PolicyError(f"{record.data_class}: body holds secret material ({found})")
+            raise PolicyRefused(f"{record.data_class}: body holds secret material ({found})")
         seq = self._seq + 1
         payload = (
             f'{{"v":{SCHEMA_VERSION},"id":"{envelope_id}","ts":"{ts}",'

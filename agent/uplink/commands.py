@@ -30,12 +30,13 @@ from typing import Any, Protocol
 import structlog
 
 from agent import strictjson
+from agent.errors import CommandRefused, MalformedJSON
 from agent.ledger import Ledger
 from agent.logs import Throttle
 from agent.policy.classes import DataClass
 from agent.policy.gate import Gate
 from agent.store import transaction
-from agent.strictjson import JSONRefused, printable
+from agent.strictjson import printable
 
 log = structlog.get_logger(__name__)
 
@@ -60,10 +61,6 @@ class CommandHost(Protocol):
     def collect_now(self, name: str) -> None:
         """Run a collector at once."""
         ...
-
-
-class Refused(Exception):
-    """A command that gets an error reply."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,21 +116,21 @@ def _valid_id(value: object) -> str | None:
 
 def _parse_ts(value: object) -> float:
     if isinstance(value, bool):
-        raise Refused('"ts" must be a time')
+        raise CommandRefused('"ts" must be a time')
     if isinstance(value, int | float):
         try:
             ts = float(value)
         except OverflowError:
-            raise Refused('"ts" must be a finite time') from None
+            raise CommandRefused('"ts" must be a finite time') from None
         if not math.isfinite(ts):
-            raise Refused('"ts" must be a finite time')
+            raise CommandRefused('"ts" must be a finite time')
         return ts
     if isinstance(value, str) and len(value) <= 64:
         try:
             return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
         except (ValueError, OverflowError, OSError):
             pass  # e.g. year 9999 with a negative offset: out of the platform's range
-    raise Refused('"ts" must be an ISO 8601 time or seconds since the epoch')
+    raise CommandRefused('"ts" must be an ISO 8601 time or seconds since the epoch')
 
 
 def _best_effort_id(payload: bytes) -> str | None:
@@ -194,7 +191,7 @@ class CommandHandler:
         try:
             plan = self._check(payload, now, known)
             reply = Reply(known.id, True, known.cmd, result=plan.result)
-        except Refused as exc:
+        except CommandRefused as exc:
             reply = Reply(known.id, False, known.cmd, error=str(exc))
         except Exception as exc:  # any type: a payload found an unforeseen path
             self.unexpected += 1
@@ -225,36 +222,42 @@ class CommandHandler:
 
     def _check(self, payload: bytes, now: float, known: _Known) -> _Plan:
         if len(payload) > MAX_COMMAND_BYTES:
-            raise Refused(f"command too large ({len(payload)} bytes; limit {MAX_COMMAND_BYTES})")
+            raise CommandRefused(
+                f"command too large ({len(payload)} bytes; limit {MAX_COMMAND_BYTES})"
+            )
         try:
             msg = strictjson.loads(payload, max_depth=MAX_DEPTH)
-        except JSONRefused as exc:
+        except MalformedJSON as exc:
             known.id = _best_effort_id(payload)
-            raise Refused(f"command is not acceptable JSON: {exc}") from None
+            raise CommandRefused(f"command is not acceptable JSON: {exc}") from None
         if not isinstance(msg, dict):
-            raise Refused("command must be a JSON object")
+            raise CommandRefused("command must be a JSON object")
         known.id = _valid_id(msg.get("id"))
         if known.id is None:
-            raise Refused(f'"id" must be a string of 1 to {MAX_ID_LENGTH} printable characters')
+            raise CommandRefused(
+                f'"id" must be a string of 1 to {MAX_ID_LENGTH} printable characters'
+            )
         version = msg.get("v")
         if type(version) is not int or version != 1:  # JSON true == 1 in Python
-            raise Refused('unsupported protocol version (expected "v": 1)')
+            raise CommandRefused('unsupported protocol version (expected "v": 1)')
         raw_cmd = msg.get("cmd")
         if not isinstance(raw_cmd, str):
-            raise Refused('"cmd" must be a string')
+            raise CommandRefused('"cmd" must be a string')
         known.cmd = printable(raw_cmd)
         ts = _parse_ts(msg.get("ts"))
         if now - ts > self.max_age:
-            raise Refused(f"command too old ({now - ts:.0f} s; limit {self.max_age:.0f} s)")
+            raise CommandRefused(f"command too old ({now - ts:.0f} s; limit {self.max_age:.0f} s)")
         if ts - now > FUTURE_SKEW:
-            raise Refused(f"command from the future ({ts - now:.0f} s ahead of this box)")
+            raise CommandRefused(f"command from the future ({ts - now:.0f} s ahead of this box)")
         args = msg.get("args", {})
         if args is None:
             args = {}
         if not isinstance(args, dict):
-            raise Refused('"args" must be an object')
+            raise CommandRefused('"args" must be an object')
         if raw_cmd not in ALLOWED:
-            raise Refused(f"command '{known.cmd}' is not allowed (allowed: {', '.join(ALLOWED)})")
+            raise CommandRefused(
+                f"command '{known.cmd}' is not allowed (allowed: {', '.join(ALLOWED)})"
+            )
         known.spent = True
         return self._plan(raw_cmd, args, known.id)
 
@@ -311,7 +314,9 @@ class CommandHandler:
             name = args.get("collector")
             known = self.host.collectors_known()
             if not isinstance(name, str) or name not in known:
-                raise Refused(f"unknown collector {_quote(name)} (known: {', '.join(known)})")
+                raise CommandRefused(
+                    f"unknown collector {_quote(name)} (known: {', '.join(known)})"
+                )
             collector: str = name
             return _Plan({"collecting": collector}, lambda: self.host.collect_now(collector))
         if cmd == "narrow":
@@ -321,13 +326,13 @@ class CommandHandler:
             except ValueError:
                 data_class = None
             if data_class is None:
-                raise Refused(f"unknown data class {_quote(name)}")
+                raise CommandRefused(f"unknown data class {_quote(name)}")
             after = sorted(c.value for c in gate.policy.send - gate.narrowed - {data_class})
             return _Plan(
                 {"narrowed": data_class.value, "effective": after},
                 lambda: gate.narrow(data_class),
             )
-        raise Refused(f"command {cmd!r} is not allowed")  # unreachable: ALLOWED is checked
+        raise CommandRefused(f"command {cmd!r} is not allowed")  # unreachable: ALLOWED is checked
 
     def _log_refusal(self, event: str, cmd_id: str | None, cmd: str | None, error: Any) -> None:
         # Every command is in the ledger; the log says so once per interval and kind, with a

@@ -51,8 +51,16 @@ import structlog
 
 from agent import control, support_window
 from agent.aio import backoff, cancel_and_wait
-from agent.errors import AgentError, HostKeyMismatch, StateError, SupportError
-from agent.sshkeys import KeyFormatError, PublicKey, ensure_box_key, parse_public_key
+from agent.errors import (
+    AgentError,
+    CommandRefused,
+    HostKeyMismatch,
+    KeyFormatError,
+    RequestRefused,
+    StateError,
+    SupportError,
+)
+from agent.sshkeys import PublicKey, ensure_box_key, parse_public_key
 from agent.support_window import CloseReason, Window, WindowState
 from agent.uplink.sshd_log import LogFollower, Login
 from agent.uplink.sshlink import ChannelStats, Forward, SshLink
@@ -407,13 +415,13 @@ class SupportController:
             or not math.isfinite(seconds)
             or seconds <= 0
         ):
-            raise control.RequestError('support-open: "seconds" must be a positive number')
+            raise RequestRefused('support-open: "seconds" must be a positive number')
         ticket = req.get("ticket")
         if ticket is not None and (
             not isinstance(ticket, str)
             or re.fullmatch(support_window.TICKET_PATTERN, ticket) is None
         ):
-            raise control.RequestError(
+            raise RequestRefused(
                 "a ticket is 1 to 64 letters, digits and . _ : # / - (starting with a letter "
                 "or digit)"
             )
@@ -455,10 +463,10 @@ class SupportController:
         if value is None:
             return cfg.service_names
         if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-            raise control.RequestError('support-open: "services" must be a list of names')
+            raise RequestRefused('support-open: "services" must be a list of names')
         unknown = [v for v in value if cfg.service(v) is None]
         if unknown:
-            raise control.RequestError(
+            raise RequestRefused(
                 f"unknown service(s) {', '.join(repr(u[:32]) for u in unknown[:5])} "
                 f"(configured in support.services: {', '.join(cfg.service_names)})"
             )
@@ -518,7 +526,7 @@ class SupportController:
     async def _keys_request(self, req: dict[str, Any], peer: control.Peer) -> dict[str, Any]:
         user = req.get("user")
         if not isinstance(user, str) or len(user) > 64:
-            raise control.RequestError('support-keys: "user" must be a user name')
+            raise RequestRefused('support-keys: "user" must be a user name')
         keys = self.authorized_keys(user)
         if keys:
             log.info("support_key_given", user=user, pid=peer.pid, uid=peer.uid)
@@ -528,7 +536,7 @@ class SupportController:
         cfg = self._config_or_refuse()
         may_make = self._server is not None and self._server.may_change(peer)
         if not may_make and not cfg.key_file.exists():
-            raise control.RequestError(
+            raise RequestRefused(
                 "this box has no support key yet; an administrator makes it with "
                 "`agentctl support key`",
                 "permission",
@@ -979,16 +987,15 @@ def plan_command(
 ) -> tuple[Any, Callable[[], None]]:
     """Check a ``support.*`` NOC command (from :mod:`agent.uplink.commands`): its reply, and
     its effect, which the handler runs only once the command is in the ledger."""
-    from agent.uplink.commands import Refused
 
     ctl = getattr(host, "support", None)
     if not isinstance(ctl, SupportController):
-        raise Refused("remote support is not available on this box")
+        raise CommandRefused("remote support is not available on this box")
     try:
         if cmd == "support.connect":
             return ctl.plan_connect(args, command_id)
         if cmd == "support.disconnect":
             return ctl.plan_disconnect(args)
     except AgentError as exc:  # a lock said no (SupportError), or the state could not be written
-        raise Refused(str(exc)) from None
-    raise Refused(f"command {cmd!r} is not allowed")
+        raise CommandRefused(str(exc)) from None
+    raise CommandRefused(f"command {cmd!r} is not allowed")

@@ -42,8 +42,8 @@ from typing import Any, Final
 
 import structlog
 
-from agent.collectors.health.settings import AmiSettings, SecretFileError, read_secret
-from agent.errors import CollectorError
+from agent.collectors.health.settings import AmiSettings, read_secret
+from agent.errors import CollectorError, SecretFileError
 
 log = structlog.get_logger(__name__)
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.confreader import Section
+from agent.errors import SecretFileError
 
 DEFAULT_AMI_PORT = 5038
 DEFAULT_AMI_TIMEOUT = 5.0
@@ -60,10 +61,6 @@ class HealthSettings:
     interval: float = 60.0
     pbx_processes: tuple[str, ...] = ("asterisk",)
     ami: AmiSettings | None = None
-
-
-class SecretFileError(Exception):
-    """The AMI secret file cannot be used; the message says why (never what it holds)."""
 
 
 def read_secret(path: Path) -> str:

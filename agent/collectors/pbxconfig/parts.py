@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.errors import IncompleteSnapshot
+
 SCHEMA = "pbx-config-snapshot/2"
 #: The largest envelope a part may become (the gate adds id, time, seq and class around it).
 MAX_ENVELOPE = 256 * 1024
@@ -63,7 +65,6 @@ _CHUNK_ENCODING = "zlib+base64"
 _CONTENT_COST = (
     len("content") + 4 + len(json.dumps(_CONTENT_WRAP, separators=(",", ":")).encode("utf-8"))
 )
-
 
 #: A string as JSON text (what json.dumps does with ensure_ascii=False, without its set-up).
 _json_str: Callable[[str], str] = json.encoder.encode_basestring
@@ -438,10 +439,6 @@ def manifest_digest(entries: Iterable[dict[str, Any]]) -> str:
     for entry in sorted(entries, key=lambda e: str(e["path"]).encode("utf-8")):
         h.update(canonical(entry).encode("utf-8") + b"\n")
     return f"sha256:{h.hexdigest()}"
-
-
-class IncompleteSnapshot(ValueError):
-    """The parts given do not make a whole snapshot, or do not verify."""
 
 
 @dataclass(slots=True)
