@@ -130,21 +130,16 @@ class Ledger:
 
     def record(self, kind: str, data: dict[str, Any]) -> Entry:
         """Append one entry in a transaction of its own; :class:`StateError` if it fails."""
-        try:
-            with transaction(self.conn, f"ledger: cannot record a {kind} entry"):
-                return self.append(kind, data)
-        except BaseException:
-            self.reload()  # the entry was rolled back (a failed COMMIT included)
-            raise
+        with transaction(self.conn, f"ledger: cannot record a {kind} entry", follows=self):
+            return self.append(kind, data)
 
-    def reload(self) -> None:
-        """Re-read the head after a rolled-back transaction (quietly, if the database is gone)."""
-        try:
-            row = self.conn.execute("SELECT n, hash FROM ledger ORDER BY n DESC LIMIT 1").fetchone()
-        except sqlite3.Error:
-            return  # the caller is already reporting why; nothing more to learn here
-        self._last_n = int(row[0]) if row else 0
-        self._last_hash = str(row[1]) if row else GENESIS
+    def mark(self) -> tuple[int, str]:
+        """The head, to come back to if a transaction that appends is rolled back."""
+        return self._last_n, self._last_hash
+
+    def rewind(self, mark: tuple[int, str]) -> None:
+        """Come back to a head from :meth:`mark` (the entries after it were rolled back)."""
+        self._last_n, self._last_hash = mark
 
 
 def read(

@@ -86,7 +86,9 @@ class Outbox:
             raise TypeError("the outbox accepts only envelopes approved by the policy gate")
         size = len(envelope.payload)
         try:
-            with transaction(self.conn) as c:
+            with transaction(
+                self.conn, f"outbox: cannot store envelope {envelope.id}", follows=self.ledger
+            ) as c:
                 c.execute(
                     "INSERT INTO outbox VALUES (?, ?, ?, ?, ?)",
                     (
@@ -101,10 +103,9 @@ class Outbox:
                 dropped = self._trim(c, self.bytes + size)
                 if self._unstored_pending:
                     self._ledger_unstored(c)
-        except sqlite3.Error as exc:
-            self.ledger.reload()
+        except StateError as exc:
             self._refused(envelope, exc)
-            raise StateError(f"outbox: cannot store envelope {envelope.id}: {exc}") from exc
+            raise
         if self._unstored_pending:
             log.warning("outbox_storing_again", unstored=self._unstored_pending)
             self.unstored += self._unstored_pending
@@ -126,7 +127,7 @@ class Outbox:
         for listener in self.listeners:
             listener()
 
-    def _refused(self, envelope: Envelope, exc: sqlite3.Error) -> None:
+    def _refused(self, envelope: Envelope, exc: StateError) -> None:
         if not self._unstored_pending:
             # Once per episode: a full disk refuses every record until space returns.
             log.error(
@@ -217,39 +218,35 @@ class Outbox:
         if not items:
             return
         seqs = [(item.seq,) for item in items]
-        try:
-            with transaction(self.conn) as c:
-                # Only those still queued count: the size bound may have dropped some in flight.
-                present: set[int] = set()
-                for start in range(0, len(seqs), 500):  # under SQLite's bound-variable limit
-                    chunk = [s for (s,) in seqs[start : start + 500]]
-                    marks = ",".join("?" * len(chunk))
-                    query = f"SELECT seq FROM outbox WHERE seq IN ({marks})"  # noqa: S608 -- only ? marks
-                    present.update(row[0] for row in c.execute(query, chunk))
-                gone = [item for item in items if item.seq in present]
-                c.executemany("DELETE FROM outbox WHERE seq = ?", ((i.seq,) for i in gone))
-                self.ledger.append_many(
-                    "delivered",
-                    [
-                        {
-                            "id": i.id,
-                            "class": i.data_class,
-                            "seq": i.seq,
-                            "size": len(i.payload),
-                            "sha256": hashlib.sha256(i.payload).hexdigest(),
-                        }
-                        for i in gone
-                    ],
-                )
-                removed = len(gone)
-                freed = sum(len(i.payload) for i in gone)
-                c.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('delivered', ?)",
-                    (self.delivered_total + removed,),
-                )
-        except sqlite3.Error as exc:
-            self.ledger.reload()
-            raise StateError(f"outbox: cannot record delivery: {exc}") from exc
+        with transaction(self.conn, "outbox: cannot record delivery", follows=self.ledger) as c:
+            # Only those still queued count: the size bound may have dropped some in flight.
+            present: set[int] = set()
+            for start in range(0, len(seqs), 500):  # under SQLite's bound-variable limit
+                chunk = [s for (s,) in seqs[start : start + 500]]
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT seq FROM outbox WHERE seq IN ({marks})"  # noqa: S608 -- only ? marks
+                present.update(row[0] for row in c.execute(query, chunk))
+            gone = [item for item in items if item.seq in present]
+            c.executemany("DELETE FROM outbox WHERE seq = ?", ((i.seq,) for i in gone))
+            self.ledger.append_many(
+                "delivered",
+                [
+                    {
+                        "id": i.id,
+                        "class": i.data_class,
+                        "seq": i.seq,
+                        "size": len(i.payload),
+                        "sha256": hashlib.sha256(i.payload).hexdigest(),
+                    }
+                    for i in gone
+                ],
+            )
+            removed = len(gone)
+            freed = sum(len(i.payload) for i in gone)
+            c.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('delivered', ?)",
+                (self.delivered_total + removed,),
+            )
         self.count -= removed
         self.bytes -= freed
         self.delivered_total += removed

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import structlog
 
@@ -157,13 +157,31 @@ def open_readonly(state_dir: Path) -> sqlite3.Connection:
     return conn
 
 
-@contextmanager
-def transaction(conn: sqlite3.Connection, what: str | None = None) -> Iterator[sqlite3.Connection]:
-    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception.
+class Follower(Protocol):
+    """What keeps in memory a state that a transaction changes (the ledger's head): marked
+    before the transaction, rewound to the mark when it rolls back."""
 
-    With ``what``, SQLite's errors leave as :class:`StateError` ("``what``: reason"),
-    so callers above the state layer never see ``sqlite3``.
+    def mark(self) -> Any:
+        """The state to come back to."""
+        ...
+
+    def rewind(self, mark: Any) -> None:
+        """Come back to ``mark``."""
+        ...
+
+
+@contextmanager
+def transaction(
+    conn: sqlite3.Connection, what: str, *, follows: Follower | None = None
+) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception: the one way the agent
+    writes SQLite.
+
+    SQLite's errors leave as :class:`StateError` ("``what``: reason"), so no caller above
+    the state layer sees ``sqlite3``. ``follows`` (the ledger, whose head lives in memory
+    too) is rewound when the transaction does not commit, a failed COMMIT included.
     """
+    mark = follows.mark() if follows is not None else None
     try:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -178,7 +196,9 @@ def transaction(conn: sqlite3.Connection, what: str | None = None) -> Iterator[s
                 except sqlite3.Error:
                     pass  # the first error is the one worth reporting
             raise
-    except sqlite3.Error as exc:
-        if what is None:
-            raise
-        raise StateError(f"{what}: {exc}") from exc
+    except BaseException as exc:
+        if follows is not None:
+            follows.rewind(mark)
+        if isinstance(exc, sqlite3.Error):
+            raise StateError(f"{what}: {exc}") from exc
+        raise

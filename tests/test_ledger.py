@@ -247,3 +247,36 @@ def test_audit_filters_since_and_class(tmp_path: Path) -> None:
     assert text.returncode == 0
     assert "ID0004" in text.stdout and "ID0002" not in text.stdout
     assert "-- 1 entries" in text.stdout
+
+
+def test_a_rolled_back_transaction_rewinds_the_ledger_head(tmp_path: Path) -> None:
+    """The one transaction path: entries appended in a transaction that does not commit leave
+    the in-memory head where it was, and the next entry chains to the last one stored."""
+    from agent.errors import StateError
+    from agent.store import transaction
+
+    conn, _ = open_db(tmp_path)
+    lg = Ledger(conn)
+    lg.record("switch", {"state": "off"})
+    before = lg.head
+
+    def append_then_fail() -> None:
+        with transaction(conn, "test", follows=lg):
+            lg.append("switch", {"state": "on"})
+            raise RuntimeError("something after the append failed")
+
+    def append_then_sqlite_error() -> None:
+        with transaction(conn, "writing a bad row", follows=lg) as c:
+            lg.append("switch", {"state": "on"})
+            c.execute("INSERT INTO no_such_table VALUES (1)")  # sqlite3 error, translated
+
+    with pytest.raises(RuntimeError):
+        append_then_fail()
+    assert lg.head == before
+    with pytest.raises(StateError, match="writing a bad row: "):
+        append_then_sqlite_error()
+    assert lg.head == before
+    lg.record("switch", {"state": "on"})
+    verdict = ledger.verify(conn)
+    assert verdict.ok and verdict.entries == 2
+    conn.close()

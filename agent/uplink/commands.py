@@ -263,33 +263,27 @@ class CommandHandler:
 
     def _record(self, reply: Reply, size: int, now: float, known: _Known) -> Reply:
         """Remember the id and append the ledger entry in one transaction; a replay is refused."""
-        with transaction(self.conn) as c:
-            try:
-                if known.spent and known.id is not None:
-                    c.execute(
-                        "DELETE FROM seen_commands WHERE ts < ?", (now - 2 * self.max_age - 60,)
+        with transaction(self.conn, "recording a NOC command", follows=self.ledger) as c:
+            if known.spent and known.id is not None:
+                c.execute("DELETE FROM seen_commands WHERE ts < ?", (now - 2 * self.max_age - 60,))
+                try:
+                    c.execute("INSERT INTO seen_commands VALUES (?, ?)", (known.id, now))
+                except sqlite3.IntegrityError:
+                    reply = Reply(
+                        known.id,
+                        False,
+                        known.cmd,
+                        error=f"command id {known.id!r} was already handled (replay)",
                     )
-                    try:
-                        c.execute("INSERT INTO seen_commands VALUES (?, ?)", (known.id, now))
-                    except sqlite3.IntegrityError:
-                        reply = Reply(
-                            known.id,
-                            False,
-                            known.cmd,
-                            error=f"command id {known.id!r} was already handled (replay)",
-                        )
-                entry: dict[str, Any] = {
-                    "id": reply.id,
-                    "cmd": reply.cmd,
-                    "ok": reply.ok,
-                    "size": size,
-                }
-                if reply.error:
-                    entry["error"] = reply.error
-                self.ledger.append("command", entry)
-            except BaseException:
-                self.ledger.reload()
-                raise
+            entry: dict[str, Any] = {
+                "id": reply.id,
+                "cmd": reply.cmd,
+                "ok": reply.ok,
+                "size": size,
+            }
+            if reply.error:
+                entry["error"] = reply.error
+            self.ledger.append("command", entry)
         return reply
 
     def _plan(self, cmd: str, args: dict[str, Any], cmd_id: str | None = None) -> _Plan:
