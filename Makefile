@@ -48,6 +48,7 @@ lint: venv ## ruff (lint and format check) and mypy --strict
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 .PHONY: test
 test: deps venv lint ## lint, then the whole test suite against real mosquitto, sqlite, sockets

@@ -24,7 +24,7 @@ import structlog
 
 from agent import __version__, anchor, control, statelock, switch
 from agent.aio import cancel_and_wait
-from agent.collectors.base import Collector, Record
+from agent.collectors.base import Collector
 from agent.config import AgentConfig, load
 from agent.errors import (
     EX_OK,
@@ -38,6 +38,7 @@ from agent.errors import (
 )
 from agent.ledger import Ledger
 from agent.outbox import Outbox
+from agent.policy.classes import Record
 from agent.policy.gate import Gate
 from agent.salvage import salvage_outbox
 from agent.sdnotify import Notifier
@@ -46,7 +47,7 @@ from agent.store import Opened, database_id, open_store, transaction
 from agent.supervisor import Supervisor
 
 if TYPE_CHECKING:
-    from agent.collectors.factory import CollectorSpec
+    from agent.collectors.registry import CollectorSpec
     from agent.uplink.support import SupportController
 
 log = structlog.get_logger(__name__)
@@ -337,9 +338,9 @@ class Daemon:
 
     def collector_specs(self, config: AgentConfig) -> list[CollectorSpec]:
         """The enabled collectors for ``config``, not made yet."""
-        from agent.collectors import factory
+        from agent.collectors import registry
 
-        return factory.specs(config, self.agent_stats)
+        return registry.specs(config.collectors, config.paths.state_dir, self.agent_stats)
 
     def build_uplink(self, config: AgentConfig) -> Uplink | None:
         """The uplink session, or None when the configuration has no uplink."""
@@ -348,7 +349,8 @@ class Daemon:
         from agent.uplink.session import UplinkSession
 
         return UplinkSession(
-            config=config,
+            uplink=config.uplink,
+            device_id=config.device_id,
             outbox=self.outbox,
             ledger=self.ledger,
             switch_on=lambda: self.switch.on,
@@ -615,7 +617,7 @@ class Daemon:
         return "pong"
 
     async def _status(self, req: dict[str, Any], peer: control.Peer) -> dict[str, Any]:
-        from agent.cli.cmd_version import versions
+        from agent.version import versions
 
         return {
             "daemon": {

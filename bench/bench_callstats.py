@@ -29,9 +29,9 @@ from typing import Any
 import psutil
 
 import agent.collectors.callstats.collector as collector_module
-from agent.collectors.base import Record
 from agent.collectors.callstats.collector import CallstatsCollector
 from agent.collectors.callstats.settings import CallstatsSettings
+from agent.policy.classes import Record
 
 TRUNKS = ("provider-a", "provider-b", "sip-carrier")
 DISPS = ("ANSWERED",) * 7 + ("NO ANSWER", "BUSY", "FAILED")

@@ -27,10 +27,10 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from agent.collectors.base import Record
 from agent.collectors.pbxconfig.collector import SnapshotCollector
 from agent.collectors.pbxconfig.settings import SnapshotSettings
 from agent.collectors.pbxconfig.snapshot import decode_content
+from agent.policy.classes import Record
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "pbx"
 

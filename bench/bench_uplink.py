@@ -37,12 +37,11 @@ import structlog
 
 from agent import control
 from agent.anchor import Anchor, Mark
-from agent.collectors.base import Record
 from agent.config import AgentConfig, PolicyConfig, loads
 from agent.errors import ControlError
 from agent.ledger import Ledger
 from agent.outbox import Outbox, Stored
-from agent.policy.classes import DataClass
+from agent.policy.classes import DataClass, Record
 from agent.policy.gate import Gate
 from agent.store import database_id, open_db
 from agent.uplink.session import UplinkSession
@@ -123,8 +122,10 @@ def fill(state: Path, n: int, size: int) -> tuple[WatchedOutbox, Gate, int]:
 
 async def drain(config: AgentConfig, outbox: WatchedOutbox, gate: Gate) -> float:
     """Run an UplinkSession until the outbox is empty; seconds from connected to empty."""
+    assert config.uplink is not None
     session = UplinkSession(
-        config=config,
+        uplink=config.uplink,
+        device_id=config.device_id,
         outbox=outbox,
         ledger=outbox.ledger,
         switch_on=lambda: True,

@@ -14,10 +14,10 @@ import pytest
 
 from agent.cli import main
 from agent.cli.common import UsageError, parse_since
-from agent.collectors.base import Record
 from agent.collectors.callstats.collector import CallstatsCollector
 from agent.collectors.callstats.store import STATE_FILE
 from agent.config import load
+from agent.policy.classes import Record
 from tests.fixtures.cdr.cdrgen import csv_bytes, make_calls
 
 NOW = int(time.time())

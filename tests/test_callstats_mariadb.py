@@ -13,11 +13,11 @@ import pymysql
 import pytest
 from structlog.testing import capture_logs
 
-from agent.collectors.base import Record
 from agent.collectors.callstats.collector import CallstatsCollector
 from agent.collectors.callstats.settings import CallstatsSettings
 from agent.collectors.callstats.store import STATE_FILE
 from agent.errors import CollectorError
+from agent.policy.classes import Record
 from tests.fixtures.cdr.cdrgen import Call, fields, fmt_time, make_calls, recount, stored_counters
 from tests.support.callstats import OPEN
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import structlog
 from structlog.testing import capture_logs
 
-from agent.collectors.base import Record
 from agent.collectors.callstats.collector import CallstatsCollector
 from agent.collectors.callstats.settings import CallstatsSettings
 from agent.collectors.callstats.store import STATE_FILE
@@ -18,6 +17,7 @@ from agent.config import PolicyConfig
 from agent.errors import PolicyRefused
 from agent.ledger import Ledger
 from agent.outbox import Outbox
+from agent.policy.classes import Record
 from agent.policy.gate import Gate
 from agent.store import open_db
 from tests.fixtures.cdr.cdrgen import Call, csv_bytes

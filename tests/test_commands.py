@@ -21,11 +21,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from agent import ledger
-from agent.collectors.base import Record
 from agent.config import PolicyConfig
 from agent.errors import PolicyRefused
 from agent.ledger import Ledger
-from agent.policy.classes import HARD_DENIED, DataClass
+from agent.policy.classes import HARD_DENIED, DataClass, Record
 from agent.policy.gate import Gate
 from agent.store import open_db
 from agent.uplink.commands import (

@@ -20,12 +20,11 @@ from typing import Any
 
 import pytest
 
-from agent.collectors.base import Record
 from agent.config import PolicyConfig, loads
 from agent.errors import ConfigError, PolicyRefused
 from agent.ledger import Ledger
 from agent.outbox import Outbox
-from agent.policy.classes import HARD_DENIED, DataClass
+from agent.policy.classes import HARD_DENIED, DataClass, Record
 from agent.policy.gate import SCHEMA_VERSION, Envelope, Gate, new_id
 from agent.policy.redact import find_secret_material
 from agent.store import open_db
@@ -313,7 +312,7 @@ def test_mypy_rejects_outbox_put_of_a_dict(tmp_path: Path) -> None:
     snippet.write_text(
         textwrap.dedent(
             """\
-            from agent.collectors.base import Record
+            from agent.policy.classes import Record
             from agent.outbox import Outbox
             from agent.policy.classes import DataClass
             from agent.policy.gate import Gate

@@ -335,9 +335,9 @@ def test_no_ami_no_client_loaded(tmp_path: Path) -> None:
         "import sys, yaml\n"
         "from pathlib import Path\n"
         "from agent.config import loads\n"
-        "from agent.collectors import factory\n"
+        "from agent.collectors import registry\n"
         "cfg = loads(Path(sys.argv[1]).read_text())\n"
-        "factory.build(cfg, dict)\n"
+        "registry.build(cfg.collectors, cfg.paths.state_dir, dict)\n"
         "print(sorted(m for m in sys.modules if m.startswith('agent.collectors.health')))\n"
     )
     path = tmp_path / "agent.yaml"
@@ -385,10 +385,10 @@ def test_config_change_is_dated_by_the_snapshot(tmp_path: Path) -> None:
     import asyncio
     import shutil
 
-    from agent.collectors.base import Record
     from agent.collectors.health.ages import config_last_change
     from agent.collectors.pbxconfig.collector import SnapshotCollector
     from agent.collectors.pbxconfig.settings import SnapshotSettings
+    from agent.policy.classes import Record
 
     etc = tmp_path / "asterisk"
     shutil.copytree(REPO / "tests" / "fixtures" / "pbx" / "etc" / "asterisk", etc)

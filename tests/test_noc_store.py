@@ -16,10 +16,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from agent.collectors.base import Record
 from agent.collectors.pbxconfig import parts
 from agent.collectors.pbxconfig.collector import SnapshotCollector
 from agent.collectors.pbxconfig.settings import SnapshotSettings
+from agent.policy.classes import Record
 from agent.policy.gate import new_id
 from noc import store
 from noc.store import Outcome, Rejected

@@ -17,12 +17,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent import ledger
-from agent.collectors.base import Record
 from agent.config import PolicyConfig
 from agent.errors import StateError
 from agent.ledger import Ledger
 from agent.outbox import Outbox, Stored
-from agent.policy.classes import DataClass
+from agent.policy.classes import DataClass, Record
 from agent.policy.gate import Envelope, Gate
 from agent.store import db_path, open_db
 from tests.support.daemon import AgentProcess, base_config, wait_for

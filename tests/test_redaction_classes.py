@@ -24,10 +24,10 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.collectors.base import Record
 from agent.collectors.pbxconfig import parts
 from agent.collectors.pbxconfig.collector import SnapshotCollector
 from agent.collectors.pbxconfig.settings import SnapshotSettings
+from agent.policy.classes import Record
 
 CORPUS = Path(__file__).resolve().parent / "fixtures" / "redaction-corpus"
 PLANTED = re.compile(r"Zq[A-Z]{2}\d{2}", re.IGNORECASE)

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from agent import config
-from agent.collectors.base import Record
 from agent.collectors.pbxconfig import parts
 from agent.collectors.pbxconfig.collector import SnapshotCollector
 from agent.collectors.pbxconfig.settings import SnapshotSettings
 from agent.errors import ConfigError
+from agent.policy.classes import Record
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = "device_id: pbx-0001\n"

@@ -18,11 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.collectors.base import Record
 from agent.collectors.pbxconfig import parts, snapshot
 from agent.collectors.pbxconfig.collector import SnapshotCollector
 from agent.collectors.pbxconfig.settings import SnapshotSettings
-from agent.policy.classes import DataClass
+from agent.policy.classes import DataClass, Record
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "pbx"
 REPO = Path(__file__).resolve().parents[1]

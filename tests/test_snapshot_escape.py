@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from agent.collectors.base import Record
 from agent.collectors.pbxconfig import snapshot
 from agent.collectors.pbxconfig.collector import SnapshotCollector
 from agent.collectors.pbxconfig.settings import SnapshotSettings
 from agent.collectors.pbxconfig.sources import PathPolicy
+from agent.policy.classes import Record
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "pbx"
 CANARIES = ("CANARY-VOICEMAIL-7f3c9e1a", "CANARY-RECORDING-2b8d4f60", "CANARY-KEY-9d1e")

@@ -22,12 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.collectors.base import Record
 from agent.collectors.pbxconfig import parts, snapshot
 from agent.collectors.pbxconfig.collector import SnapshotCollector
 from agent.collectors.pbxconfig.settings import SnapshotSettings
 from agent.config import PolicyConfig
 from agent.errors import IncompleteSnapshot
+from agent.policy.classes import Record
 from agent.policy.gate import Gate
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "pbx"

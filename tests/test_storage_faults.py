@@ -25,14 +25,13 @@ from typing import Any
 
 import pytest
 
-from agent.collectors.base import Record
 from agent.config import PolicyConfig
 from agent.errors import EX_CANTCREAT, StateError
 from agent.ledger import Ledger
 from agent.ledger import read as ledger_read
 from agent.ledger import verify as ledger_verify
 from agent.outbox import Outbox
-from agent.policy.classes import DataClass
+from agent.policy.classes import DataClass, Record
 from agent.policy.gate import Gate
 from agent.store import db_path, open_db
 from agent.switch import read_switch, switch_path

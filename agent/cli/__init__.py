@@ -47,13 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"agent.cli.cmd_{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"agent.cli.cmd_{name}":
-                raise
-            continue  # a command whose module is not built yet
-        module.register(sub)
+        # Every command is listed here and has its module: a missing one is a bug to see.
+        importlib.import_module(f"agent.cli.cmd_{name}").register(sub)
     return parser
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from agent.cli.common import UsageError, load_config
 
 if TYPE_CHECKING:
-    from agent.collectors.base import Record
+    from agent.policy.classes import Record
 
 SHOWABLE = ("health",)
 

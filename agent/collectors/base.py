@@ -8,20 +8,10 @@ advances it on that answer, so a record the switch refused is not sent later.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from agent.policy.classes import DataClass
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One piece of data a collector proposes to send: its class and a JSON-able body."""
-
-    data_class: DataClass
-    body: Mapping[str, Any]
-
+from agent.policy.classes import Record
 
 #: Offer a record to the gate; True when approved and stored in the outbox.
 Emit = Callable[[Record], bool]

@@ -1,4 +1,5 @@
-"""Data classes, and the ones that may never leave the box whatever the configuration says.
+"""Data classes, the ones that may never leave the box whatever the configuration says, and
+the record a collector hands the gate.
 
 The denial lives here, in code, so that no configuration file, remote command or
 bug in a collector can widen what is sent: listing a denied class in
@@ -8,6 +9,9 @@ bug in a collector can widen what is sent: listing a denied class in
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 
 class DataClass(enum.StrEnum):
@@ -20,3 +24,15 @@ class DataClass(enum.StrEnum):
 
 #: Classes that exist on a PBX but are never sent: the privacy policy's promise.
 HARD_DENIED: frozenset[str] = frozenset({"recordings", "voicemail", "chats", "cdr_records"})
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One piece of data a collector proposes to send: its class and a JSON-able body.
+
+    It is the gate's input (here, beside the classes the gate judges) and becomes
+    an envelope only if the gate approves it.
+    """
+
+    data_class: DataClass
+    body: Mapping[str, Any]

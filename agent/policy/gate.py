@@ -25,10 +25,9 @@ from typing import Any, Final
 
 import structlog
 
-from agent.collectors.base import Record
-from agent.config import PolicyConfig
 from agent.errors import PolicyRefused
-from agent.policy.classes import HARD_DENIED, DataClass
+from agent.policy.classes import HARD_DENIED, DataClass, Record
+from agent.policy.settings import PolicyConfig
 
 SCHEMA_VERSION: Final = 1
 _GATE_KEY: Final = object()

@@ -37,9 +37,9 @@ from agent.uplink.commands import CommandHandler, CommandHost
 from agent.uplink.mqtt import LinkSettings, MqttLink, Will, reason_text
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig
     from agent.ledger import Ledger
     from agent.outbox import Outbox, Stored
+    from agent.sections import UplinkConfig
 
 log = structlog.get_logger(__name__)
 
@@ -81,15 +81,15 @@ class UplinkSession:
     def __init__(
         self,
         *,
-        config: AgentConfig,
+        uplink: UplinkConfig,
+        device_id: str,
         outbox: Outbox,
         ledger: Ledger,
         switch_on: Callable[[], bool],
         commands: CommandHost,
     ) -> None:
-        assert config.uplink is not None
-        self.cfg = config.uplink
-        self.device_id = config.device_id
+        self.cfg = uplink
+        self.device_id = device_id
         self.outbox = outbox
         self.ledger = ledger
         self.switch_on = switch_on

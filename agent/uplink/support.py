@@ -66,8 +66,8 @@ from agent.uplink.sshd_log import LogFollower, Login
 from agent.uplink.sshlink import ChannelStats, Forward, SshLink
 
 if TYPE_CHECKING:
-    from agent.config import SupportConfig
     from agent.ledger import Ledger
+    from agent.sections import SupportConfig
 
 log = structlog.get_logger(__name__)
 

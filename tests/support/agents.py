@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.collectors.base import Record
 from agent.config import PolicyConfig, loads
 from agent.ledger import Ledger
 from agent.outbox import Outbox
-from agent.policy.classes import DataClass
+from agent.policy.classes import DataClass, Record
 from agent.policy.gate import Gate
 from agent.store import open_db
 from agent.uplink.session import UplinkSession
@@ -108,8 +107,10 @@ class SimAgent:
             switch_on=lambda: True,
             last_seq=self.outbox.last_seq,
         )
+        assert config.uplink is not None
         self.session = UplinkSession(
-            config=config,
+            uplink=config.uplink,
+            device_id=config.device_id,
             outbox=self.outbox,
             ledger=self.outbox.ledger,
             switch_on=lambda: True,

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.collectors.base import Record
 from agent.config import PolicyConfig
 from agent.ledger import Ledger
 from agent.outbox import Outbox
-from agent.policy.classes import DataClass
+from agent.policy.classes import DataClass, Record
 from agent.policy.gate import Gate
 from agent.store import open_db
 

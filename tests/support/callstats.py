@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from agent.collectors.base import Record
 from agent.collectors.callstats.collector import CallstatsCollector
+from agent.policy.classes import Record
 
 #: Collectors opened by the running test; a test that closes one itself removes it.
 OPEN: list[CallstatsCollector] = []

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import structlog
 
-from agent.collectors.base import Emit, Record
+from agent.collectors.base import Emit
 from agent.collectors.callstats.aggregate import Aggregator, Bucket, iso_utc, render
 from agent.collectors.callstats.cdr import DateParser
 from agent.collectors.callstats.csv_source import (
@@ -58,7 +58,7 @@ from agent.collectors.callstats.store import (
     Offered,
 )
 from agent.errors import CollectorError, StateError
-from agent.policy.classes import DataClass
+from agent.policy.classes import DataClass, Record
 
 log = structlog.get_logger(__name__)
 

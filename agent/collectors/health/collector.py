@@ -20,13 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.collectors.base import Emit, Record
+from agent.collectors.base import Emit
 from agent.collectors.callstats.settings import CallstatsSettings
 from agent.collectors.health.ages import ages
 from agent.collectors.health.machine import Machine
 from agent.collectors.health.settings import HealthSettings
 from agent.errors import AgentError, CollectorError
-from agent.policy.classes import DataClass
+from agent.policy.classes import DataClass, Record
 
 if TYPE_CHECKING:
     from agent.collectors.health.pbx import PbxProbe

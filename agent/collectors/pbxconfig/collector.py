@@ -22,11 +22,11 @@ from typing import Any, TypeVar
 
 import structlog
 
-from agent.collectors.base import Emit, Record
+from agent.collectors.base import Emit
 from agent.collectors.pbxconfig import snapshot
 from agent.collectors.pbxconfig.settings import SnapshotSettings
 from agent.errors import AgentError, CollectorError
-from agent.policy.classes import DataClass
+from agent.policy.classes import DataClass, Record
 
 log = structlog.get_logger(__name__)
 
