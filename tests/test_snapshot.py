@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from agent.collectors.pbxconfig import parts, snapshot
 from agent.collectors.pbxconfig.collector import SnapshotCollector
 from agent.collectors.pbxconfig.settings import SnapshotSettings
+from agent.collectors.pbxconfig.state import pack_text
 from agent.policy.classes import DataClass, Record
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "pbx"
@@ -482,7 +483,7 @@ def test_upgrade_replaces_what_an_older_version_got_wrong(tree: Tree) -> None:
     _age_cache_rows(
         tree,
         "UPDATE cache SET entry = ?, content = ? WHERE path = ?",
-        (json.dumps(bad_entry), snapshot._pack(bad), path),
+        (json.dumps(bad_entry), pack_text(bad), path),
     )
     db = snapshot.Store(tree.state / snapshot.STATE_DB)
     with db._tx() as conn:

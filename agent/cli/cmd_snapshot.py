@@ -67,10 +67,12 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         explain = bool(args.explain) and not args.diff
-        scanned = snapshot.scan(settings, store, key, ephemeral_key=ephemeral, explain=explain)
+        now = time.time()
+        scanned = snapshot.scan(
+            settings, store, key, now=now, ephemeral_key=ephemeral, explain=explain
+        )
         if args.diff:
             return _print_diff(scanned, store)
-        now = time.time()
         out = snapshot.outgoing(scanned, store, settings, full=bool(args.full), now=now)
         code = _print_dry_run(out, store, now=now, show_content=not args.no_content)
         if explain:
@@ -84,7 +86,7 @@ def _print_dry_run(out: Any, store: Any, *, now: float, show_content: bool) -> i
     from agent.collectors.pbxconfig import parts
 
     w = sys.stdout
-    base = f" against {out.base}" if out.mode == "delta" else ""
+    base = f" against {out.base}" if out.mode == parts.SnapshotMode.DELTA else ""
     w.write(f"# {out.mode} snapshot{base}, {out.scan.files_scanned} files scanned\n")
     pieces: dict[str, bytearray] = {}
     for body in out.bodies(store, now=now):
@@ -105,7 +107,7 @@ def _print_dry_run(out: Any, store: Any, *, now: float, show_content: bool) -> i
             pieces.setdefault(path, bytearray()).extend(data)
             if final:
                 _print_text(w, path, pieces.pop(path).decode("utf-8"), body["part"])
-    if out.mode == "unchanged":
+    if out.mode == parts.SnapshotMode.UNCHANGED:
         w.write(f"unchanged since snapshot {out.base}: nothing would be sent\n")
         return 0
     w.write(f"\n# {out.parts} part(s), {out.files_sent} file(s) with content\n")

@@ -90,13 +90,14 @@ class SnapshotCollector:
     def _prepare(self, full: bool, now: float) -> snapshot.Outgoing:
         store, key = self._open()
         mode, base = snapshot.choose_mode(store, self.settings, full=full, now=now)
-        if mode == "delta":  # the usual hourly case: first a walk that reads nothing
+        if mode is snapshot.SnapshotMode.DELTA:
+            # The usual hourly case: first a walk that reads nothing.
             same = snapshot.unchanged_since_sent(
-                self.settings, store, key, forbidden=self.forbidden
+                self.settings, store, key, now=now, forbidden=self.forbidden
             )
             if same is not None:
-                return snapshot.Outgoing(same, "unchanged", base)
-        scanned = snapshot.scan(self.settings, store, key, forbidden=self.forbidden)
+                return snapshot.Outgoing(same, snapshot.SnapshotMode.UNCHANGED, base)
+        scanned = snapshot.scan(self.settings, store, key, now=now, forbidden=self.forbidden)
         return snapshot.Outgoing(scanned, mode, base)
 
     async def collect(self, emit: Emit, *, reason: str) -> None:
@@ -120,12 +121,12 @@ class SnapshotCollector:
         bodies = out.bodies(store, now=now)
         try:
             accepted = await self._offer(emit, out, bodies)
-            if accepted and out.mode != "unchanged":
+            if accepted and out.mode is not snapshot.SnapshotMode.UNCHANGED:
                 await self._run(store.commit_sent, out, now=now)
         finally:
             await self._run(_close, bodies, store)
         self._account(out)
-        if out.mode == "unchanged":
+        if out.mode is snapshot.SnapshotMode.UNCHANGED:
             log.debug("config_snapshot_unchanged", files=out.scan.files_scanned)
             return
         if not accepted:

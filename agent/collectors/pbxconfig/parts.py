@@ -33,6 +33,7 @@ flushed: a part can be a little under the limit, never over it.
 from __future__ import annotations
 
 import base64
+import enum
 import hashlib
 import json
 import zlib
@@ -68,6 +69,14 @@ _CONTENT_COST = (
 
 #: A string as JSON text (what json.dumps does with ensure_ascii=False, without its set-up).
 _json_str: Callable[[str], str] = json.encoder.encode_basestring
+
+
+class SnapshotMode(enum.StrEnum):
+    """What a snapshot is: everything, the changes against a base, or nothing to send."""
+
+    FULL = "full"
+    DELTA = "delta"
+    UNCHANGED = "unchanged"  # never on the wire: a delta that turned out to hold nothing
 
 
 def canonical(value: Any) -> str:
@@ -331,7 +340,7 @@ class Packer:
             "snapshot": self.snapshot_id,
             "part": self.parts + 1,
             "mode": self.mode,
-            "base": self.base if self.mode == "delta" else None,
+            "base": self.base if self.mode == SnapshotMode.DELTA else None,
             "taken_at": self.taken_at,
         }
 
@@ -516,7 +525,7 @@ def reassemble(
             raise IncompleteSnapshot(f"{path}: content does not match its manifest digest")
     mode = ordered[0]["mode"]
     whole: dict[str, dict[str, Any]] | None = None
-    if mode == "full":
+    if mode == SnapshotMode.FULL:
         whole = by_path
     elif base_manifest is not None:
         whole = {p: e for p, e in base_manifest.items() if p not in set(removed)}
