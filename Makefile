@@ -52,7 +52,7 @@ lint: venv ## ruff (lint and format check) and mypy --strict
 
 .PHONY: test
 test: deps venv lint ## lint, then the whole test suite against real mosquitto, sqlite, sockets
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 .PHONY: demo
 demo: deps venv ## run the agent on the sample PBX tree with a local mTLS broker

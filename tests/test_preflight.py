@@ -201,9 +201,20 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(where)], check=False)
 
 
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A folder with a short path: a socket path must stay under 108 bytes, and pytest's
+    own (longer under parallel workers) would make the configuration itself the error."""
+    path = Path(tempfile.mkdtemp(prefix="pf", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.parametrize("obstacle", ["read-only filesystem", "a file in the way"])
 def test_runtime_dir_that_cannot_be_made_exits_73(
-    tmp_path: Path, obstacle: str, request: pytest.FixtureRequest
+    tmp_path: Path, short_dir: Path, obstacle: str, request: pytest.FixtureRequest
 ) -> None:
     """No runtime folder and none can be made: a clear error naming it, exit 73, no traceback.
 
@@ -213,8 +224,8 @@ def test_runtime_dir_that_cannot_be_made_exits_73(
         runtime = request.getfixturevalue("read_only_dir") / "pbx-agent"
         why = "Read-only file system"
     else:
-        (tmp_path / "plain-file").write_text("")
-        runtime = tmp_path / "plain-file" / "pbx-agent"
+        (short_dir / "plain-file").write_text("")
+        runtime = short_dir / "plain-file" / "pbx-agent"
         why = "Not a directory"
     cfg = base_config(tmp_path)
     cfg["paths"]["runtime_dir"] = str(runtime)
@@ -233,15 +244,15 @@ def test_runtime_dir_that_cannot_be_made_exits_73(
     assert not (agent.state_dir / "agent.db").exists()  # stopped before touching the state
 
 
-def test_missing_runtime_dir_is_made(tmp_path: Path) -> None:
+def test_missing_runtime_dir_is_made(tmp_path: Path, short_dir: Path) -> None:
     """A runtime folder that does not exist yet is made, and the daemon serves in it."""
     cfg = base_config(tmp_path)
-    cfg["paths"]["runtime_dir"] = str(tmp_path / "run" / "deeper" / "pbx-agent")
+    cfg["paths"]["runtime_dir"] = str(short_dir / "run" / "deeper" / "pbx-agent")
     agent = AgentProcess(tmp_path, cfg)
     try:
         agent.start()
         assert agent.proc is not None
-        sock = tmp_path / "run" / "deeper" / "pbx-agent" / "control.sock"
+        sock = short_dir / "run" / "deeper" / "pbx-agent" / "control.sock"
         assert sock.is_socket()
         assert (sock.parent.stat().st_mode & 0o777) == 0o755
         assert agent.status()["daemon"]["pid"] == agent.proc.pid  # answers on that socket
