@@ -16,6 +16,8 @@ evaluation (``alerts.notified`` records what the webhook was told).
 | disk | fullest disk ≥ ``disk_pct`` | warning |
 | memory | memory ≥ ``memory_pct`` | warning |
 | asterisk | Asterisk not running (health) | critical |
+| asterisk_restarted | Asterisk's start time changed within ``restart_window`` | info |
+| trunk_down | a trunk down in two health records running (resolves when none is) | warning |
 | seq_gap | envelopes missing for longer than ``gap_grace`` (within the last day) | warning |
 | cert | certificate expires in under ``cert_days`` days | warning |
 """
@@ -80,6 +82,18 @@ RULES = (
         "d.asterisk_up IS DISTINCT FROM false OR d.status <> 'online'", "'Asterisk is not running'",
     ),
     Rule(
+        "asterisk_restarted", "info",
+        "d.asterisk_restarted_at > now() - make_interval(secs => %(restart)s)",
+        "d.asterisk_restarted_at IS NULL"
+        " OR d.asterisk_restarted_at <= now() - make_interval(secs => %(restart)s)",
+        "'Asterisk restarted at ' || to_char(d.asterisk_restarted_at AT TIME ZONE 'UTC',"
+        " 'YYYY-MM-DD HH24:MI UTC')",
+    ),
+    Rule(
+        "trunk_down", "warning", "d.trunks_down_streak >= 2", "d.trunks_down_streak = 0",
+        "'trunk down: ' || array_to_string(d.trunks_down, ', ')",
+    ),
+    Rule(
         "seq_gap", "warning",
         "EXISTS (SELECT 1 FROM seq_gaps g WHERE g.device_id = d.device_id"
         " AND g.opened_at < now() - make_interval(secs => %(grace)s)"
@@ -105,6 +119,7 @@ def _params(a: AlertSettings) -> dict[str, Any]:
         "hyst": a.hysteresis_pct,
         "grace": a.gap_grace,
         "cert": a.cert_days * 86400,
+        "restart": a.restart_window,
         "resolve_after": a.resolve_after,
     }
 

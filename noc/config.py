@@ -96,6 +96,7 @@ class AlertSettings:
     cert_days: float = 14.0
     gap_grace: float = 120.0  # a sequence gap older than this is an alert (not reordering)
     resolve_after: float = 60.0  # a condition must be clear this long before it resolves
+    restart_window: float = 3600.0  # an Asterisk restart stays an (informational) alert this long
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,6 +142,7 @@ _DURATIONS = {
     "alerts.heartbeat",
     "alerts.gap_grace",
     "alerts.resolve_after",
+    "alerts.restart_window",
     "ingest.standby_window",
     "command_timeout",
 } | {f"retention.{k}" for k in RetentionSettings.__dataclass_fields__}

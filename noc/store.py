@@ -33,6 +33,8 @@ SNAPSHOT_SCHEMAS = ("pbx-config-snapshot/1", "pbx-config-snapshot/2")
 CALLSTATS_SCHEMA = "callstats/1"
 MAX_PARTS = 100_000  # a bound against nonsense, not an assumption about snapshots
 MAX_DIFF_LINES = 5_000
+MAX_TRUNKS_DOWN = 200  # as many as a box names (the rest are "other")
+RESTART_SLACK = 2  # seconds: a start time read twice may differ by rounding, not by a restart
 
 Conn = psycopg.Connection[Any]
 
@@ -107,6 +109,11 @@ def _dict(v: Any) -> dict[str, Any]:
 
 def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _epoch(v: Any) -> int | None:
+    n = _int(v)
+    return n if n is not None and 0 < n < 2**40 else None  # a bigint, and a plausible date
 
 
 def _num(v: Any) -> float | None:
@@ -320,8 +327,8 @@ def _health_rows(conn: Conn, envs: list[_Env]) -> None:
         return
     rows = []
     newest: dict[str, tuple[dt.datetime, dict[str, Any]]] = {}
-    for e in envs:
-        f = health_fields(e.body)
+    fields = [health_fields(e.body) for e in envs]
+    for e, f in zip(envs, fields, strict=True):
         rows.append(
             (
                 e.device, e.ts, e.id, f["cpu_pct"], f["load1"], f["mem_pct"], f["swap_pct"],
@@ -349,6 +356,29 @@ def _health_rows(conn: Conn, envs: list[_Env]) -> None:
                 f["outbox_dropped"], f["asterisk_up"], f["agent_version"], dev, ts,
             )
             for dev, (ts, f) in newest.items()
+        ],
+    )  # fmt: skip
+    # Every record in the box's order (its sequence), not only the newest: "down for two
+    # records running" and "the start time changed" are facts about consecutive records, and
+    # a late older record (a backlog after an outage) must not rewrite the newest state.
+    cur.executemany(
+        "UPDATE devices SET"
+        " trunks_down_streak = CASE WHEN cardinality(%(down)s::text[]) = 0 THEN 0"
+        "   ELSE trunks_down_streak + 1 END,"
+        " trunks_down = %(down)s::text[],"
+        " asterisk_restarted_at = CASE WHEN asterisk_started_at IS NOT NULL"
+        "   AND %(started)s::bigint IS NOT NULL"
+        "   AND abs(%(started)s::bigint - asterisk_started_at) > %(slack)s"
+        "   THEN to_timestamp(%(started)s::bigint) ELSE asterisk_restarted_at END,"
+        " asterisk_started_at = COALESCE(%(started)s::bigint, asterisk_started_at),"
+        " pbx_seq = %(seq)s"
+        " WHERE device_id = %(dev)s AND (pbx_seq IS NULL OR pbx_seq < %(seq)s)",
+        [
+            {
+                "dev": e.device, "seq": e.seq, "down": f["trunks_down"],
+                "started": f["asterisk_started_at"], "slack": RESTART_SLACK,
+            }
+            for e, f in sorted(zip(envs, fields, strict=True), key=lambda ef: ef[0].seq)
         ],
     )  # fmt: skip
 
@@ -433,6 +463,12 @@ def health_fields(body: dict[str, Any]) -> dict[str, Any]:
         p for d in disks if isinstance(d, dict) and (p := _num(d.get("percent"))) is not None
     ]
     version = agent.get("version")
+    trunks = _dict(pbx.get("trunks"))
+    down = sorted(
+        str(name)[:64]
+        for name, t in trunks.items()
+        if isinstance(t, dict) and t.get("state") == "down"
+    )[:MAX_TRUNKS_DOWN]
     return {
         "cpu_pct": _num(cpu.get("percent")),
         "load1": _num(load[0]) if load else None,
@@ -447,6 +483,8 @@ def health_fields(body: dict[str, Any]) -> dict[str, Any]:
         if ast is not None and isinstance(ast.get("running"), bool)
         else None,
         "agent_version": str(version)[:40] if isinstance(version, str) else None,
+        "trunks_down": down,
+        "asterisk_started_at": _epoch(ast.get("started_at")) if ast is not None else None,
     }
 
 

@@ -168,3 +168,103 @@ def test_webhook_failure_is_retried(noc_dsn: str, receiver: Receiver) -> None:
         receiver.fail = False
         run(conn, settings(receiver))
     assert receiver.seen() == [("opened", "box-ast", "asterisk")]
+
+
+def pbx_health(
+    conn: psycopg.Connection[Any], dev: str, seq: int, *, started: int, down: tuple[str, ...] = ()
+) -> None:
+    """A health envelope with Asterisk's start time and trunks, some down."""
+    import random
+
+    body = health_body(random.Random(seq), {"queued": 0, "dropped": 0})
+    body["pbx"]["asterisk"]["started_at"] = started
+    body["pbx"]["trunks"] = {
+        name: {"state": "down" if name in down else "up", "channels": 0}
+        for name in ("carrier-a", "carrier-b", "other")
+    }
+    put(conn, "health", envelope("health", seq, body), dev=dev)
+
+
+def test_trunk_down_needs_two_records_and_names_the_trunks(
+    noc_dsn: str, receiver: Receiver
+) -> None:
+    """One record with a trunk down is a blip; two running open one alert naming it; a record
+    with none down clears it (resolved after resolve_after)."""
+    s = settings(receiver, resolve_after=0.0)
+    with psycopg.connect(noc_dsn) as conn:
+        set_status(conn, "box-trunk", "online")
+        pbx_health(conn, "box-trunk", 1, started=1000, down=("carrier-b",))
+        pbx_health(conn, "box-trunk", 2, started=1000)
+        run(conn, s)
+        assert receiver.seen() == []  # down, then up: no alert
+        pbx_health(conn, "box-trunk", 3, started=1000, down=("carrier-b",))
+        run(conn, s)
+        assert receiver.seen() == []
+        pbx_health(conn, "box-trunk", 4, started=1000, down=("carrier-b", "carrier-a"))
+        run(conn, s)
+        assert receiver.seen() == [("opened", "box-trunk", "trunk_down")]
+        assert receiver.events[0]["alert"]["detail"] == "trunk down: carrier-a, carrier-b"
+        assert receiver.events[0]["alert"]["severity"] == "warning"
+        pbx_health(conn, "box-trunk", 5, started=1000)
+        run(conn, s)
+        run(conn, s)
+    assert receiver.seen() == [
+        ("opened", "box-trunk", "trunk_down"),
+        ("resolved", "box-trunk", "trunk_down"),
+    ]
+
+
+def test_records_out_of_order_count_in_sequence_order(noc_dsn: str, receiver: Receiver) -> None:
+    """A delayed older record (a backlog after an outage) does not rewrite the newest state."""
+    with psycopg.connect(noc_dsn) as conn:
+        set_status(conn, "box-late", "online")
+        pbx_health(conn, "box-late", 2, started=1000)
+        pbx_health(conn, "box-late", 1, started=1000, down=("carrier-a",))  # older, late
+        row = conn.execute(
+            "SELECT trunks_down, trunks_down_streak FROM devices WHERE device_id = 'box-late'"
+        ).fetchone()
+    assert row == ([], 0)
+
+
+def test_asterisk_restart_is_an_informational_alert(noc_dsn: str, receiver: Receiver) -> None:
+    """A changed start time opens one info alert; the same start time again opens nothing;
+    the first record ever seen is not a restart."""
+    import time
+
+    booted = int(time.time()) - 3000
+    with psycopg.connect(noc_dsn) as conn:
+        set_status(conn, "box-rst", "online")
+        pbx_health(conn, "box-rst", 1, started=booted)
+        pbx_health(conn, "box-rst", 2, started=booted + 1)  # rounding, not a restart
+        run(conn, settings(receiver))
+        assert receiver.seen() == []
+        pbx_health(conn, "box-rst", 3, started=booted + 2400)
+        pbx_health(conn, "box-rst", 4, started=booted + 2400)
+        run(conn, settings(receiver))
+        run(conn, settings(receiver))
+        assert receiver.seen() == [("opened", "box-rst", "asterisk_restarted")]
+        assert receiver.events[0]["alert"]["severity"] == "info"
+        assert receiver.events[0]["alert"]["detail"].startswith("Asterisk restarted at ")
+        # Past its window it resolves by itself.
+        run(conn, settings(receiver, restart_window=0.0, resolve_after=0.0))
+        run(conn, settings(receiver, restart_window=0.0, resolve_after=0.0))
+    assert receiver.seen()[-1] == ("resolved", "box-rst", "asterisk_restarted")
+
+
+@pytest.mark.parametrize("started", [2**70, -5, "1790000000", 1.5, None, True])
+def test_hostile_start_times_are_ignored(noc_dsn: str, started: Any) -> None:
+    """A start time that is not a plausible epoch is ignored, and the envelope still lands."""
+    with psycopg.connect(noc_dsn) as conn:
+        set_status(conn, "box-odd", "online")
+        pbx_health(conn, "box-odd", 1, started=1_790_000_000)
+        import random
+
+        body = health_body(random.Random(2), {"queued": 0, "dropped": 0})
+        body["pbx"]["asterisk"]["started_at"] = started
+        body["pbx"]["trunks"] = {"x" * 500: {"state": "down"}, "y": "not a dict"}
+        put(conn, "health", envelope("health", 2, body), dev="box-odd")
+        row = conn.execute(
+            "SELECT asterisk_started_at, asterisk_restarted_at, trunks_down FROM devices"
+            " WHERE device_id = 'box-odd'"
+        ).fetchone()
+    assert row == (1_790_000_000, None, ["x" * 64])
