@@ -551,8 +551,15 @@ class Daemon:
             self.uplink.wake()
         self.notifier.status(self._status_line())
 
-    async def _switch_off(self, uid: int) -> None:
-        """Sever in memory and on the wire first; then write the file and the ledger."""
+    async def _switch_off(self, uid: int) -> bool:
+        """Sever in memory and on the wire first; then write the file and the ledger.
+
+        False when the switch was already off: nothing is severed or recorded twice
+        (an ``off`` still waiting to be written is retried).
+        """
+        if not self.switch.on and self.switch.error is None:
+            self._persist_off()
+            return False
         flip = switch.Flip(state="off", at=time.time(), uid=uid, via="daemon")
         was_on = self.switch.on
         # From this line the gate refuses every record and the uplink will not reconnect.
@@ -567,6 +574,7 @@ class Daemon:
             self._persist_off()
             self._ledger_flip({"state": "off", "uid": uid, "via": "daemon", "at": flip.at})
         self.notifier.status(self._status_line())
+        return True
 
     def _persist_off(self) -> None:
         """Write the pending ``off`` to the switch file; on failure say why and stay off."""
@@ -590,10 +598,16 @@ class Daemon:
         self._switch_stat = self._stat_switch()
         self.switch = new
 
-    def _switch_on(self, uid: int) -> None:
-        """Write ``on`` first; if it cannot be written the uplink stays off (StateError)."""
+    def _switch_on(self, uid: int) -> bool:
+        """Write ``on`` first; if it cannot be written the uplink stays off (StateError).
+
+        False when it was already on (and written): no flip is recorded.
+        """
+        if self.switch.on and self.switch.unpersisted is None:
+            return False
+        at = time.time()
         try:
-            new = switch.write_switch(self.state_dir, True, uid=uid, via="daemon")
+            new = switch.write_switch(self.state_dir, True, uid=uid, via="daemon", at=at)
         except StateError as exc:
             log.error("switch_on_refused", error=str(exc), uid=uid)
             raise StateError(
@@ -604,12 +618,13 @@ class Daemon:
         self._switch_stat = self._stat_switch()
         was_on = self.switch.on
         self.switch = new
-        self._ledger_flip({"state": "on", "uid": uid, "via": "daemon", "at": new.history[-1].at})
+        self._ledger_flip({"state": "on", "uid": uid, "via": "daemon", "at": at})
         if not was_on:
             log.warning("uplink_switch", state="on", source=f"uid {uid}")
             if self.uplink is not None:
                 self.uplink.wake()
         self.notifier.status(self._status_line())
+        return True
 
     # -- control handlers ----------------------------------------------------------------
 
@@ -655,10 +670,11 @@ class Daemon:
         if state not in ("on", "off"):
             raise RequestRefused('uplink: "state" must be "on" or "off"')
         if state == "off":
-            await self._switch_off(peer.uid)
+            changed = await self._switch_off(peer.uid)
         else:
-            self._switch_on(peer.uid)
+            changed = self._switch_on(peer.uid)
         return {
+            "changed": changed,
             "switch": self.switch.to_json(),
             "uplink": self.uplink.status() if self.uplink else {"configured": False},
         }

@@ -25,7 +25,8 @@ as a warning: an error log line is for something a person must fix.
     ├── SecretFileError        a secret file missing, unreadable or readable by others (exit 78)
     ├── ConfigError            bad configuration: names file, key path, line (exit 78)
     ├── StateError             state directory, switch file, outbox or ledger unusable
-    │   └── StateLocked        another daemon holds the state directory's lock (exit 75)
+    │   ├── StateLocked        another daemon holds the state directory's lock (exit 75)
+    │   └── StatePermissionDenied  this user may not read or write it (exit 77)
     ├── ControlError           talking to the daemon over the control socket failed
     │   ├── DaemonNotRunning   no daemon is listening on the socket (exit 69)
     │   ├── PermissionDenied   peer credentials do not allow the request (exit 77)
@@ -118,6 +119,12 @@ class StateLocked(StateError):
     """Another daemon holds the state directory: try again once it has stopped."""
 
     exit_code = EX_TEMPFAIL
+
+
+class StatePermissionDenied(StateError):
+    """The caller may not read or write the state directory (a user outside its group)."""
+
+    exit_code = EX_NOPERM
 
 
 class ControlError(AgentError):

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, Protocol
 
 import structlog
 
-from agent.errors import StateError
+from agent.errors import StateError, StatePermissionDenied
 
 DB_NAME = "agent.db"
 SCHEMA_VERSION = 1
@@ -144,6 +144,12 @@ def database_id(conn: sqlite3.Connection) -> str:
 def open_readonly(state_dir: Path) -> sqlite3.Connection:
     """Open the database for reading only (``agentctl audit``), daemon running or not."""
     path = db_path(state_dir)
+    for where in (state_dir, path):
+        if where.exists() and not os.access(where, os.R_OK | (os.X_OK if where.is_dir() else 0)):
+            raise StatePermissionDenied(
+                f"cannot read {where}: permission denied; run as root or as a member of the "
+                "agent's group"
+            )
     if not path.exists():
         raise StateError(
             f"no agent database at {path}: the daemon has not run yet with state_dir {state_dir}"

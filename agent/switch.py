@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from agent.errors import StateError
+from agent.errors import StateError, StatePermissionDenied
 from agent.fsutil import atomic_write
 
 SWITCH_FILE = "uplink-switch.json"
@@ -102,17 +102,23 @@ def write_switch(
 ) -> SwitchState:
     """Set the switch, keeping the flip (made at ``at``, default now) in its history.
 
-    Durable when this returns; raises :class:`StateError` when it cannot be written.
+    Setting it to the state it already has records no flip. Durable when this returns;
+    raises :class:`StateError` when it cannot be written (:class:`StatePermissionDenied`,
+    exit 77, when this user may not).
     """
     current = read_switch(state_dir)
     flip = Flip(state="on" if on else "off", at=time.time() if at is None else at, uid=uid, via=via)
-    history = (*current.history, flip)[-HISTORY_KEPT:]
+    history = current.history
+    if current.on != on or current.error is not None:
+        history = (*current.history, flip)[-HISTORY_KEPT:]
+    # else idempotent: `uplink off` twice is one flip; the file is still written, so that
+    # the default (no file) becomes explicit and a full disk is still noticed.
     payload = {"state": flip.state, "history": [f._asdict() for f in history]}
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(switch_path(state_dir), json.dumps(payload, indent=1).encode(), 0o644)
     except PermissionError as exc:
-        raise StateError(
+        raise StatePermissionDenied(
             f"cannot write the switch file {switch_path(state_dir)}: permission denied; "
             "run agentctl as root or as a member of the admin group"
         ) from exc

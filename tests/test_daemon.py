@@ -102,6 +102,8 @@ def test_switch_persists_across_restart(agent: AgentProcess) -> None:
     off = agent.ctl("uplink", "off")
     assert off.returncode == 0, off.stderr
     assert "uplink switch: off" in off.stdout
+    again = agent.ctl("uplink", "off")  # idempotent: the audit below holds one "off"
+    assert again.returncode == 0 and "already off: nothing changed" in again.stdout
     agent.stop()
     agent.start()
     s = agent.status()

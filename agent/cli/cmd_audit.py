@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.cli.common import load_paths, parse_since, size, when
+from agent.cli.common import load_paths, parse_since, size, user, when
 from agent.errors import EX_DATAERR, EX_NOINPUT
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from agent.store import open_readonly
 
     paths = load_paths(args)
+    since = parse_since(args.since) if args.since else None  # a usage error before any I/O
     try:
         conn = open_readonly(paths.state_dir)
     except StateError as exc:
@@ -49,7 +50,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "verify":
             return _verify(conn, paths.state_dir, json_out=args.json)
-        since = parse_since(args.since) if args.since else None
         total, count = 0, 0
         for e in ledger.read(conn, since=since, kind=args.kind, data_class=args.data_class):
             count += 1
@@ -64,13 +64,25 @@ def run(args: argparse.Namespace) -> int:
                     f"  sha256 {d['sha256'][:16]}…"
                 )
             else:
-                text = " ".join(f"{k}={v}" for k, v in d.items())
+                text = " ".join(f"{k}={_shown(k, v)}" for k, v in d.items())
+            if count == 1:
+                print(f"{'entry':>7}  {'time (local)':<19}  {'kind':<9}  what")
             print(f"{e.n:>7}  {when(e.ts)}  {e.kind:<9}  {text}")
         if not args.json:
             print(f"-- {count} entries; {size(total)} delivered in them")
     finally:
         conn.close()
     return 0
+
+
+def _shown(key: str, value: object) -> object:
+    """A ledger field for people: times as local times, uids with their user's name."""
+    if key in ("at", "since", "until", "opened_at") and isinstance(value, int | float):
+        return when(value).replace(" ", "T")
+    if key == "uid" and isinstance(value, int):
+        name = user(value)
+        return f"{name.split()[0]}({value})" if not name.startswith("uid ") else value
+    return value
 
 
 def _verify(conn: sqlite3.Connection, state_dir: Path, *, json_out: bool) -> int:

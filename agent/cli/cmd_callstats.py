@@ -79,7 +79,7 @@ def table(items: list[tuple[str, dict[str, Any]]], min_count: int) -> str:
     most = max((b.get("calls", 0) for _, b in items), default=0) or 1
     head = (
         f"{'bucket (local)':<16} {'rev':>3} {'status':<8} {'calls':>6} {'answ':>5} "
-        f"{'ASR':>5} {'ACD':>6} {'peak':>4} {'in':>4} {'out':>4} {'int':>4}  calls"
+        f"{'ASR':>5} {'ACD':>6} {'peak':>4} {'in':>4} {'out':>4} {'int':>4}  chart"
     )
     lines = [head, "-" * len(head)]
     for status, b in items:

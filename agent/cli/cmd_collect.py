@@ -20,12 +20,16 @@ if TYPE_CHECKING:
     from agent.policy.classes import Record
 
 SHOWABLE = ("health",)
+#: agent.collectors.registry.NAMES, repeated so that parsing imports no collector code
+#: (tests/test_cli.py checks they agree). An unknown name is a usage error (64),
+#: daemon or not.
+COLLECTORS = ("health", "config", "callstats")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``collect`` subcommand."""
     p = sub.add_parser("collect", help="run a collector now (health, config, callstats)")
-    p.add_argument("collector", help="the collector's name, as agentctl status lists it")
+    p.add_argument("collector", choices=COLLECTORS, help="the collector to run")
     p.add_argument(
         "--show",
         action="store_true",

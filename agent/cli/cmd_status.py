@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from agent.cli.cmd_uplink import switch_word
-from agent.cli.common import ago, load_paths, size, span, when
+from agent.cli.common import ago, load_paths, size, span, user, when
 from agent.errors import EX_UNAVAILABLE, DaemonNotRunning
 
 
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"running": False, "error": str(exc), "switch": sw.to_json()}))
         else:
-            print(f"daemon: not running ({exc})")
+            print(f"daemon: not running (nothing listens on {paths.control_socket})")
             print(f"uplink switch: {sw.word}" + (f" ({sw.error})" if sw.error else ""))
         return EX_UNAVAILABLE
     if args.json:
@@ -52,7 +52,7 @@ def print_status(s: dict[str, Any]) -> None:
     if d.get("last_reload_error"):
         out.write(f"  last reload rejected: {d['last_reload_error']}\n")
     sw = s["switch"]
-    by = f" by uid {sw['changed_by_uid']} at {when(sw['changed_at'])}" if sw["changed_at"] else ""
+    by = f" by {user(sw['changed_by_uid'])} at {when(sw['changed_at'])}" if sw["changed_at"] else ""
     out.write(f"uplink switch: {switch_word(sw)}{by}\n")
     up = s["uplink"]
     if not up.get("configured", True):

@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Any
 
-from agent.cli.common import load_paths, when
+from agent.cli.common import load_paths, user, when
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -43,21 +43,33 @@ def run(args: argparse.Namespace) -> int:
             result = control.request(sock, "uplink", state=args.action)
     except DaemonNotRunning:
         daemon = False
-        if args.action == "status":
-            state = switch.read_switch(paths.state_dir)
-        else:
+        before = switch.read_switch(paths.state_dir)
+        state = before
+        if args.action != "status":
             state = switch.write_switch(
                 paths.state_dir,
                 args.action == "on",
                 uid=switch.current_uid(),
                 via="agentctl",
             )
-        result = {"switch": state.to_json(), "uplink": {"state": "daemon not running"}}
+        result = {
+            "switch": state.to_json(),
+            "uplink": {"state": "daemon not running"},
+            "changed": len(state.history) != len(before.history) or state.on != before.on,
+        }
     if args.json:
         print(json.dumps({"daemon_running": daemon, **result}, indent=2))
         return 0
     sw = result["switch"]
-    print(f"uplink switch: {switch_word(sw)}")
+    unchanged = args.action != "status" and result.get("changed") is False
+    print(
+        f"uplink switch: {switch_word(sw)}"
+        + (
+            f" (it was already {args.action}: nothing changed, no flip recorded)"
+            if unchanged
+            else ""
+        )
+    )
     if sw.get("not_persisted"):
         print(
             f"agentctl: warning: the uplink is {sw['state']} in the running daemon, but the "
@@ -69,19 +81,20 @@ def run(args: argparse.Namespace) -> int:
     if sw.get("error"):
         print(f"  warning: {sw['error']}")
     if sw.get("changed_at"):
-        print(f"  last changed {when(sw['changed_at'])} by uid {sw['changed_by_uid']}")
+        print(f"  last changed {when(sw['changed_at'])} by {user(sw['changed_by_uid'])}")
     up = result["uplink"]
     if not daemon:
         print("  daemon not running: the switch file is what it will read at start")
     elif up.get("configured") is False:
-        print("  no uplink configured: nothing is sent either way")
+        print("  no uplink configured: nothing leaves this box either way")
     else:
         print(f"  connection: {up.get('state', '?')}")
     if args.action == "status" and sw.get("history"):
         print("  recent flips:")
         for flip in sw["history"][-5:]:
             print(
-                f"    {when(flip['at'])}  {flip['state']:<3}  uid {flip['uid']}  via {flip['via']}"
+                f"    {when(flip['at'])}  {flip['state']:<3}  {user(flip['uid']):<24} "
+                f"via {flip['via']}"
             )
     return 0
 

@@ -92,6 +92,18 @@ def when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def user(uid: int | None) -> str:
+    """``'root (uid 0)'``; ``'uid 1234'`` for a uid this box has no name for."""
+    if uid is None:
+        return "-"
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 def size(n: float) -> str:
     """Bytes in binary units: ``512 B``, ``1.2 KiB``, ``3.4 MiB``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
