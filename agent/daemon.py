@@ -227,6 +227,7 @@ class Daemon:
             policy=config.policy,
             switch_on=lambda: self.switch.on,
             last_seq=self.outbox.last_seq,
+            local_only=config.uplink is None,
         )
         self.runs: dict[str, CollectorRun] = {}
         self.uplink: Uplink | None = None
@@ -340,7 +341,12 @@ class Daemon:
         """The enabled collectors for ``config``, not made yet."""
         from agent.collectors import registry
 
-        return registry.specs(config.collectors, config.paths.state_dir, self.agent_stats)
+        return registry.specs(
+            config.collectors,
+            config.paths.state_dir,
+            self.agent_stats,
+            local_only=config.uplink is None,
+        )
 
     def build_uplink(self, config: AgentConfig) -> Uplink | None:
         """The uplink session, or None when the configuration has no uplink."""
@@ -421,6 +427,7 @@ class Daemon:
                         await self._stop_workers(workers)
                         self.config = new
                         self.gate.set_policy(new.policy)
+                        self.gate.local_only = new.uplink is None
                         self.support.reconfigure(new.support)
                         workers = tg.create_task(self._run_workers(new), name="workers")
                     self.notifier.ready(self._status_line())
@@ -646,7 +653,7 @@ class Daemon:
             "device_id": self.config.device_id,
             "versions": versions(),
             "switch": self.switch.to_json(),
-            "uplink": self.uplink.status() if self.uplink else {"configured": False},
+            "uplink": self._uplink_state(),
             "support": self.support.status(),
             "policy": {
                 "send": sorted(c.value for c in self.config.policy.send),
@@ -662,7 +669,7 @@ class Daemon:
     async def _uplink_status(self, req: dict[str, Any], peer: control.Peer) -> dict[str, Any]:
         return {
             "switch": self.switch.to_json(),
-            "uplink": self.uplink.status() if self.uplink else {"configured": False},
+            "uplink": self._uplink_state(),
         }
 
     async def _uplink(self, req: dict[str, Any], peer: control.Peer) -> dict[str, Any]:
@@ -676,7 +683,7 @@ class Daemon:
         return {
             "changed": changed,
             "switch": self.switch.to_json(),
-            "uplink": self.uplink.status() if self.uplink else {"configured": False},
+            "uplink": self._uplink_state(),
         }
 
     async def _collect_now(self, req: dict[str, Any], peer: control.Peer) -> dict[str, Any]:
@@ -691,6 +698,16 @@ class Daemon:
     async def _reload_request(self, req: dict[str, Any], peer: control.Peer) -> dict[str, Any]:
         self.reload_event.set()
         return {"reload": "requested"}
+
+    def _uplink_state(self) -> dict[str, Any]:
+        if self.uplink is not None:
+            return self.uplink.status()
+        return {
+            "configured": False,
+            "local_only": True,
+            "note": "no uplink configured: nothing leaves this box; records are kept "
+            "locally and none is queued for sending",
+        }
 
     def _status_line(self) -> str:
         up = "no uplink configured" if self.config.uplink is None else f"uplink {self.switch.shown}"

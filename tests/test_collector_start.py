@@ -19,7 +19,7 @@ import pytest
 
 from agent.collectors.callstats.aggregate import STATE_FORMAT
 from agent.collectors.callstats.store import STATE_FILE, CallstatsStore
-from tests.support.daemon import REPO, AgentProcess, base_config, wait_for
+from tests.support.daemon import REPO, AgentProcess, queueing_config, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ def agent(tmp_path: Path) -> Iterator[AgentProcess]:
     cdr = tmp_path / "cdr" / "Master.csv"
     cdr.parent.mkdir()
     cdr.write_text("")
-    cfg = base_config(
+    cfg = queueing_config(
         tmp_path,
         collectors={
             "health": {"interval": "1s"},

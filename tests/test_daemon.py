@@ -39,7 +39,10 @@ def test_ready_status_and_clean_stop(agent: AgentProcess) -> None:
     assert status["running"] is True
     assert status["device_id"] == "pbx-test-1"
     assert status["switch"]["state"] == "on"
-    assert status["outbox"]["queued"] >= 1
+    # No uplink configured: nothing is queued for sending, and status says why.
+    assert status["outbox"]["queued"] == 0 and status["outbox"]["last_seq"] == 0
+    assert status["gate"]["refused"]["health:no-uplink"] >= 1
+    assert status["uplink"]["local_only"] is True
     code, took = agent.stop()
     assert code == 0
     assert took < 5.0

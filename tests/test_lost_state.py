@@ -22,7 +22,7 @@ from agent import anchor
 from agent.errors import EX_NOINPUT
 from agent.store import db_path
 from tests.support.backlog import prefill
-from tests.support.daemon import AgentProcess, base_config, wait_for
+from tests.support.daemon import AgentProcess, queueing_config, wait_for
 from tests.support.faults import wreck_pages
 
 pytestmark = pytest.mark.integration
@@ -30,8 +30,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    """A local-only daemon (nothing is delivered: envelopes stay queued)."""
-    a = AgentProcess(tmp_path, base_config(tmp_path))
+    """A daemon whose uplink never connects (nothing is delivered: envelopes stay queued)."""
+    a = AgentProcess(tmp_path, queueing_config(tmp_path))
     yield a
     a.close()
 
@@ -160,7 +160,7 @@ def test_older_copy_put_back_is_a_reset(agent: AgentProcess, tmp_path: Path) -> 
 def test_another_database_is_a_reset(agent: AgentProcess, tmp_path: Path) -> None:
     """An agent.db from elsewhere (another db_id) is not taken for this agent's own."""
     last_seq, old, _ = first_run(agent)
-    other = AgentProcess(tmp_path / "other", base_config(tmp_path / "other"))
+    other = AgentProcess(tmp_path / "other", queueing_config(tmp_path / "other"))
     try:
         run_until(other, 1)
     finally:

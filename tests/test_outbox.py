@@ -24,7 +24,7 @@ from agent.outbox import Outbox, Stored
 from agent.policy.classes import DataClass, Record
 from agent.policy.gate import Envelope, Gate
 from agent.store import db_path, open_db
-from tests.support.daemon import AgentProcess, base_config, wait_for
+from tests.support.daemon import AgentProcess, queueing_config, wait_for
 
 
 class Box:
@@ -296,7 +296,7 @@ def test_corrupt_database_moved_aside_and_fresh_one_started(tmp_path: Path, wrec
 @pytest.mark.integration
 def test_daemon_starts_on_corrupt_database(tmp_path: Path) -> None:
     """A corrupt database is moved aside, "reset" is entry 1, status serves, verify says lost."""
-    agent = AgentProcess(tmp_path, base_config(tmp_path))
+    agent = AgentProcess(tmp_path, queueing_config(tmp_path))
     try:
         agent.state_dir.mkdir(parents=True)
         (agent.state_dir / "agent.db").write_bytes(b"this is not SQLite " * 2000)

@@ -15,7 +15,7 @@ import pytest
 from agent import statelock
 from agent.errors import EX_TEMPFAIL, StateLocked
 from agent.store import db_path
-from tests.support.daemon import REPO, AgentProcess, base_config, wait_for
+from tests.support.daemon import REPO, AgentProcess, queueing_config, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[AgentProcess]:
     """A local-only daemon under tmp_path (not started)."""
-    a = AgentProcess(tmp_path, base_config(tmp_path))
+    a = AgentProcess(tmp_path, queueing_config(tmp_path))
     yield a
     a.close()
 

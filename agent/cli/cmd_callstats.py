@@ -1,7 +1,8 @@
 """``agentctl callstats``: the call statistics exactly as they are (or would be) sent.
 
 The customer's view of the promise: for every bucket, the body that was
-offered to the gate (``sent`` or ``refused`` by the switch or policy) or, for a
+offered to the gate (``sent``, ``refused`` by the switch or policy, or ``local``:
+kept locally because no uplink is configured) or, for a
 bucket still open or awaiting a revision, the body that would be offered if it
 closed now, rendered by the same code the collector uses. The state file is
 opened read-only; nothing is advanced.
@@ -104,7 +105,7 @@ def table(items: list[tuple[str, dict[str, Any]]], min_count: int) -> str:
     lines.append(
         f"{len(items)} bucket(s). Categories under {min_count} calls are folded into "
         "'other'; a bucket under that shows no counters. 'pending': not closed yet, "
-        "shown as it would be sent."
+        "shown as it would be sent. 'local': kept locally (no uplink), never queued or sent."
     )
     return "\n".join(lines)
 
@@ -128,5 +129,10 @@ def run(args: argparse.Namespace) -> int:
             f"(source: {cs.source_label()})."
         )
         return 0
+    if cfg.uplink is None:
+        print(
+            "No uplink configured (local only): nothing leaves this box; closed buckets are "
+            "kept locally (status 'local'), never queued for sending.\n"
+        )
     print(table(items, cs.min_count))
     return 0

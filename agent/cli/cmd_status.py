@@ -55,8 +55,12 @@ def print_status(s: dict[str, Any]) -> None:
     by = f" by {user(sw['changed_by_uid'])} at {when(sw['changed_at'])}" if sw["changed_at"] else ""
     out.write(f"uplink switch: {switch_word(sw)}{by}\n")
     up = s["uplink"]
-    if not up.get("configured", True):
-        out.write("uplink: not configured (local only)\n")
+    local = not up.get("configured", True)
+    if local:
+        out.write(
+            "uplink: not configured (local only): nothing leaves this box; records are "
+            "kept locally, none is queued for sending\n"
+        )
     else:
         line = f"uplink: {up.get('state', '?')} {up.get('broker', '')}"
         if up.get("last_error"):
@@ -90,10 +94,12 @@ def print_status(s: dict[str, Any]) -> None:
             state = "error: " + c["last_error"]
         else:
             state = f"ok {ago(c['last_ok'])}"
-        out.write(
-            f"  {name:<10} every {span(c['interval']):<6} {state}; "
-            f"{c['records']} sent to outbox, {c['refused']} refused\n"
+        fate = (
+            f"{c['refused']} kept locally (no uplink)"
+            if local
+            else f"{c['records']} sent to outbox, {c['refused']} refused"
         )
+        out.write(f"  {name:<10} every {span(c['interval']):<6} {state}; {fate}\n")
     health = s["collectors"].get("health") or {}
     print_pbx(health.get("pbx"))
     ctl = s.get("control")

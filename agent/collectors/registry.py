@@ -74,9 +74,17 @@ class CollectorSpec:
 
 
 def specs(
-    c: CollectorsConfig, state_dir: Path, agent_stats: Callable[[], dict[str, Any]]
+    c: CollectorsConfig,
+    state_dir: Path,
+    agent_stats: Callable[[], dict[str, Any]],
+    *,
+    local_only: bool = False,
 ) -> list[CollectorSpec]:
-    """Every enabled collector's recipe, in :data:`NAMES` order; nothing is opened yet."""
+    """Every enabled collector's recipe, in :data:`NAMES` order; nothing is opened yet.
+
+    ``local_only``: no uplink is configured; collectors that keep state say "kept
+    locally" where they would say "sent".
+    """
     out: list[CollectorSpec] = []
     if c.health.enabled:
 
@@ -93,7 +101,7 @@ def specs(
         def snapshots() -> Collector:
             from agent.collectors.pbxconfig.collector import SnapshotCollector
 
-            return SnapshotCollector(c.config, state_dir)
+            return SnapshotCollector(c.config, state_dir, local_only=local_only)
 
         out.append(CollectorSpec("config", c.config.interval, snapshots))
     if c.callstats.enabled:
@@ -101,7 +109,7 @@ def specs(
         def callstats() -> Collector:
             from agent.collectors.callstats.collector import CallstatsCollector
 
-            return CallstatsCollector(c.callstats, state_dir)
+            return CallstatsCollector(c.callstats, state_dir, local_only=local_only)
 
         out.append(CollectorSpec("callstats", c.callstats.interval, callstats))
     return out

@@ -106,8 +106,12 @@ class Gate:
         switch_on: Callable[[], bool],
         last_seq: int,
         secret_check: Callable[[str], str | None] | None = None,  # None: redact's own check
+        local_only: bool = False,
     ) -> None:
         self.policy = policy
+        #: No uplink configured: nothing is approved (so nothing is queued or numbered);
+        #: the refusal says "kept locally".
+        self.local_only = local_only
         self._switch_on = switch_on
         self._seq = last_seq
         self.narrowed: set[DataClass] = set()
@@ -137,6 +141,8 @@ class Gate:
         reason = self._refusal(record)
         if reason is not None:
             self.refused[(str(record.data_class), reason)] += 1
+            if reason == "no-uplink":
+                raise PolicyRefused(f"{record.data_class}: kept locally (no uplink configured)")
             raise PolicyRefused(f"{record.data_class}: {reason}")
         now = time.time()
         envelope_id = new_id(now)
@@ -187,6 +193,8 @@ class Gate:
             if str(data_class) in HARD_DENIED:
                 return "hard-denied"
             return "unknown-class"
+        if self.local_only:
+            return "no-uplink"
         if not self._switch_on():
             return "switch-off"
         if data_class not in self.policy.send:
@@ -202,4 +210,5 @@ class Gate:
             "refused": {f"{c}:{r}": n for (c, r), n in sorted(self.refused.items())},
             "narrowed": sorted(c.value for c in self.narrowed),
             "last_seq": self._seq,
+            "local_only": self.local_only,
         }

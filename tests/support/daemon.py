@@ -60,6 +60,23 @@ def base_config(root: Path, **overrides: Any) -> dict[str, Any]:
     return cfg
 
 
+def queueing_config(root: Path, **overrides: Any) -> dict[str, Any]:
+    """:func:`base_config` with an uplink that never connects, so approved envelopes stay
+    queued (with no uplink at all nothing is queued: local-only mode keeps records local).
+
+    The broker address is a closed loopback port and the TLS files do not exist: the
+    session fails at its start and retries with backoff, and delivers nothing.
+    """
+    tls = root / "no-tls"
+    uplink = {
+        "broker": "mqtts://127.0.0.1:9",
+        "ca_file": str(tls / "ca.pem"),
+        "cert_file": str(tls / "cert.pem"),
+        "key_file": str(tls / "key.pem"),
+    }
+    return base_config(root, uplink=uplink, **overrides)
+
+
 class AgentProcess:
     """One daemon subprocess with its configuration file and notify socket."""
 

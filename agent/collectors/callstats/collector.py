@@ -22,6 +22,8 @@ further down the file. Rows that still arrive for a sent bucket make it
 Whatever ``emit`` answers, an offered revision is done: when the gate refused it
 (switch off, policy), the bucket is ``refused`` for good and later rows are not
 counted into it, so nothing gathered while the switch was off is sent later.
+Without an uplink the gate approves nothing and the bucket is ``local``: kept
+locally, never queued, and never sent later either.
 """
 
 from __future__ import annotations
@@ -80,10 +82,13 @@ class Offer(NamedTuple):
     body: dict[str, Any]
     approved: bool
     at: float
+    local: bool = False  # not approved because there is no uplink: kept locally
 
     def offered(self) -> Offered:
         """What the state file records of it."""
         status = BucketStatus.SENT if self.approved else BucketStatus.REFUSED
+        if self.local and not self.approved:
+            status = BucketStatus.LOCAL
         return Offered(self.start, status, self.revision, self.body, self.at)
 
 
@@ -111,8 +116,14 @@ class CallstatsCollector:
         *,
         clock: Callable[[], float] = time.time,
         read_chunk: int = DEFAULT_CHUNK,
+        local_only: bool = False,
     ) -> None:
-        """``clock`` and ``read_chunk`` (bytes per CSV batch) are there for tests and benches."""
+        """``clock`` and ``read_chunk`` (bytes per CSV batch) are there for tests and benches.
+
+        ``local_only``: no uplink is configured, so a bucket the gate does not approve is
+        recorded as ``local`` (kept locally), not ``refused``.
+        """
+        self.local_only = local_only
         self._s = settings
         self._clock = clock
         # One thread of its own for reading, counting and committing, not the event loop's
@@ -240,7 +251,7 @@ class CallstatsCollector:
         row = self._store.bucket(start)
         if row is None:
             return None
-        if row.status is BucketStatus.REFUSED:
+        if row.status.final:
             return False
         self._status_of[start] = (row.status, row.revision)
         return row.bucket
@@ -444,5 +455,5 @@ class CallstatsCollector:
                     min_count=min_count,
                 )
                 ok = emit(Record(DataClass.CALLSTATS, body))
-                offers.append(Offer(start, rev + 1, body, ok, now))
+                offers.append(Offer(start, rev + 1, body, ok, now, local=self.local_only))
         return ready, offers

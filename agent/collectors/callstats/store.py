@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS buckets (
     start INTEGER PRIMARY KEY,
     state TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('open', 'sent', 'revise', 'refused')),
+    status TEXT NOT NULL CHECK (status IN ('open', 'sent', 'revise', 'refused', 'local')),
     revision INTEGER NOT NULL DEFAULT -1,
     body TEXT,
     offered_at REAL
@@ -64,11 +64,19 @@ class BucketStatus(enum.StrEnum):
     SENT = "sent"  # offered and approved at ``revision``
     REVISE = "revise"  # sent, then late rows changed it: offer ``revision + 1``
     REFUSED = "refused"  # the gate said no: never offered again
+    LOCAL = (
+        "local"  # kept locally: no uplink configured, so nothing was queued; never offered again
+    )
 
     @property
     def offered(self) -> bool:
         """Whether a body was offered for it (and is stored)."""
-        return self in (BucketStatus.SENT, BucketStatus.REFUSED)
+        return self in (BucketStatus.SENT, BucketStatus.REFUSED, BucketStatus.LOCAL)
+
+    @property
+    def final(self) -> bool:
+        """Whether it was offered and not approved: it is never offered again."""
+        return self in (BucketStatus.REFUSED, BucketStatus.LOCAL)
 
     @property
     def waiting(self) -> bool:
@@ -127,7 +135,26 @@ class CallstatsStore:
         except sqlite3.Error as exc:
             raise StateError(f"{path}: cannot open the call-statistics state file: {exc}") from exc
         if not readonly:
+            self._allow_local()
             self._migrate()
+
+    def _allow_local(self) -> None:
+        """A state file made before ``local`` existed: rebuild the table to allow it.
+
+        SQLite cannot change a CHECK constraint in place; the copy is one transaction.
+        """
+        row = self._db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'buckets'"
+        ).fetchone()
+        if row is None or "'local'" in row[0]:
+            return
+        table = _SCHEMA.split("CREATE TABLE IF NOT EXISTS buckets", 1)[1].split(";", 1)[0]
+        with self.transaction() as db:
+            db.execute(f"CREATE TABLE buckets_v3{table}")
+            db.execute("INSERT INTO buckets_v3 SELECT * FROM buckets")
+            db.execute("DROP TABLE buckets")
+            db.execute("ALTER TABLE buckets_v3 RENAME TO buckets")
+            db.execute("CREATE INDEX IF NOT EXISTS buckets_status ON buckets (status)")
 
     def _migrate(self) -> None:
         """Bring the stored counters to :data:`STATE_FORMAT` (one transaction, idempotent)."""
@@ -283,7 +310,8 @@ class CallstatsStore:
     def prune(db: sqlite3.Connection, before: int) -> None:
         """Forget offered buckets that started before ``before`` (older rows are too old)."""
         db.execute(
-            "DELETE FROM buckets WHERE start < ? AND status IN ('sent', 'refused')", (before,)
+            "DELETE FROM buckets WHERE start < ? AND status IN ('sent', 'refused', 'local')",
+            (before,),
         )
 
     # -- seen rows (MariaDB) ------------------------------------------------------------

@@ -37,9 +37,16 @@ class SnapshotCollector:
     """Redacted snapshots of the Asterisk/FreePBX configuration (data class ``config``)."""
 
     def __init__(
-        self, settings: SnapshotSettings, state_dir: Path, *, forbidden: Sequence[Path] = ()
+        self,
+        settings: SnapshotSettings,
+        state_dir: Path,
+        *,
+        forbidden: Sequence[Path] = (),
+        local_only: bool = False,
     ) -> None:
         self.settings = settings
+        # No uplink configured: the gate approves nothing, and logs say "kept locally".
+        self.local_only = local_only
         self.state_dir = state_dir
         # Extra never-opened trees; tests plant a spool here since /var/spool is not theirs.
         self.forbidden = tuple(forbidden)
@@ -151,6 +158,13 @@ class SnapshotCollector:
                 return True
             if not emit(Record(DataClass.CONFIG, body)):
                 self._stats["refused"] += 1
+                if self.local_only:
+                    log.info(
+                        "config_snapshot_kept_locally",
+                        snapshot=out.scan.snapshot_id,
+                        note="kept locally (no uplink): nothing was queued or sent",
+                    )
+                    return False
                 log.info(
                     "config_snapshot_refused",
                     snapshot=out.scan.snapshot_id,
