@@ -9,10 +9,8 @@ e.g. to check a file meant for another box.
 from __future__ import annotations
 
 import argparse
-import enum
 import sys
 from pathlib import Path
-from typing import Any
 
 from agent.errors import EX_CONFIG, ConfigError
 
@@ -39,31 +37,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check.set_defaults(func=run_check)
 
 
-def plain(value: Any) -> Any:
-    """Dataclasses, paths, enums and sets as plain YAML-able values."""
-    import dataclasses  # with inspect, ~20 ms: keep it off every agentctl start
-
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, frozenset | set):
-        return sorted(plain(v) for v in value)
-    if isinstance(value, tuple | list):
-        return [plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    return value
-
-
 def run_check(args: argparse.Namespace) -> int:
     """Exit 0 and print the effective configuration, or 78 and every problem."""
-    import yaml
-
     from agent.config import load
-    from agent.logs import mask_secrets
 
     path: Path = args.file or args.config
     try:
@@ -82,12 +58,10 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"{path}: {len(exc.problems)} problem(s); nothing was changed", file=sys.stderr)
         return EX_CONFIG
     if not args.quiet:
-        data = plain(config)
-        data.pop("source", None)
-        cs = data["collectors"]["callstats"]
-        if cs.get("mariadb"):
-            cs["mariadb"] = mask_secrets(None, "", {"v": cs["mariadb"]})["v"]
-        print(f"# effective configuration from {path}")
-        print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False), end="")
+        from agent.cli.effective import to_yaml
+
+        # Valid agent.yaml: fed back to `config check`, it gives this same configuration.
+        print(f"# effective configuration from {path} (defaults included; passwords masked)")
+        print(to_yaml(config), end="")
     print(f"{path}: ok", file=sys.stderr)
     return 0
