@@ -1,4 +1,10 @@
-"""Logging: structlog key-value events, JSON under systemd, readable in a terminal.
+"""Logging: structlog key-value events, to the journal under systemd, readable in a terminal.
+
+``PBX_AGENT_LOG_FORMAT`` chooses the output: ``journal`` (native journal entries
+with a priority per event and the event's fields, :mod:`agent.journal`),
+``json`` (one JSON object per line), ``console`` (for people), or ``auto``
+(the default): the journal when stderr is the journal stream systemd gave us
+(``$JOURNAL_STREAM``), JSON lines when it is not a terminal, console otherwise.
 
 Secrets never reach a log line: a processor masks the values of keys that name
 a secret and the password part of any ``scheme://user:password@`` URL, whatever
@@ -44,11 +50,26 @@ def mask_secrets(
     return event
 
 
+FORMATS = ("auto", "journal", "json", "console")
+
+
+def log_format(stream: TextIO) -> str:
+    """``journal``, ``json`` or ``console``: ``$PBX_AGENT_LOG_FORMAT``, or chosen for ``stream``."""
+    chosen = os.environ.get("PBX_AGENT_LOG_FORMAT", "auto")
+    if chosen in ("journal", "json", "console"):
+        return chosen
+    from agent.journal import under_journal
+
+    if under_journal(stream):
+        return "journal"
+    if "INVOCATION_ID" in os.environ or not stream.isatty():
+        return "json"
+    return "console"
+
+
 def wants_json(stream: TextIO) -> bool:
-    """JSON when systemd runs us (journal or not) or output is not a terminal."""
-    if os.environ.get("PBX_AGENT_LOG_FORMAT") in ("json", "console"):
-        return os.environ["PBX_AGENT_LOG_FORMAT"] == "json"
-    return "JOURNAL_STREAM" in os.environ or "INVOCATION_ID" in os.environ or not stream.isatty()
+    """Whether events are written as JSON lines on ``stream``."""
+    return log_format(stream) == "json"
 
 
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
@@ -58,7 +79,18 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
     if not isinstance(numeric, int):
         numeric = logging.INFO
     renderer: Any
-    if wants_json(out):
+    factory: Any = structlog.PrintLoggerFactory(out)
+    fmt = log_format(out)
+    if fmt == "journal":
+        from agent import journal
+
+        renderer = journal.render
+        logger = journal.JournalLogger(fallback=out)
+
+        def factory(*_args: Any) -> journal.JournalLogger:
+            return logger
+
+    elif fmt == "json":
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
@@ -72,7 +104,7 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
 
