@@ -309,7 +309,7 @@ def test_collect_show_prints_the_envelope(tmp_path: Path, ami: AmiServer) -> Non
     assert off.returncode == 65
     assert "switch-off" in off.stderr
     assert json.loads(off.stdout)["pbx"]["state"] == "ok"
-    assert agent.ctl("collect", "config", "--show").returncode == 64
+    assert agent.ctl("collect", "nosuch", "--show").returncode == 64
 
 
 def test_config_check_refuses_a_loose_secret_file(tmp_path: Path, ami: AmiServer) -> None:

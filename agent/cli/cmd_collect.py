@@ -1,11 +1,17 @@
-"""``agentctl collect NAME``: run a collector now; ``--show``: here, and print its record.
+"""``agentctl collect NAME``: run a collector now; ``--show``: here, and print its records.
 
-``agentctl collect health --show`` needs no daemon: it builds the health
-collector from the configuration, runs it once in this process (AMI included,
-when configured), passes the record through the policy gate's serialisation and
-prints the envelope exactly as the uplink would publish it. Nothing is stored
-in the outbox or sent. The daemon's own counters (outbox, gate) are not known
-here: the ``agent`` part holds this process's figures and the switch.
+``--show`` needs no daemon, like ``telegraf --test``: it gathers once in this
+process, passes each record through the policy gate's serialisation and prints
+the envelopes exactly as the uplink would publish them (one JSON line each).
+Nothing is stored in the outbox, sent, or advanced in a collector's state.
+
+- ``health``: the collector runs here (AMI included, when configured). The
+  daemon's own counters (outbox, gate) are not known here: the ``agent`` part
+  holds the switch.
+- ``config``: the snapshot parts the collector would offer now, scanned with
+  its state read-only (as ``agentctl snapshot --dry-run``).
+- ``callstats``: the buckets counted and not sent yet, each as it would be
+  offered if it closed now, from the collector's state read-only.
 """
 
 from __future__ import annotations
@@ -14,12 +20,12 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from agent.cli.common import UsageError, load_config
+from agent.cli.common import load_config
 
 if TYPE_CHECKING:
+    from agent.config import AgentConfig
     from agent.policy.classes import Record
 
-SHOWABLE = ("health",)
 #: agent.collectors.registry.NAMES, repeated so that parsing imports no collector code
 #: (tests/test_cli.py checks they agree). An unknown name is a usage error (64),
 #: daemon or not.
@@ -33,8 +39,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--show",
         action="store_true",
-        help="run it here, once, and print the record exactly as it would be sent "
-        "(nothing stored or sent; no daemon needed; health only)",
+        help="run it here, once, and print the records exactly as they would be sent "
+        "(nothing stored, advanced or sent; no daemon needed)",
     )
     p.set_defaults(func=run)
 
@@ -52,29 +58,53 @@ def run(args: argparse.Namespace) -> int:
 
 
 def show(args: argparse.Namespace) -> int:
-    """Collect once here and print the envelope; 65 (and the body) when the gate refuses."""
-    import asyncio
-
+    """Collect once here and print the envelopes; 65 (and the bodies) when the gate refuses."""
     from agent import switch
-    from agent.collectors.health.collector import HealthCollector
     from agent.errors import PolicyRefused
     from agent.policy.gate import Gate
 
-    if args.collector not in SHOWABLE:
-        raise UsageError(
-            f"--show runs {', '.join(SHOWABLE)}; for the configuration use "
-            "`agentctl snapshot --dry-run`, for call statistics `agentctl callstats`"
-        )
+    config = load_config(args)
     from agent import logs
 
-    config = load_config(args)
-    # stdout carries the record alone; what the collector logs (AMI trouble) goes to stderr.
+    # stdout carries the records alone; what the collector logs (AMI trouble) goes to stderr.
     logs.configure("warning")
     sw = switch.read_switch(config.paths.state_dir)
+    records = {"health": _health, "config": _config, "callstats": _callstats}[args.collector](
+        config, sw.word
+    )
+    if not records:
+        print(f"agentctl: {args.collector}: nothing would be sent now", file=sys.stderr)
+        return 0
+    gate = Gate(policy=config.policy, switch_on=lambda: sw.on, last_seq=0)
+    for record in records:
+        try:
+            envelope = gate.approve(record)
+        except PolicyRefused as exc:
+            import json
+
+            for r in records:
+                print(json.dumps(r.body, separators=(",", ":"), ensure_ascii=False))
+            print(f"agentctl: not sent now: {exc}", file=sys.stderr)
+            return exc.exit_code
+        sys.stdout.write(envelope.payload.decode() + "\n")
+    if config.uplink is None:
+        print(
+            "agentctl: no uplink configured: the daemon keeps these locally, nothing is sent",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _health(config: AgentConfig, switch_word: str) -> list[Record]:
+    """One health record, gathered here (AMI included)."""
+    import asyncio
+
+    from agent.collectors.health.collector import HealthCollector
+
     records: list[Record] = []
 
     def local_stats() -> dict[str, Any]:
-        return {"switch": sw.word}
+        return {"switch": switch_word}
 
     def keep(record: Record) -> bool:
         records.append(record)
@@ -93,15 +123,54 @@ def show(args: argparse.Namespace) -> int:
             await collector.aclose()
 
     asyncio.run(once())
-    gate = Gate(policy=config.policy, switch_on=lambda: sw.on, last_seq=0)
-    (record,) = records
-    try:
-        envelope = gate.approve(record)
-    except PolicyRefused as exc:
-        import json
+    return records
 
-        print(json.dumps(record.body, separators=(",", ":"), ensure_ascii=False))
-        print(f"agentctl: not sent now: {exc}", file=sys.stderr)
-        return exc.exit_code
-    sys.stdout.write(envelope.payload.decode() + "\n")
-    return 0
+
+def _config(config: AgentConfig, switch_word: str) -> list[Record]:
+    """The parts of the snapshot the collector would offer now, scanned read-only.
+
+    As ``agentctl snapshot --dry-run`` does: the state file is opened read-only and
+    nothing advances; without a fingerprint key yet, a throwaway one is used.
+    """
+    import time
+
+    from agent.collectors.pbxconfig import snapshot
+    from agent.policy.classes import DataClass, Record
+
+    settings = config.collectors.config
+    state_dir = config.paths.state_dir
+    store = snapshot.Store(state_dir / snapshot.STATE_DB, readonly=True)
+    try:
+        key, ephemeral = snapshot.load_key(state_dir, create=False)
+        if ephemeral:
+            print(
+                "agentctl: no fingerprint key yet: markers use a throwaway key",
+                file=sys.stderr,
+            )
+        now = time.time()
+        scanned = snapshot.scan(settings, store, key, now=now, ephemeral_key=ephemeral)
+        out = snapshot.outgoing(scanned, store, settings, full=False, now=now)
+        return [Record(DataClass.CONFIG, body) for body in out.bodies(store, now=now)]
+    finally:
+        store.close()
+
+
+def _callstats(config: AgentConfig, switch_word: str) -> list[Record]:
+    """The buckets counted and not sent yet, each as it would be offered if it closed now.
+
+    From the collector's state, read-only (the daemon reads the CDR source; rows it
+    has not read yet are not in them).
+    """
+    import time
+
+    from agent.cli.cmd_callstats import rows
+    from agent.policy.classes import DataClass, Record
+
+    cs = config.collectors.callstats
+    found = rows(
+        config.paths.state_dir,
+        time.time() - cs.max_age,
+        bucket_seconds=int(cs.bucket),
+        min_count=cs.min_count,
+    )
+    return [Record(DataClass.CALLSTATS, body) for status, body in found if status == "pending"]
