@@ -29,6 +29,7 @@ COMMANDS = (
     "audit",
     "snapshot",
     "callstats",
+    "diagnose",
     "version",
 )
 
