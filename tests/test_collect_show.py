@@ -83,7 +83,7 @@ def test_callstats_show_prints_pending_buckets_and_advances_nothing(
     sent: list[dict[str, Any]] = []
 
     def emit(r: Record) -> bool:
-        sent.append(r.body)
+        sent.append(dict(r.body))
         return True
 
     c = CallstatsCollector(cfg.collectors.callstats, cfg.paths.state_dir)
