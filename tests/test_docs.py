@@ -106,3 +106,23 @@ def test_bash_completion_completes(tmp_path: Path) -> None:
     assert complete("-c", "/etc/x.yaml", "support", "") >= {"open", "close", "status"}
     assert complete("support", "open", "--") >= {"--for", "--ticket", "--service"}
     assert complete("collect", "") >= {"health", "config", "callstats", "--show"}
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="no zsh (not in make deps)")
+def test_zsh_completion_completes() -> None:
+    """Run in zsh with the completion system's functions stubbed: the same words come back."""
+    script = REPO / "completion" / "_agentctl"
+    harness = (
+        f"source {script}\n"
+        '_describe() { print -r -- "D ${(j: :)${(P)${@[-1]}}}"; }\n'
+        'compadd() { print -r -- "A ${(j: :)${(P)${@[-1]}}}"; }\n'
+        "_files() { print F; }\n"
+        'words=(agentctl uplink ""); CURRENT=3; _agentctl\n'
+        'words=(agentctl -c ""); CURRENT=3; _agentctl\n'
+        "words=(agentctl -c /x support open --); CURRENT=6; _agentctl\n"
+    )
+    out = subprocess.run(["zsh", "-c", harness], capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert set(lines[0].split()[1:]) >= {"off", "on", "status", "--json"}
+    assert lines[1] == "F"  # a file after -c
+    assert set(lines[2].split()[1:]) >= {"--for", "--ticket", "--service"}
