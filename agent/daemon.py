@@ -405,7 +405,9 @@ class Daemon:
             device_id=self.config.device_id,
             config=str(self.config.source),
             switch=self.switch.word,
-            uplink=self.config.uplink.broker if self.config.uplink else None,
+            uplink=self.config.uplink.broker
+            if self.config.uplink
+            else "none: kept locally, nothing leaves this box",
             pid=os.getpid(),
         )
         try:

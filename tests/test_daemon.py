@@ -43,6 +43,9 @@ def test_ready_status_and_clean_stop(agent: AgentProcess) -> None:
     assert status["outbox"]["queued"] == 0 and status["outbox"]["last_seq"] == 0
     assert status["gate"]["refused"]["health:no-uplink"] >= 1
     assert status["uplink"]["local_only"] is True
+    started = next(e for e in agent.log_events() if e["event"] == "daemon_started")
+    assert "kept locally" in started["uplink"]
+    assert "nothing leaves this box" in agent.ctl("status").stdout
     code, took = agent.stop()
     assert code == 0
     assert took < 5.0
