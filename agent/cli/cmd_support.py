@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Any
 
-from agent.cli.common import UsageError, load_config, load_paths, size, span, when
+from agent.cli.common import UsageError, load_config, load_paths, size, span, user, when
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -200,12 +200,12 @@ def print_status(st: dict[str, Any], *, daemon: bool = True) -> None:
         out.write(
             f"support window: OPEN until {when(w['until'])} ({left} left)"
             f"{', ticket ' + w['ticket'] if w['ticket'] else ''}; services: "
-            f"{', '.join(w['services'])}; opened by uid {w['opened_by']} at "
+            f"{', '.join(w['services'])}; opened by {user(w['opened_by'])} at "
             f"{when(w['opened_at'])}\n"
         )
     else:
         how = w.get("close_reason") or "expired"
-        by = f" by uid {w['closed_by']}" if w.get("closed_by") is not None else ""
+        by = f" by {user(w['closed_by'])}" if w.get("closed_by") is not None else ""
         out.write(
             f"support window: closed ({how}{by} at {when(w.get('closed_at') or w['until'])}); "
             f"it was open from {when(w['opened_at'])}\n"
