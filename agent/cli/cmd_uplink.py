@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  connection: {up.get('state', '?')}")
     if args.action == "status" and sw.get("history"):
         print("  recent flips:")
+        print(f"    {'time (local)':<19}  {'to':<3}  {'by':<24} via")
         for flip in sw["history"][-5:]:
             print(
                 f"    {when(flip['at'])}  {flip['state']:<3}  {user(flip['uid']):<24} "
