@@ -94,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"    {'time (local)':<19}  {'to':<3}  {'by':<24} via")
         for flip in sw["history"][-5:]:
             print(
-                f"    {when(flip['at'])}  {flip['state']:<3}  {user(flip['uid']):<24} "
-                f"via {flip['via']}"
+                f"    {when(flip['at'])}  {flip['state']:<3}  {user(flip['uid']):<24} {flip['via']}"
             )
     return 0
 
