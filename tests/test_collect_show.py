@@ -10,10 +10,12 @@ import hashlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from agent import switch
 from agent.cli import main
@@ -37,6 +39,13 @@ def _digest(state: Path) -> str:
     finally:
         conn.close()
     return h.hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """`collect --show` configures logging onto this test's captured stderr: undo it after."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture
