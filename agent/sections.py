@@ -22,6 +22,8 @@ from agent.paths import CONTROL_SOCKET_NAME, DEFAULT_RUNTIME_DIR, DEFAULT_STATE_
 from agent.sshkeys import HostKeyPin, known_hosts_name, parse_host_key
 
 DEFAULT_CONFIG_PATH = Path("/etc/pbx-agent/agent.yaml")
+#: The vendor's root public key that NOC commands must chain to (agent.uplink.signing).
+DEFAULT_COMMAND_ROOT = Path("/etc/pbx-agent/vendor-root.pub")
 
 # An MQTT topic level and a certificate CN both have to hold it: keep it plain.
 DEVICE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
@@ -68,6 +70,7 @@ class UplinkConfig:
     keepalive: float = 60.0
     heartbeat: float = 60.0
     command_max_age: float = 300.0
+    command_root: Path = DEFAULT_COMMAND_ROOT
     max_inflight: int = 100
     reconnect_max: float = 300.0
     connect_timeout: float = 10.0
@@ -191,6 +194,7 @@ def parse_uplink(sec: Section) -> UplinkConfig:
         keepalive=sec.duration("keepalive", 60.0, min=5, max=3600),
         heartbeat=sec.duration("heartbeat", 60.0, min=1, max=3600),
         command_max_age=sec.duration("command_max_age", 300.0, min=1, max=86400),
+        command_root=sec.path("command_root", str(DEFAULT_COMMAND_ROOT)),
         max_inflight=sec.int("max_inflight", 100, min=1, max=1000),
         reconnect_max=sec.duration("reconnect_max", 300.0, min=1, max=3600),
         connect_timeout=sec.duration("connect_timeout", 10.0, min=1, max=120),

@@ -46,6 +46,7 @@ import psutil
 
 from agent import control
 from agent.store import open_readonly
+from tests.support import signing
 from tests.support.daemon import REPO, AgentProcess, base_config, wait_for
 from tests.support.hog import Hog
 from tests.support.hostile import flood, hostile_payloads
@@ -113,6 +114,7 @@ def bench_commands(root: Path, count: int, baseline_count: int) -> tuple[list[st
             "ca_file": str(pki.ca_file),
             "cert_file": str(creds.cert),
             "key_file": str(creds.key),
+            "command_root": str(signing.root_pub()),
             "heartbeat": "30s",
         }
         agent = AgentProcess(root, cfg)

@@ -10,6 +10,8 @@
     noc [-c noc.yaml] user add NAME (--staff | --org SLUG)   password from NOC_PASSWORD or a prompt
     noc [-c noc.yaml] device add ID [--org SLUG] [--cert FILE]
     noc ca ...                                     the vendor CA (python -m noc.ca)
+    noc keys init-root --out DIR                   the offline root of command signing
+    noc keys issue-command-key --root KEY --out FILE [--days N]   a command key it certifies
 
 Exit codes follow sysexits: 64 usage, 69 broker or box unreachable, 75
 database unavailable, 78 bad configuration.
@@ -72,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--org", help="the organization that owns the box")
     s.add_argument("--cert", type=Path, help="its certificate: the expiry is recorded")
     sub.add_parser("ca", help="the vendor CA (see python -m noc.ca --help)", add_help=False)
+    sub.add_parser("keys", help="command-signing keys (see noc keys --help)", add_help=False)
     return p
 
 
@@ -94,6 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from noc import ca
 
         return ca.main(argv[i + 1 :])  # the CA needs no configuration file
+    if i < len(argv) and argv[i] == "keys":
+        from noc import signing
+
+        return signing.main(argv[i + 1 :])  # the root is offline: no configuration either
     args = _parser().parse_args(argv)
     from noc import logs
 

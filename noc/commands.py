@@ -4,8 +4,10 @@
 command is recorded (who sent it, when, what) before it is published on
 ``pbx/<device>/cmd``; the reply with the same id on ``pbx/<device>/reply`` is
 recorded when it comes (here, and by the ingest workers, whichever is first),
-or the call ends with :class:`CommandError` after the timeout. The agent runs
-only its own allow-list and can only narrow what it sends; this list is the
+or the call ends with :class:`CommandError` after the timeout. Every command is
+signed with the command key in ``signing.key_file`` (:mod:`noc.signing`),
+bound to the device and valid ``signing.lifetime``: a box runs nothing else.
+The agent runs only its own allow-list and can only narrow what it sends; this list is the
 NOC's side of it, so that a typo is refused here rather than by the box.
 """
 
@@ -24,7 +26,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from noc import mqtt
+from noc import mqtt, signing
 from noc.config import NocConfig
 from noc.errors import BrokerError, CommandError, UsageError
 from noc.store import DEVICE_ID
@@ -127,7 +129,8 @@ def send(
     """Record, publish and wait for the reply (None if none within ``timeout``)."""
     if not DEVICE_ID.match(device):
         raise UsageError(f"device {device!r}: not a device id")
-    command = make_command(cmd, args)
+    signer = signing.CommandSigner.load(config.signing.key_file)
+    command = signer.sign(make_command(cmd, args), device, lifetime=config.signing.lifetime)
     wait = config.command_timeout if timeout is None else timeout
     with pool.connection() as conn:
         conn.execute(

@@ -113,6 +113,15 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SigningSettings:
+    """The command key every command is signed with (``noc keys issue-command-key``)."""
+
+    key_file: Path = Path("/etc/pbx-noc/command-key.json")
+    # A box refuses a command after this; its own command_max_age applies as well.
+    lifetime: float = 300.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class NocConfig:
     """The whole configuration."""
 
@@ -122,6 +131,7 @@ class NocConfig:
     web: WebSettings = field(default_factory=WebSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    signing: SigningSettings = field(default_factory=SigningSettings)
     command_timeout: float = 10.0
     source: str = "(defaults)"
 
@@ -132,6 +142,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "web": WebSettings,
     "alerts": AlertSettings,
     "retention": RetentionSettings,
+    "signing": SigningSettings,
 }
 _DURATIONS = {
     "broker.session_expiry",
@@ -145,6 +156,7 @@ _DURATIONS = {
     "alerts.restart_window",
     "ingest.standby_window",
     "command_timeout",
+    "signing.lifetime",
 } | {f"retention.{k}" for k in RetentionSettings.__dataclass_fields__}
 
 

@@ -36,10 +36,23 @@ from agent.uplink.commands import (
     CommandHandler,
     Reply,
 )
+from agent.uplink.signing import CommandVerifier
+from tests.support import signing
 
 MAX_AGE = 300.0
 NOW = 1_800_000_000.0
 KNOWN = ["callstats", "health"]
+DEVICE = "pbx-test-1"
+
+
+def signed(msg: dict[str, Any], now: float = NOW, device: str = DEVICE) -> bytes:
+    """``msg`` signed as the NOC signs it, with a command key valid around ``now``."""
+    return json.dumps(signing.sign(msg, device, now=now)).encode()
+
+
+def verifier() -> CommandVerifier:
+    """The verifier of a box called DEVICE that pins the test root."""
+    return CommandVerifier(signing.root_pub(), DEVICE)
 
 
 class Host:
@@ -68,6 +81,7 @@ class Rig:
         self.conn, _ = open_db(state)
         self.ledger = Ledger(self.conn)
         self.handler = self._handler()
+        self.last_size = 0
 
     def _handler(self) -> CommandHandler:
         return CommandHandler(
@@ -76,6 +90,7 @@ class Rig:
             host=self.host,
             max_age=MAX_AGE,
             switch_word=lambda: "on" if self.host.switch else "off",
+            verifier=verifier(),
         )
 
     def restart(self) -> None:
@@ -86,8 +101,9 @@ class Rig:
         self.handler = self._handler()
 
     def send(self, msg: dict[str, Any] | bytes, now: float = NOW) -> Reply:
-        """Hand one payload to the handler."""
-        payload = msg if isinstance(msg, bytes) else json.dumps(msg).encode()
+        """Hand one payload to the handler: a dict signed as the NOC signs, bytes as they are."""
+        payload = msg if isinstance(msg, bytes) else signed(msg, now)
+        self.last_size = len(payload)
         return self.handler.handle(payload, now=now)
 
     def commands(self) -> list[dict[str, Any]]:
@@ -346,13 +362,15 @@ def test_every_command_has_exactly_one_ledger_entry(rig: Rig) -> None:
         cmd("l3", "nope"),
         cmd("l4", "ping", ts=NOW - 10_000),
     ]
-    replies = [rig.send(p) for p in payloads]
+    replies, sizes = [], []
+    for p in payloads:
+        replies.append(rig.send(p))
+        sizes.append(rig.last_size)
     entries = rig.commands()
     assert len(entries) == len(payloads)
-    for entry, reply, payload in zip(entries, replies, payloads, strict=True):
-        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    for entry, reply, size in zip(entries, replies, sizes, strict=True):
         assert entry["id"] == reply.id and entry["ok"] == reply.ok
-        assert entry["size"] == len(raw)
+        assert entry["size"] == size
         assert entry.get("error") == reply.error
     assert [e["ok"] for e in entries] == [True, False, False, True, False, False]
     assert ledger.verify(rig.conn).ok
@@ -552,7 +570,12 @@ def test_arbitrary_commands_accepted_only_when_well_formed(
     """JSON-ish commands never raise; ok is True exactly for well-formed, fresh, valid ones."""
     before = fuzz.count()
     for msg in msgs:
-        reply = fuzz.handler.handle(json.dumps(msg).encode(), now=NOW)
+        # Signed, so that what is checked after the signature is what varies here.
+        try:
+            payload = signed(msg)
+        except ValueError:  # not finite: cannot be signed (nor is it acceptable JSON)
+            payload = json.dumps(msg).encode()
+        reply = fuzz.handler.handle(payload, now=NOW)
         assert isinstance(reply, Reply)
         body = json.loads(reply.payload())
         assert body["ok"] is reply.ok

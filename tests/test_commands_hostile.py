@@ -30,7 +30,7 @@ from tests.support.daemon import AgentProcess, wait_for
 from tests.support.hostile import KINDS, flood, hostile_payloads, make_payload
 from tests.support.mosquitto import Mosquitto
 from tests.support.pki import PKI
-from tests.test_commands import KNOWN, MAX_AGE, NOW, FuzzRig, Host, Rig, cmd
+from tests.test_commands import KNOWN, MAX_AGE, NOW, FuzzRig, Host, Rig, cmd, signed
 from tests.test_uplink import DEVICE, uplink_config
 
 # -- the handler alone ----------------------------------------------------------------------
@@ -60,7 +60,7 @@ def answered(rig: Rig, payload: bytes, now: float = NOW) -> Reply:
 def still_alive(rig: Rig, now: float = NOW) -> None:
     """A well-formed command after the hostile ones is still accepted."""
     fresh = f"alive-{time.monotonic_ns()}"
-    assert rig.handler.handle(json.dumps(cmd(fresh, "ping", ts=now)).encode(), now=now).ok
+    assert rig.handler.handle(signed(cmd(fresh, "ping", ts=now), now), now=now).ok
 
 
 def test_overflowing_integer_ts_is_refused(rig: Rig) -> None:
@@ -83,7 +83,9 @@ def test_lone_surrogate_id_is_refused(rig: Rig) -> None:
 
 def test_paired_surrogates_are_fine(rig: Rig) -> None:
     """An escaped surrogate pair is one valid character: the command is accepted."""
-    reply = answered(rig, b'{"v":1,"id":"emoji-\\ud83d\\ude00","cmd":"ping","ts":%d}' % NOW)
+    payload = signed(cmd("emoji-\U0001f600", "ping"))
+    assert b"\\ud83d\\ude00" in payload  # json.dumps escapes it as the pair
+    reply = answered(rig, payload)
     assert reply.ok and reply.id == "emoji-\U0001f600"
 
 
@@ -118,8 +120,8 @@ def test_deep_nesting_is_refused(rig: Rig, depth: int) -> None:
 
 def test_nul_and_control_characters(rig: Rig) -> None:
     """NUL in an id is refused; NUL in a command name is refused and written escaped."""
-    assert not answered(rig, json.dumps(cmd("a\x00", "ping")).encode()).ok
-    reply = answered(rig, json.dumps(cmd("nul-cmd", "ping\x00")).encode())
+    assert not answered(rig, signed(cmd("a\x00", "ping"))).ok
+    reply = answered(rig, signed(cmd("nul-cmd", "ping\x00")))
     assert not reply.ok and reply.cmd == "ping\\x00" and reply.id == "nul-cmd"
 
 
@@ -144,7 +146,8 @@ def test_oversized_just_over_the_limit(rig: Rig) -> None:
 )
 def test_timestamps_out_of_range(rig: Rig, ts: Any) -> None:
     """Times a datetime cannot convert, or far out of range, are refused, not raised."""
-    assert not answered(rig, json.dumps(cmd("t", "ping", ts=ts)).encode()).ok
+    reply = answered(rig, signed(cmd("t", "ping", ts=ts)))
+    assert not reply.ok and "sign" not in (reply.error or "")  # refused for its time
 
 
 class BrokenHost(Host):
@@ -159,7 +162,7 @@ def test_an_unforeseen_exception_is_a_refusal(tmp_path: Path) -> None:
     """Any exception type inside handling is a refusal with a reply and a ledger entry."""
     r = Rig(tmp_path / "s", BrokenHost())
     try:
-        reply = answered(r, json.dumps(cmd("u1", "collect", args={"collector": "health"})).encode())
+        reply = answered(r, signed(cmd("u1", "collect", args={"collector": "health"})))
         assert not reply.ok and "RuntimeError" in (reply.error or "") and reply.id == "u1"
         assert r.handler.unexpected == 1
         still_alive(r)
@@ -349,7 +352,7 @@ def test_any_payload_gets_a_reply_and_a_ledger_entry(prop: FuzzRig, payload: byt
         assert msg["v"] == 1 and type(msg["v"]) is int and msg["cmd"] in ("ping", "policy")
     assert prop.count() == before + 1
     alive = f"alive-{prop.count()}"
-    assert prop.handler.handle(json.dumps(cmd(alive, "ping")).encode(), now=NOW).ok
+    assert prop.handler.handle(signed(cmd(alive, "ping")), now=NOW).ok
     assert prop.host.gate.policy.send == frozenset(DataClass)
     assert prop.host.collected == [] or set(prop.host.collected) <= set(KNOWN)
 
@@ -414,7 +417,7 @@ def test_packet_over_the_announced_maximum_never_arrives(
 ) -> None:
     """A 100 KiB command is dropped by the broker (MQTT 5 Maximum Packet Size); the link stays."""
     big = b'{"v":1,"id":"huge","ts":1,"cmd":"ping","pad":"' + b"x" * 100_000 + b'"}'
-    ping = json.dumps(cmd("after-huge", "ping", ts=time.time())).encode()
+    ping = signed(cmd("after-huge", "ping", ts=time.time()), time.time())
     result = flood(broker, DEVICE, [big, ping], timeout=15, expect_replies=False)
     wait_for(lambda: linked.status()["uplink"]["commands"]["handled"] >= 1, what="the ping handled")
     time.sleep(0.2)  # a window in which a reply to the huge command would show
@@ -447,7 +450,7 @@ def test_qos0_flood_is_bounded(linked: AgentProcess, broker: Mosquitto) -> None:
         await c.connect()
         for i in range(n):
             body = {"v": 1, "id": f"q{i}", "ts": time.time(), "cmd": "ping", "pad": pad}
-            c.publish(f"pbx/{DEVICE}/cmd", json.dumps(body).encode(), qos=0)
+            c.publish(f"pbx/{DEVICE}/cmd", signed(body, time.time()), qos=0)
         # DISCONNECT goes out after them, in order: once it is written, all of them were.
         await c.disconnect(within=30)
 

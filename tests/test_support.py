@@ -33,8 +33,11 @@ from agent.sshkeys import (
 )
 from agent.support_window import CloseReason, WindowState
 from agent.uplink.commands import CommandHandler
+from agent.uplink.signing import CommandVerifier
 from agent.uplink.sshd_log import LogFollower, parse_login
 from agent.uplink.support import Grant, _Session
+from tests.support import signing
+from tests.support.signing import signed_bytes
 from tests.support.sshd import KeyPair
 
 ED = KeyPair().public_line
@@ -96,14 +99,20 @@ def _release_daemons() -> Iterator[None]:
 def handler_for(d: Daemon) -> CommandHandler:
     """The NOC command handler as the uplink session makes it."""
     return CommandHandler(
-        conn=d.db, ledger=d.ledger, host=d, max_age=300, switch_word=lambda: d.switch.word
+        conn=d.db,
+        ledger=d.ledger,
+        host=d,
+        max_age=300,
+        switch_word=lambda: d.switch.word,
+        verifier=CommandVerifier(signing.root_pub(), "pbx-test-1"),
     )
 
 
 def send(h: CommandHandler, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
     """One command through the handler; the reply as the NOC gets it."""
     payload = {"v": 1, "id": f"c{time.monotonic_ns()}", "ts": time.time(), "cmd": cmd}
-    return dict(json.loads(h.handle(json.dumps({**payload, "args": args}).encode()).payload()))
+    body = signed_bytes({**payload, "args": args}, "pbx-test-1")
+    return dict(json.loads(h.handle(body).payload()))
 
 
 def support_events(d: Daemon) -> list[dict[str, Any]]:

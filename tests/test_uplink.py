@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from agent import control
+from tests.support import signing
 from tests.support.daemon import AgentProcess, base_config, wait_for
 from tests.support.mosquitto import Mosquitto
 from tests.support.noc import NocListener
@@ -30,6 +31,7 @@ def uplink_config(root: Path, pki: PKI, host: str, port: int, **uplink: Any) -> 
         "ca_file": str(pki.ca_file),
         "cert_file": str(creds.cert),
         "key_file": str(creds.key),
+        "command_root": str(signing.root_pub()),
         "heartbeat": "30s",
         "reconnect_max": "2s",
         "connect_timeout": "5s",

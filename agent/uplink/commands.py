@@ -1,7 +1,11 @@
 """Commands from the NOC: parsed, checked and answered; never trusted.
 
-A command arrives on ``pbx/<device>/cmd`` as ``{"v":1,"id","ts","cmd","args"}``.
-Only the commands in :data:`ALLOWED` run, and none of them can widen what is
+A command arrives on ``pbx/<device>/cmd`` as ``{"v":1,"id","ts","exp","device","cmd",
+"args","key","sig"}``, signed by a command key the vendor's root certified
+(:mod:`agent.uplink.signing`); an unsigned, wrongly signed, expired or
+cross-device command is refused before its meaning is looked at, and its id is
+not spent (a forgery cannot burn the id of a real command). Only the commands
+in :data:`ALLOWED` run, and none of them can widen what is
 sent or turn the switch on: ``narrow`` only removes classes, and the switch is
 not reachable from here at all.
 
@@ -37,6 +41,7 @@ from agent.policy.classes import DataClass
 from agent.policy.gate import Gate
 from agent.store import transaction
 from agent.strictjson import printable
+from agent.uplink.signing import CommandVerifier
 
 log = structlog.get_logger(__name__)
 
@@ -153,8 +158,10 @@ class CommandHandler:
         host: CommandHost,
         max_age: float,
         switch_word: Callable[[], str],
+        verifier: CommandVerifier,
     ) -> None:
         self.conn = conn
+        self.verifier = verifier
         self.ledger = ledger
         self.host = host
         self.max_age = max_age
@@ -244,6 +251,7 @@ class CommandHandler:
         if not isinstance(raw_cmd, str):
             raise CommandRefused('"cmd" must be a string')
         known.cmd = printable(raw_cmd)
+        self.verifier.check(msg, now)
         ts = _parse_ts(msg.get("ts"))
         if now - ts > self.max_age:
             raise CommandRefused(f"command too old ({now - ts:.0f} s; limit {self.max_age:.0f} s)")

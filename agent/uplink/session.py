@@ -35,6 +35,7 @@ from agent.logs import Throttle
 from agent.uplink import tls
 from agent.uplink.commands import CommandHandler, CommandHost
 from agent.uplink.mqtt import LinkSettings, MqttLink, Will, reason_text
+from agent.uplink.signing import CommandVerifier
 
 if TYPE_CHECKING:
     from agent.ledger import Ledger
@@ -99,6 +100,7 @@ class UplinkSession:
             host=commands,
             max_age=self.cfg.command_max_age,
             switch_word=lambda: "on" if switch_on() else "off",
+            verifier=CommandVerifier(self.cfg.command_root, device_id),
         )
         self.prefix = f"pbx/{self.device_id}"
         self.state = UplinkState.STARTING
@@ -146,7 +148,11 @@ class UplinkSession:
             "puback_errors": self.puback_errors,
             "paused": self.paused,
             "last_error": self.last_error,
-            "commands": {**self.commands.stats(), "dropped_qos0": self.commands_dropped},
+            "commands": {
+                **self.commands.stats(),
+                "dropped_qos0": self.commands_dropped,
+                "signing": self.commands.verifier.status(),
+            },
         }
 
     async def sever(self) -> None:

@@ -30,6 +30,7 @@ from agent.policy.classes import DataClass, Record
 from agent.policy.gate import Gate
 from agent.store import open_db
 from agent.uplink.session import UplinkSession
+from tests.support import signing
 from tests.support.pki import Creds
 
 
@@ -95,6 +96,7 @@ class SimAgent:
             f"  ca_file: {self.ca_file}\n"
             f"  cert_file: {self.creds.cert}\n"
             f"  key_file: {self.creds.key}\n"
+            f"  command_root: {signing.root_pub()}\n"
             f"  keepalive: {self.keepalive}s\n"
             f"  heartbeat: {self.heartbeat}s\n"
             f"  reconnect_max: {self.reconnect_max}s\n"

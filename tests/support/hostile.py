@@ -22,6 +22,7 @@ from typing import Any
 from agent.uplink.mqtt import LinkSettings, MqttLink
 from agent.uplink.tls import client_context
 from tests.support.mosquitto import Mosquitto
+from tests.support.signing import signed_bytes
 
 # Each kind is one way a payload can be wrong (or right: "ok" and "replay" are the
 # controls that show accepted commands still run in the middle of a flood).
@@ -80,17 +81,24 @@ def _random_json(rng: random.Random, depth: int = 0) -> Any:
     return {f"k{i}": _random_json(rng, depth + 1) for i in range(rng.randint(0, 4))}
 
 
-def make_payload(kind: str, rng: random.Random, now: float, seen: list[str]) -> bytes:
-    """One payload of ``kind``; ``seen`` collects accepted ids so that replays can reuse them."""
+def make_payload(
+    kind: str, rng: random.Random, now: float, seen: list[str], device: str = "pbx-test-1"
+) -> bytes:
+    """One payload of ``kind``; ``seen`` collects accepted ids so that replays can reuse them.
+
+    Payloads that are well-formed JSON objects are signed for ``device`` as the NOC
+    signs (a valid signature on a wrong command), so that what is refused is the
+    fault of their kind, not the lack of a signature; the rest cannot be signed.
+    """
     ts = now
     if kind == "ok":
         cmd_id = _id(rng)
         seen.append(cmd_id)
         name = rng.choice(["ping", "policy"])
-        return json.dumps({"v": 1, "id": cmd_id, "ts": ts, "cmd": name}).encode()
+        return signed_bytes({"v": 1, "id": cmd_id, "ts": ts, "cmd": name}, device, now=now)
     if kind == "replay":
         cmd_id = rng.choice(seen) if seen else "never-seen"
-        return json.dumps({"v": 1, "id": cmd_id, "ts": ts, "cmd": "ping"}).encode()
+        return signed_bytes({"v": 1, "id": cmd_id, "ts": ts, "cmd": "ping"}, device, now=now)
     base = {"v": 1, "id": _id(rng), "ts": ts, "cmd": "ping", "args": {}}
     if kind == "huge-int-ts":
         digits = rng.choice([40, 309, 400, 4300, 5000, 12000])
@@ -138,8 +146,10 @@ def make_payload(kind: str, rng: random.Random, now: float, seen: list[str]) -> 
         target = rng.choice([*FIELDS, "args.collector", "args.class"])
         if target.startswith("args."):
             name = "collect" if target == "args.collector" else "narrow"
-            return json.dumps({**base, "cmd": name, "args": {target[5:]: _wrong(rng)}}).encode()
-        return json.dumps({**base, target: _wrong(rng, target)}).encode()
+            return signed_bytes(
+                {**base, "cmd": name, "args": {target[5:]: _wrong(rng)}}, device, now=now
+            )
+        return signed_bytes({**base, target: _wrong(rng, target)}, device, now=now)
     if kind == "oversized":
         size = rng.randint(16 * 1024 + 1, MAX_OVERSIZED)
         body = json.dumps({**base, "args": {"pad": ""}}, separators=(",", ":")).encode()
@@ -174,18 +184,18 @@ def make_payload(kind: str, rng: random.Random, now: float, seen: list[str]) -> 
                 1e308,
             ]
         )
-        return json.dumps({**base, "ts": bad}).encode()
+        return signed_bytes({**base, "ts": bad}, device, now=now)
     if kind == "unknown-cmd":
         name = rng.choice(["uplink", "switch", "support.connect", "PING", "\u202eping", "x" * 500])
-        return json.dumps({**base, "cmd": name, "args": {"state": "on"}}).encode()
+        return signed_bytes({**base, "cmd": name, "args": {"state": "on"}}, device, now=now)
     if kind == "random-json":
         msg = {f: _random_json(rng) for f in FIELDS if rng.random() < 0.7}
-        return json.dumps(msg).encode()
+        return signed_bytes(msg, device, now=now)
     raise ValueError(f"unknown kind {kind!r}")
 
 
 def hostile_payloads(
-    count: int, *, seed: int = 9, now: float | None = None
+    count: int, *, seed: int = 9, now: float | None = None, device: str = "pbx-test-1"
 ) -> Iterator[tuple[str, bytes]]:
     """``count`` (kind, payload) pairs cycling through every kind, shuffled within each cycle."""
     rng = random.Random(seed)
@@ -200,7 +210,7 @@ def hostile_payloads(
         for kind in kinds:
             if made == count:
                 return
-            yield kind, make_payload(kind, rng, time.time() if now is None else now, seen)
+            yield kind, make_payload(kind, rng, time.time() if now is None else now, seen, device)
             made += 1
 
 

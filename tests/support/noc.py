@@ -17,6 +17,7 @@ from agent.errors import UplinkError
 from agent.uplink.mqtt import LinkSettings, MqttLink
 from agent.uplink.tls import client_context
 from tests.support.mosquitto import Mosquitto
+from tests.support.signing import signed_bytes
 
 
 @dataclass
@@ -123,8 +124,9 @@ class NocListener:
         return [m.payload.decode() for m in self.snapshot() if m.topic == f"pbx/{device}/status"]
 
     def send(self, device: str, payload: bytes | dict[str, Any]) -> None:
-        """Publish a command to ``pbx/<device>/cmd``."""
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        """Publish a command to ``pbx/<device>/cmd``: a dict signed as the NOC signs, bytes as
+        they are."""
+        data = payload if isinstance(payload, bytes) else signed_bytes(payload, device)
 
         async def pub() -> None:
             assert self._client is not None

@@ -18,6 +18,7 @@ import yaml
 
 from noc.config import NocConfig, parse
 from tests.support.mosquitto import Mosquitto, free_port, wait_port
+from tests.support import signing
 from tests.support.pki import PKI
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,6 +37,7 @@ def noc_settings(pki: PKI, broker: Mosquitto, dsn: str, **sections: Any) -> dict
             "keepalive": 5,
         },
         "ingest": {"batch": 200},
+        "signing": {"key_file": str(signing.command_key_file())},
         "command_timeout": "5s",
     }
     for key, value in sections.items():

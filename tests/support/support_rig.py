@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.support import signing
 from tests.support.daemon import REPO, AgentProcess, base_config, wait_for
 from tests.support.mosquitto import Mosquitto
 from tests.support.noc import NocListener
@@ -169,6 +170,7 @@ class SupportRig:
             "ca_file": str(pki.ca_file),
             "cert_file": str(creds.cert),
             "key_file": str(creds.key),
+            "command_root": str(signing.root_pub()),
             "reconnect_max": "2s",
             "connect_timeout": "5s",
         }
