@@ -93,12 +93,12 @@ def ledgered_commands(state_dir: Path) -> int:
 
 
 def pings(count: int) -> list[bytes]:
-    """Well-formed, fresh ping commands: the baseline."""
-    import json
+    """Well-formed, fresh, signed ping commands: the baseline."""
+    from tests.support.signing import signed_bytes
 
     now = time.time()
     return [
-        json.dumps({"v": 1, "id": f"base-{i}", "ts": now, "cmd": "ping"}).encode()
+        signed_bytes({"v": 1, "id": f"base-{i}", "ts": now, "cmd": "ping"}, DEVICE, now=now)
         for i in range(count)
     ]
 

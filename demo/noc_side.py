@@ -143,6 +143,7 @@ class NocSide:
             },
             "web": {"host": "127.0.0.1", "port": self.web_port},
             "alerts": {"heartbeat": "10s", "interval": "5s", "resolve_after": "10s"},
+            "signing": {"key_file": str(self.files["command_key"])},
             "command_timeout": "5s",
         }
 

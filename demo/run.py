@@ -33,6 +33,7 @@ import psycopg
 import yaml
 
 from demo.noc_side import NocSide
+from noc import signing
 from noc.ca import make_ca, make_key_and_csr
 from tests.support.nocseed import PASSWORD
 
@@ -149,7 +150,16 @@ def make_pki() -> dict[str, Path]:
         f"went to the CA"
     )
     print(f"  box certificate  {cert}  CN={DEVICE}")
+    # Command signing: an offline root (its public key pinned on the box) and a command key
+    # it certifies, which the NOC signs every command with.
+    root_key, root_pub, fp = signing.init_root(RUN / "vendor-root")
+    command_key = RUN / "noc" / "command-key.json"
+    signing.issue_command_key(signing.load_root(root_key), command_key, days=1)
+    shutil.copy(root_pub, box / "vendor-root.pub")
+    print(f"  command root     {root_pub}  {fp}, pinned on the box; command key {command_key}")
     return {
+        "root_pub": box / "vendor-root.pub",
+        "command_key": command_key,
         "ca": ca.cert_path,
         "broker_cert": broker_cert,
         "broker_key": broker_key,
@@ -224,6 +234,7 @@ def agent_config(files: dict[str, Path], port: int) -> dict[str, Any]:
             "ca_file": str(files["box_ca"]),
             "cert_file": str(files["cert"]),
             "key_file": str(files["key"]),
+            "command_root": str(files["root_pub"]),
             "heartbeat": "10s",
             "reconnect_max": "5s",
         },

@@ -226,7 +226,11 @@ def test_commands(agent: AgentProcess, noc: NocListener) -> None:
     noc.send(DEVICE, b"\xff\xfenot json")
     noc.send(DEVICE, {"v": 1, "id": "c4", "ts": now, "cmd": "narrow", "args": {"class": "health"}})
     noc.send(DEVICE, {"v": 1, "id": "c5", "ts": now, "cmd": "policy"})
-    wait_for(lambda: len(noc.replies(DEVICE)) >= 7, timeout=15, what="seven replies")
+    # What a broker could forward on its own: unsigned, and signed for another box.
+    unsigned = {"v": 1, "id": "c6", "ts": now, "cmd": "narrow", "args": {"class": "config"}}
+    noc.send(DEVICE, json.dumps(unsigned).encode())
+    noc.send(DEVICE, signing.signed_bytes({**unsigned, "id": "c7"}, "pbx-test-2"))
+    wait_for(lambda: len(noc.replies(DEVICE)) >= 9, timeout=15, what="nine replies")
     replies = noc.replies(DEVICE)
     by_id: dict[Any, list[dict[str, Any]]] = {}
     for r in replies:
@@ -238,11 +242,16 @@ def test_commands(agent: AgentProcess, noc: NocListener) -> None:
     assert by_id[None][0]["ok"] is False
     assert by_id["c4"][0]["result"]["effective"] == ["callstats", "config"]
     assert by_id["c5"][0]["result"]["narrowed"] == ["health"]
+    assert "not signed" in by_id["c6"][0]["error"]
+    assert "not for this box" in by_id["c7"][0]["error"]
     status = agent.status()
     assert status["policy"]["effective"] == ["callstats", "config"]
     assert status["switch"]["state"] == "on"
+    assert status["uplink"]["commands"]["signing"]["command_key"]["kid"] == "test-ck"
     audit = agent.ctl("audit", "--kind", "command", "--json")
-    assert len(audit.stdout.splitlines()) == 7
+    assert len(audit.stdout.splitlines()) == 9
+    human = agent.ctl("status").stdout
+    assert "NOC commands: signed by a key of root SHA256:" in human, human
 
 
 def test_off_right_after_connect_never_hangs(tmp_path: Path, pki: PKI, broker: Mosquitto) -> None:

@@ -63,5 +63,14 @@ def run_check(args: argparse.Namespace) -> int:
         # Valid agent.yaml: fed back to `config check`, it gives this same configuration.
         print(f"# effective configuration from {path} (defaults included; passwords masked)")
         print(to_yaml(config), end="")
+    if config.uplink is not None and not args.syntax_only:
+        # Not an error (a box may report without taking commands), but the operator should know.
+        from agent.uplink.signing import load_root
+
+        try:
+            load_root(config.uplink.command_root)
+        except ValueError as exc:
+            print(f"note: uplink.command_root: {exc}: every NOC command will be refused",
+                  file=sys.stderr)  # fmt: skip
     print(f"{path}: ok", file=sys.stderr)
     return 0

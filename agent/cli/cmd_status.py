@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from agent.cli.cmd_uplink import switch_word
@@ -41,6 +42,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_signing(sig: dict[str, Any] | None) -> None:
+    """How NOC commands are checked: the pinned root, or why every command is refused."""
+    if not sig:
+        return
+    out = sys.stdout
+    if not sig.get("accepting"):
+        out.write(f"  NOC commands: all refused ({sig.get('problem')})\n")
+        return
+    line = f"  NOC commands: signed by a key of root {sig['root_fingerprint']} ({sig['root']})"
+    key = sig.get("command_key")
+    if key:
+        left = (key["expires"] - time.time()) / 86400
+        line += f"; command key {key['kid']} expires {key['expires_utc']} ({left:.0f} days)"
+        if left < 14:
+            line += " WARNING: under 14 days"
+    out.write(line + "\n")
+
+
 def print_status(s: dict[str, Any]) -> None:
     """The human view of a status reply."""
     d = s["daemon"]
@@ -68,6 +87,7 @@ def print_status(s: dict[str, Any]) -> None:
         out.write(line + "\n")
         if up.get("paused"):
             out.write(f"  deliveries paused: {up['paused']}\n")
+        print_signing((up.get("commands") or {}).get("signing"))
     sup = s.get("support") or {}
     if sup.get("configured"):
         w = sup.get("window")

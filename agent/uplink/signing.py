@@ -39,7 +39,7 @@ import json
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,8 @@ class CommandKey:
     public: bytes
     not_before: float
     expires: float
+    #: The loaded key (cryptography's object), made once per key rather than per command.
+    loaded: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,12 +140,17 @@ def _utc(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _verify(public: bytes, signature: bytes, data: bytes) -> bool:
-    from cryptography.exceptions import InvalidSignature
+def _load_public(raw: bytes) -> Any:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def _verify(public: Any, signature: bytes, data: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
     try:
-        Ed25519PublicKey.from_public_bytes(public).verify(signature, data)
+        public.verify(signature, data)
     except InvalidSignature:
         return False
     return True
@@ -206,7 +213,7 @@ class CommandVerifier:
             data = canonical(signed_part(msg))
         except (TypeError, ValueError):
             raise CommandRefused("command cannot be put in canonical form") from None
-        if not _verify(key.public, signature, data):
+        if not _verify(key.loaded, signature, data):
             raise CommandRefused(f"command signature does not verify with command key {key.kid!r}")
         device = msg.get("device")
         if device != self.device_id:
@@ -254,9 +261,15 @@ class CommandVerifier:
         not_before = _seconds(cert.get("nbf"), "the command key's nbf")
         expires = _seconds(cert.get("exp"), "the command key's exp")
         # canonical() of the whole certificate succeeded already, so it does of a part.
-        if not _verify(root.public, root_sig, canonical(signed_part(cert))):
+        if not _verify(_load_public(root.public), root_sig, canonical(signed_part(cert))):
             raise CommandRefused(
                 f"command key {printable(kid)!r} is not signed by the pinned vendor root "
                 f"({root.fingerprint})"
             )
-        return CommandKey(kid=kid, public=public, not_before=not_before, expires=expires)
+        return CommandKey(
+            kid=kid,
+            public=public,
+            not_before=not_before,
+            expires=expires,
+            loaded=_load_public(public),
+        )
