@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from noc.config import NocConfig, parse
-from tests.support.mosquitto import Mosquitto, free_port, wait_port
 from tests.support import signing
+from tests.support.mosquitto import Mosquitto, free_port, wait_port
 from tests.support.pki import PKI
 
 REPO = Path(__file__).resolve().parents[2]
