@@ -22,12 +22,14 @@ from agent.sections import (
     DEFAULT_CONFIG_PATH,
     DEVICE_ID_PATTERN,
     ControlConfig,
+    EnrollConfig,
     OutboxConfig,
     PathsConfig,
     SupportConfig,
     SupportService,
     UplinkConfig,
     parse_control,
+    parse_enroll,
     parse_outbox,
     parse_paths,
     parse_support,
@@ -40,6 +42,7 @@ __all__ = [
     "AgentConfig",
     "CollectorsConfig",
     "ControlConfig",
+    "EnrollConfig",
     "OutboxConfig",
     "PathsConfig",
     "PolicyConfig",
@@ -64,6 +67,7 @@ class AgentConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     uplink: UplinkConfig | None = None
+    enroll: EnrollConfig | None = None
     support: SupportConfig | None = None
     log_level: str = "info"
 
@@ -95,6 +99,8 @@ def build(data: LineMap, path: Path) -> AgentConfig:
     outbox = parse_outbox(top.section("outbox"))
     uplink = parse_uplink(top.section("uplink")) if top.has("uplink") else None
     top.raw("uplink")
+    enroll = parse_enroll(top.section("enroll")) if top.has("enroll") else None
+    top.raw("enroll")
     support = None
     if top.has("support") and isinstance(paths.state_dir, Path):
         support = parse_support(top.section("support"), device_id, paths.state_dir)
@@ -111,6 +117,7 @@ def build(data: LineMap, path: Path) -> AgentConfig:
         policy=policy,
         outbox=outbox,
         uplink=uplink,
+        enroll=enroll,
         support=support,
         log_level=log_level,
     )

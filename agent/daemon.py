@@ -248,6 +248,19 @@ class Daemon:
         self.control.route("reload", self._reload_request, admin=True)
         self.support = self.build_support(config)
         self.support.register(self.control)
+        # Enrollment reloads the configuration when done: the uplink then starts (or
+        # reconnects) with the new certificate.
+        from agent.uplink.enroll import EnrollService
+
+        self.enroll = EnrollService(
+            device_id=config.device_id,
+            state_dir=config.paths.state_dir,
+            config=config.enroll,
+            switch_on=lambda: self.switch.on,
+            ledger=self.ledger,
+            on_enrolled=lambda _installed: self.reload_event.set(),
+        )
+        self.enroll.register(self.control)
 
     def _record_reset(self, loss: anchor.Loss, opened: Opened, last: anchor.Mark | None) -> None:
         """Say in the new ledger what was lost; queue what a corrupt file still holds."""
@@ -431,6 +444,7 @@ class Daemon:
                         self.gate.set_policy(new.policy)
                         self.gate.local_only = new.uplink is None
                         self.support.reconfigure(new.support)
+                        self.enroll.config = new.enroll
                         workers = tg.create_task(self._run_workers(new), name="workers")
                     self.notifier.ready(self._status_line())
         except* _Stop:

@@ -35,6 +35,8 @@ as a warning: an error log line is for something a person must fix.
     └── UplinkError            the uplink could not be set up or used
         ├── TLSMaterialError   key/cert/CA unusable: loose permissions, expired, mismatch
         ├── BrokerRefused      the broker refused us (certificate, ACL, protocol)
+        ├── EnrollmentError    enrollment failed at a named step (key, request, connect,
+        │                      token, response, check, install)
         └── SupportError       remote support refused (no window, wrong ticket, switch off)
             │                  or failed (bastion unreachable, key refused, forward refused)
             └── HostKeyMismatch  the bastion showed a host key other than the pinned one
@@ -202,6 +204,15 @@ class TLSMaterialError(UplinkError):
 
 class BrokerRefused(UplinkError):
     """The broker refused the connection or an operation."""
+
+
+class EnrollmentError(UplinkError):
+    """Enrollment failed; ``step`` names where (key, request, connect, token, response,
+    check, install) and the message says why."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(f"enrollment failed at step '{step}': {message}")
+        self.step = step
 
 
 class SupportError(UplinkError):

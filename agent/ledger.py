@@ -1,8 +1,8 @@
 """The egress ledger: an append-only, hash-chained account of everything that leaves.
 
 Each entry holds its kind (``delivered``, ``switch``, ``command``,
-``dropped``, ``reset``), a small JSON body (never the content sent, only its
-size and SHA-256), the hash of the entry before it and its own hash::
+``dropped``, ``reset``, ``support``, ``enroll``), a small JSON body (never the
+content sent, only its size and SHA-256), the hash of the entry before it and its own hash::
 
     hash = sha256(prev_hash || "\\n" || n || "\\n" || ts || "\\n" || kind || "\\n" || data)
 

@@ -82,6 +82,19 @@ class UplinkConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EnrollConfig:
+    """Where ``agentctl enroll`` trades a one-time token for the box's certificate."""
+
+    url: str  # https://HOST[:PORT][/PATH]: the vendor's EST-shaped endpoint
+    host: str
+    port: int = 443
+    path: str = "/.well-known/est"
+    ca_file: Path  # the only CA trusted for the endpoint (the vendor CA)
+    broker: str | None = None  # written into a new uplink section after enrollment
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class SupportService:
     """A local service the vendor may reach through the support tunnel."""
 
@@ -263,6 +276,42 @@ def _support_services(sec: Section) -> tuple[SupportService, ...]:
         sec.problem("services", "name at least one local service the vendor may reach")
     svc.finish()
     return tuple(services)
+
+
+def parse_enroll(sec: Section) -> EnrollConfig:
+    """The ``enroll`` section."""
+    url = sec.str(
+        "url",
+        pattern=r"https://[^/:\s]+(:\d{1,5})?(/\S*)?",
+        hint="expected https://HOST[:PORT][/PATH]; plain http:// is not accepted",
+    )
+    host, port, path = "", 443, "/.well-known/est"
+    if isinstance(url, str):
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        try:
+            port = parts.port or 443
+        except ValueError:
+            sec.problem("url", "port out of range")
+        path = parts.path.rstrip("/") or path
+    broker = None
+    if sec.has("broker"):
+        broker = sec.str(
+            "broker",
+            pattern=r"mqtts://[^/:]+(:\d{1,5})?/?",
+            hint="expected mqtts://HOST[:PORT]",
+        )
+    e = EnrollConfig(
+        url=url,
+        host=host,
+        port=port,
+        path=path,
+        ca_file=sec.path("ca_file"),
+        broker=broker,
+        timeout=sec.duration("timeout", 30.0, min=1, max=300),
+    )
+    sec.finish()
+    return e
 
 
 def parse_support(sec: Section, device_id: object, state_dir: Path) -> SupportConfig:

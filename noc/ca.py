@@ -264,6 +264,19 @@ class CA:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as exc:
             raise CAError(f"not a PEM certificate signing request: {exc}") from exc
+        cert = self.certify_request(csr, device_id=device_id, not_after=_now() + dt.timedelta(days))
+        out = Path(out_path)
+        write_public(out, _cert_pem(cert))
+        return out
+
+    def certify_request(
+        self,
+        csr: x509.CertificateSigningRequest,
+        *,
+        device_id: str | None,
+        not_after: dt.datetime,
+    ) -> x509.Certificate:
+        """A client certificate for a checked request (see :meth:`sign_csr`), not written."""
         if not csr.is_signature_valid:
             raise CAError("the request's signature does not verify: not made with its key")
         cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -276,17 +289,14 @@ class CA:
         public_key = csr.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
             raise CAError(f"expected an EC public key, found {type(public_key).__name__}")
-        cert = self._sign(
+        return self._sign(
             subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]),
             public_key=public_key,
             eku=ExtendedKeyUsageOID.CLIENT_AUTH,
             san=[],
             not_before=None,
-            not_after=_now() + dt.timedelta(days),
+            not_after=not_after,
         )
-        out = Path(out_path)
-        write_public(out, _cert_pem(cert))
-        return out
 
     def _store(
         self, cert: x509.Certificate, key: PrivateKey, out_dir: Path, stem: str

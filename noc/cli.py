@@ -8,7 +8,10 @@
     noc [-c noc.yaml] send DEVICE CMD [key=value]  send a command, print the reply
     noc [-c noc.yaml] org add SLUG NAME
     noc [-c noc.yaml] user add NAME (--staff | --org SLUG)   password from NOC_PASSWORD or a prompt
-    noc [-c noc.yaml] device add ID [--org SLUG] [--cert FILE]
+    noc [-c noc.yaml] device add ID [--org SLUG] [--cert FILE]   prints a one-time enrollment
+                                                   token unless --cert is given
+    noc [-c noc.yaml] device token ID              a new enrollment token for ID
+    noc [-c noc.yaml] enroll                       the enrollment endpoint (HTTPS, EST-shaped)
     noc ca ...                                     the vendor CA (python -m noc.ca)
     noc keys init-root --out DIR                   the offline root of command signing
     noc keys issue-command-key --root KEY --out FILE [--days N]   a command key it certifies
@@ -27,6 +30,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from noc.config import DEFAULT_PATH, NocConfig, load
 from noc.errors import NocError, UsageError
@@ -48,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         help="also hold the standby session that covers a broker restart (one worker is enough)",
     )  # fmt: skip
     sub.add_parser("web", help="run the dashboard")
+    sub.add_parser("enroll", help="run the enrollment endpoint (HTTPS, EST-shaped)")
     sub.add_parser("alerts", help="evaluate alert rules, deliver the webhook, prune periodically")
     sub.add_parser("prune", help="delete rows older than the retention settings, once")
     s = sub.add_parser("send", help="send an allow-listed command and wait for the reply")
@@ -69,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--staff", action="store_true", help="NOC staff: the whole fleet, commands")
     g.add_argument("--org", help="a customer of this organization (its slug)")
     s = sub.add_parser("device", help="devices")
-    s.add_argument("action", choices=["add"])
+    s.add_argument("action", choices=["add", "token"])
     s.add_argument("device")
     s.add_argument("--org", help="the organization that owns the box")
     s.add_argument("--cert", type=Path, help="its certificate: the expiry is recorded")
@@ -136,6 +141,10 @@ def _run(args: argparse.Namespace) -> int:
         from noc import alerts
 
         return alerts.serve(config)
+    if args.cmd == "enroll":
+        from noc import enroll
+
+        return enroll.serve(config)
     pool = db.pool(config.database, max_size=2)
     try:
         return _admin(args, config, pool)
@@ -183,6 +192,9 @@ def _admin(args: argparse.Namespace, config: NocConfig, pool: object) -> int:
             accounts.add_user(conn, args.username, password, role=role, org=args.org)
         print(f"user {args.username} ({role}{'' if args.staff else ' of ' + args.org})")
         return 0
+    if args.cmd == "device" and args.action == "token":
+        print(_token(args, config, pool))
+        return 0
     if args.cmd == "device":
         not_after = None
         if args.cert is not None:
@@ -193,8 +205,27 @@ def _admin(args: argparse.Namespace, config: NocConfig, pool: object) -> int:
             f"device {args.device}"
             + (f" (certificate valid until {not_after:%Y-%m-%d})" if not_after else "")
         )
+        if args.cert is None:
+            print(_token(args, config, pool))
         return 0
     raise UsageError(f"unknown command {args.cmd}")
+
+
+def _token(args: argparse.Namespace, config: NocConfig, pool: Any) -> str:
+    """A one-time enrollment token for the device, and how to use it (shown once)."""
+    from noc import enroll
+
+    who = os.environ.get("USER") or getpass.getuser()
+    with pool.connection() as conn:
+        token = enroll.new_token(
+            conn, args.device, ttl=config.enroll.token_ttl, created_by=f"cli:{who}"
+        )
+    hours = config.enroll.token_ttl / 3600
+    return (
+        f"enrollment token (single use, valid {hours:g} h, for {args.device} only):\n"
+        f"  {token}\n"
+        f"on the box: agentctl enroll --token {token}"
+    )
 
 
 def _cert_expiry(path: Path) -> dt.datetime:

@@ -122,6 +122,19 @@ class SigningSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EnrollSettings:
+    """The enrollment endpoint (``noc enroll``) and the certificates it issues."""
+
+    host: str = "127.0.0.1"
+    port: int = 8443
+    cert_file: Path = Path("/etc/pbx-noc/enroll.crt")  # a server certificate of the vendor CA
+    key_file: Path = Path("/etc/pbx-noc/enroll.key")
+    ca_dir: Path = Path("/etc/pbx-noc/ca")  # ca.crt and ca.key (python -m noc.ca init)
+    lifetime: float = 90 * 86400.0  # of a device certificate
+    token_ttl: float = 86400.0  # of an enrollment token
+
+
+@dataclass(frozen=True, kw_only=True)
 class NocConfig:
     """The whole configuration."""
 
@@ -132,6 +145,7 @@ class NocConfig:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     signing: SigningSettings = field(default_factory=SigningSettings)
+    enroll: EnrollSettings = field(default_factory=EnrollSettings)
     command_timeout: float = 10.0
     source: str = "(defaults)"
 
@@ -143,6 +157,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "alerts": AlertSettings,
     "retention": RetentionSettings,
     "signing": SigningSettings,
+    "enroll": EnrollSettings,
 }
 _DURATIONS = {
     "broker.session_expiry",
@@ -157,6 +172,8 @@ _DURATIONS = {
     "ingest.standby_window",
     "command_timeout",
     "signing.lifetime",
+    "enroll.lifetime",
+    "enroll.token_ttl",
 } | {f"retention.{k}" for k in RetentionSettings.__dataclass_fields__}
 
 

@@ -24,6 +24,7 @@ COMMANDS = (
     "status",
     "uplink",
     "support",
+    "enroll",
     "collect",
     "config",
     "audit",

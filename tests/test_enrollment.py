@@ -1,0 +1,203 @@
+"""Enrollment: a box goes from nothing to delivering data with a one-time token, and a token
+used twice, expired, or for another device is refused; so is any enrollment while the switch is
+off or with an endpoint the pinned CA does not vouch for. Each attempt is ledgered.
+
+Real parts throughout: the ``noc enroll`` HTTPS endpoint as a subprocess on PostgreSQL, the
+daemon started as a user starts it, ``agentctl enroll``, and the session's mosquitto.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+from noc import enroll as noc_enroll
+from tests.support.daemon import AgentProcess, base_config, wait_for
+from tests.support.mosquitto import Mosquitto, free_port, wait_port
+from tests.support.noc import NocListener
+from tests.support.nocservice import REPO, NocProcess, noc_settings
+from tests.support.pki import PKI
+from tests.support.postgres import Postgres
+
+pytestmark = pytest.mark.integration
+DEVICE = "pbx-enroll-1"
+
+
+class Endpoint:
+    """The NOC's enrollment endpoint and its database."""
+
+    def __init__(self, proc: NocProcess, url: str, dsn: str, config: Path) -> None:
+        self.proc, self.url, self.dsn, self.config = proc, url, dsn, config
+
+    def token(self, device: str, ttl: float = 86400) -> str:
+        """A fresh token for ``device``."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            return noc_enroll.new_token(conn, device, ttl=ttl)
+
+    def used(self, token: str) -> bool:
+        """Whether the token has been spent."""
+        with psycopg.connect(self.dsn) as conn:
+            row = conn.execute(
+                "SELECT used_at FROM enrollment_tokens WHERE token_hash = %s",
+                (noc_enroll.token_hash(token),),
+            ).fetchone()
+        assert row is not None
+        return row[0] is not None
+
+
+@pytest.fixture(scope="module")
+def endpoint(
+    tmp_path_factory: pytest.TempPathFactory, pki: PKI, broker: Mosquitto, postgres: Postgres
+) -> Iterator[Endpoint]:
+    """``noc enroll`` over TLS with a server certificate of the vendor CA, on a fresh database."""
+    from noc import db
+
+    root = tmp_path_factory.mktemp("enroll")
+    dsn = postgres.create_database("t_enrollment")
+    db.migrate(dsn)
+    port = free_port()
+    data = noc_settings(pki, broker, dsn)
+    data["enroll"] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "cert_file": str(pki.broker_cert),
+        "key_file": str(pki.broker_key),
+        "ca_dir": str(pki.ca.dir),
+        "lifetime": "90d",
+    }
+    proc = NocProcess(root, data, "enroll", name="enroll")
+    proc.start()
+    try:
+        if not wait_port("127.0.0.1", port, time.monotonic() + 20, proc.proc):
+            raise AssertionError(f"noc enroll did not listen: {proc.log()}")
+        yield Endpoint(proc, f"https://localhost:{port}", dsn, proc.config_path)
+    finally:
+        proc.stop()
+
+
+def agent_config(root: Path, pki: PKI, endpoint: Endpoint, broker: Mosquitto, **enroll: Any) -> Any:
+    """A box with no uplink yet: only where to enroll and the CA it pins."""
+    return base_config(
+        root,
+        device_id=DEVICE,
+        enroll={
+            "url": endpoint.url,
+            "ca_file": str(pki.ca_file),
+            "broker": f"mqtts://localhost:{broker.port}",
+            "timeout": "10s",
+            **enroll,
+        },
+    )
+
+
+def enroll_entries(agent: AgentProcess) -> list[dict[str, Any]]:
+    """The daemon's "enroll" ledger entries."""
+    out = agent.ctl("audit", "--kind", "enroll", "--json")
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_from_nothing_to_delivering_with_a_token(
+    tmp_path: Path, pki: PKI, broker: Mosquitto, endpoint: Endpoint
+) -> None:
+    """`noc device add` prints a token; `agentctl enroll` makes the key on the box (0600),
+    installs the certificate, writes the uplink section and the box delivers; the same token
+    a second time is refused at the token step, and both attempts are ledgered."""
+    added = subprocess.run(
+        [sys.executable, "-m", "noc", "-c", str(endpoint.config), "device", "add", DEVICE],
+        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.split("agentctl enroll --token ")[1].split()[0]
+    assert len(token) >= 22  # 128 bits in base64
+    with NocListener(broker, f"pbx/{DEVICE}/#") as noc:
+        agent = AgentProcess(tmp_path, agent_config(tmp_path, pki, endpoint, broker))
+        try:
+            agent.start()
+            t0 = time.monotonic()
+            out = agent.ctl("enroll", "--token", token, timeout=60)
+            assert out.returncode == 0, out.stderr
+            assert f"CN={DEVICE}" in out.stdout and "wrote the uplink section" in out.stdout
+            wait_for(
+                lambda: any(m.topic == f"pbx/{DEVICE}/up/health" for m in noc.snapshot()),
+                timeout=20,
+                what="the first envelope from the enrolled box",
+            )
+            seconds = time.monotonic() - t0
+            key = tmp_path / "state" / "tls" / "current" / "device.key"
+            st = key.stat()
+            assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+            written = yaml.safe_load(agent.config_path.read_text())
+            assert written["uplink"]["key_file"] == str(key)
+            again = agent.ctl("enroll", "--token", token, timeout=60)
+            assert again.returncode == 69 and "step 'token'" in again.stderr, again.stderr
+            entries = enroll_entries(agent)
+            assert [e["ok"] for e in entries] == [True, False]
+            assert entries[0]["subject"] == f"CN={DEVICE}"
+            assert entries[1]["step"] == "token"
+        finally:
+            agent.close()
+    with psycopg.connect(endpoint.dsn) as conn:
+        issued = conn.execute(
+            "SELECT count(*) FROM device_certificates WHERE device_id = %s", (DEVICE,)
+        ).fetchone()
+        expiry = conn.execute(
+            "SELECT cert_not_after FROM devices WHERE device_id = %s", (DEVICE,)
+        ).fetchone()
+    assert issued == (1,) and expiry is not None and expiry[0] is not None
+    assert seconds < 20
+
+
+def test_expired_foreign_and_switched_off_enrollments_are_refused(
+    tmp_path: Path, pki: PKI, broker: Mosquitto, endpoint: Endpoint
+) -> None:
+    """An expired token and one for another device are refused (the latter stays unspent);
+    with the switch off nothing is sent and the token is kept; each attempt is ledgered."""
+    agent = AgentProcess(tmp_path, agent_config(tmp_path, pki, endpoint, broker))
+    try:
+        agent.start()
+        expired = endpoint.token(DEVICE, ttl=-1)
+        out = agent.ctl("enroll", "--token", expired, timeout=60)
+        assert out.returncode == 69 and "step 'token'" in out.stderr
+        foreign = endpoint.token("pbx-enroll-other")
+        out = agent.ctl("enroll", "--token", foreign, timeout=60)
+        assert out.returncode == 69 and "step 'token'" in out.stderr
+        assert not endpoint.used(foreign)
+        good = endpoint.token(DEVICE)
+        assert agent.ctl("uplink", "off").returncode == 0
+        out = agent.ctl("enroll", "--token", good, timeout=60)
+        assert out.returncode == 69 and "step 'switch'" in out.stderr
+        assert not endpoint.used(good)
+        steps = [(e["ok"], e["step"]) for e in enroll_entries(agent)]
+        assert steps == [(False, "token"), (False, "token"), (False, "switch")]
+        assert not (tmp_path / "state" / "tls" / "current").exists()
+    finally:
+        agent.close()
+
+
+def test_an_endpoint_the_pinned_ca_does_not_vouch_for_is_refused(
+    tmp_path: Path, pki: PKI, broker: Mosquitto, endpoint: Endpoint
+) -> None:
+    """Pinning another CA: the TLS handshake fails at the connect step, the token is unspent."""
+    cfg = agent_config(tmp_path, pki, endpoint, broker, ca_file=str(pki.rogue_ca_file))
+    agent = AgentProcess(tmp_path, cfg)
+    try:
+        agent.start()
+        token = endpoint.token(DEVICE)
+        out = agent.ctl("enroll", "--token", token, timeout=60)
+        assert out.returncode == 69 and "step 'connect'" in out.stderr, out.stderr
+        assert "pinned CA" in out.stderr
+        assert not endpoint.used(token)
+    finally:
+        agent.close()
