@@ -11,6 +11,8 @@
     noc [-c noc.yaml] device add ID [--org SLUG] [--cert FILE]   prints a one-time enrollment
                                                    token unless --cert is given
     noc [-c noc.yaml] device token ID              a new enrollment token for ID
+    noc [-c noc.yaml] device revoke ID [--serial N]  revoke its certificates, drop its session
+    noc [-c noc.yaml] crl                          write the broker's CRL again (daily)
     noc [-c noc.yaml] enroll                       the enrollment endpoint (HTTPS, EST-shaped)
     noc ca ...                                     the vendor CA (python -m noc.ca)
     noc keys init-root --out DIR                   the offline root of command signing
@@ -74,10 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--staff", action="store_true", help="NOC staff: the whole fleet, commands")
     g.add_argument("--org", help="a customer of this organization (its slug)")
     s = sub.add_parser("device", help="devices")
-    s.add_argument("action", choices=["add", "token"])
+    s.add_argument("action", choices=["add", "token", "revoke"])
     s.add_argument("device")
     s.add_argument("--org", help="the organization that owns the box")
     s.add_argument("--cert", type=Path, help="its certificate: the expiry is recorded")
+    s.add_argument(
+        "--serial", action="append", default=[],
+        help="revoke: also this serial (decimal), e.g. of a hand-made certificate",
+    )  # fmt: skip
+    sub.add_parser("crl", help="write the broker's CRL again and make it reload it")
     sub.add_parser("ca", help="the vendor CA (see python -m noc.ca --help)", add_help=False)
     sub.add_parser("keys", help="command-signing keys (see noc keys --help)", add_help=False)
     return p
@@ -191,6 +198,22 @@ def _admin(args: argparse.Namespace, config: NocConfig, pool: object) -> int:
         with pool.connection() as conn:
             accounts.add_user(conn, args.username, password, role=role, org=args.org)
         print(f"user {args.username} ({role}{'' if args.staff else ' of ' + args.org})")
+        return 0
+    if args.cmd == "crl":
+        from noc import revoke
+
+        listed = revoke.refresh(config, pool)
+        print(f"CRL {config.revocation.crl_file}: {listed} revoked certificate(s); broker reloaded")
+        return 0
+    if args.cmd == "device" and args.action == "revoke":
+        from noc import revoke
+
+        done = revoke.revoke(config, pool, args.device, args.serial)
+        print(
+            f"device {args.device}: {len(done['serials'])} certificate(s) revoked, CRL of "
+            f"{done['crl_entries']} reloaded by the broker (pid {done['broker_pid']}), live "
+            "session dropped"
+        )
         return 0
     if args.cmd == "device" and args.action == "token":
         print(_token(args, config, pool))

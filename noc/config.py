@@ -135,6 +135,15 @@ class EnrollSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RevocationSettings:
+    """Where the broker's CRL is written and how the broker is told to read it again."""
+
+    crl_file: Path = Path("/etc/mosquitto/pbx-agent/crl.pem")  # the broker's crlfile
+    broker_pid_file: Path = Path("/run/mosquitto/mosquitto.pid")  # SIGHUP reloads the CRL
+    crl_validity: float = 7 * 86400.0  # its nextUpdate: refresh it well before (noc crl)
+
+
+@dataclass(frozen=True, kw_only=True)
 class NocConfig:
     """The whole configuration."""
 
@@ -146,6 +155,7 @@ class NocConfig:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     signing: SigningSettings = field(default_factory=SigningSettings)
     enroll: EnrollSettings = field(default_factory=EnrollSettings)
+    revocation: RevocationSettings = field(default_factory=RevocationSettings)
     command_timeout: float = 10.0
     source: str = "(defaults)"
 
@@ -158,6 +168,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "retention": RetentionSettings,
     "signing": SigningSettings,
     "enroll": EnrollSettings,
+    "revocation": RevocationSettings,
 }
 _DURATIONS = {
     "broker.session_expiry",
@@ -174,6 +185,7 @@ _DURATIONS = {
     "signing.lifetime",
     "enroll.lifetime",
     "enroll.token_ttl",
+    "revocation.crl_validity",
 } | {f"retention.{k}" for k in RetentionSettings.__dataclass_fields__}
 
 

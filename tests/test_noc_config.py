@@ -16,7 +16,16 @@ def test_shipped_default_is_the_defaults() -> None:
     """etc/noc.yaml says exactly what the code defaults to (one source of truth, checked)."""
     shipped = load(SHIPPED)
     default = NocConfig()
-    for section in ("broker", "ingest", "web", "alerts", "retention", "signing", "enroll"):
+    for section in (
+        "broker",
+        "ingest",
+        "web",
+        "alerts",
+        "retention",
+        "signing",
+        "enroll",
+        "revocation",
+    ):
         assert getattr(shipped, section) == getattr(default, section), section
     assert shipped.database == default.database
     assert shipped.command_timeout == default.command_timeout
