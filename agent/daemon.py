@@ -231,6 +231,7 @@ class Daemon:
         )
         self.runs: dict[str, CollectorRun] = {}
         self.uplink: Uplink | None = None
+        self.renewer: Any = None
         self.reloads = 0
         self.last_reload_error: str | None = None
         self.control = control.ControlServer(
@@ -375,6 +376,41 @@ class Daemon:
             switch_on=lambda: self.switch.on,
             commands=self,
         )
+
+    def build_renewer(self, config: AgentConfig) -> Any:
+        """Certificate rotation, when the uplink's certificate came from enrollment."""
+        from agent.uplink.enroll import tls_root
+
+        up, en = config.uplink, config.enroll
+        if self.uplink is None or up is None or en is None:
+            return None
+        if tls_root(self.state_dir).resolve() not in up.cert_file.resolve().parents:
+            return None  # a certificate installed by hand is renewed by hand
+        from agent.uplink.renew import Renewer
+
+        return Renewer(
+            cfg=en,
+            uplink=up,
+            device_id=config.device_id,
+            state_dir=self.state_dir,
+            switch_on=lambda: self.switch.on,
+            ledger=self.ledger,
+            session=self.uplink,
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """The uplink certificate (subject, issuer, expiry, days left) and its renewal."""
+        if self.renewer is not None:
+            return dict(self.renewer.status())
+        if self.config.uplink is None:
+            return {"configured": False}
+        from agent.errors import EnrollmentError
+        from agent.uplink.renew import read_cert
+
+        try:
+            return {"certificate": read_cert(self.config.uplink.cert_file).status(time.time())}
+        except EnrollmentError as exc:
+            return {"certificate": {"error": str(exc)}}
 
     def build_support(self, config: AgentConfig) -> SupportController:
         """Remote support: the window, the NOC's support.connect, the tunnel (paramiko lazily)."""
@@ -524,6 +560,9 @@ class Daemon:
         }
         if self.uplink is not None:
             components["uplink"] = self.uplink.run
+        self.renewer = self.build_renewer(config)
+        if self.renewer is not None:
+            components["renew"] = self.renewer.run
         await self.supervisor.run(components)
 
     async def _watchdog(self) -> None:
@@ -671,6 +710,7 @@ class Daemon:
             "switch": self.switch.to_json(),
             "uplink": self._uplink_state(),
             "support": self.support.status(),
+            "identity": self.identity(),
             "policy": {
                 "send": sorted(c.value for c in self.config.policy.send),
                 "effective": self.gate.effective(),

@@ -1,7 +1,7 @@
 """The egress ledger: an append-only, hash-chained account of everything that leaves.
 
 Each entry holds its kind (``delivered``, ``switch``, ``command``,
-``dropped``, ``reset``, ``support``, ``enroll``), a small JSON body (never the
+``dropped``, ``reset``, ``support``, ``enroll``, ``renew``), a small JSON body (never the
 content sent, only its size and SHA-256), the hash of the entry before it and its own hash::
 
     hash = sha256(prev_hash || "\\n" || n || "\\n" || ts || "\\n" || kind || "\\n" || data)

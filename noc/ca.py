@@ -275,6 +275,7 @@ class CA:
         *,
         device_id: str | None,
         not_after: dt.datetime,
+        not_before: dt.datetime | None = None,
     ) -> x509.Certificate:
         """A client certificate for a checked request (see :meth:`sign_csr`), not written."""
         if not csr.is_signature_valid:
@@ -294,7 +295,7 @@ class CA:
             public_key=public_key,
             eku=ExtendedKeyUsageOID.CLIENT_AUTH,
             san=[],
-            not_before=None,
+            not_before=not_before,
             not_after=not_after,
         )
 

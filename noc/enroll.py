@@ -48,7 +48,7 @@ from starlette.routing import Route
 
 from noc.ca import CA, CAError
 from noc.config import NocConfig
-from noc.errors import UsageError
+from noc.errors import NocError, UsageError
 from noc.store import DEVICE_ID
 
 log = structlog.get_logger(__name__)
@@ -146,8 +146,17 @@ class Enrollment:
         return Starlette(
             routes=[
                 Route(f"{EST_PREFIX}/simpleenroll", self.simpleenroll, methods=["POST"]),
+                Route(f"{EST_PREFIX}/simplereenroll", self.simplereenroll, methods=["POST"]),
                 Route(f"{EST_PREFIX}/cacerts", self.cacerts, methods=["GET"]),
             ]
+        )
+
+    def _certify(
+        self, csr: x509.CertificateSigningRequest, cn: str, lifetime: dt.timedelta
+    ) -> x509.Certificate:
+        now = dt.datetime.now(dt.UTC)
+        return self.ca.certify_request(
+            csr, device_id=cn, not_after=now + lifetime, not_before=now - _backdate(lifetime)
         )
 
     async def cacerts(self, request: Request) -> Response:
@@ -179,6 +188,96 @@ class Enrollment:
         address = request.client.host if request.client else "?"
         return await run_in_threadpool(self._issue, csr, cn, token.strip(), address)
 
+    async def simplereenroll(self, request: Request) -> Response:
+        """A new certificate for a box that proves it holds its current one (RFC 7030 4.2.2).
+
+        EST authenticates re-enrollment by the TLS client certificate; uvicorn does not
+        hand the peer certificate to the application, so the box sends its current
+        certificate (``X-PBX-Certificate``, base64 DER) and a signature by its current
+        key over the request (``X-PBX-Proof``, ECDSA-SHA256 over the DER PKCS#10): the
+        same proof of possession, at the application layer. A certificate revoked (or
+        superseded by a renewal) cannot renew, so a replayed request gets nothing.
+        """
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        csr = _request(await request.body())
+        if csr is None:
+            return _refuse(400, "the body must be a base64 DER PKCS#10 request")
+        try:
+            current = x509.load_der_x509_certificate(
+                base64.b64decode(request.headers.get("x-pbx-certificate", ""), validate=True)
+            )
+            proof = base64.b64decode(request.headers.get("x-pbx-proof", ""), validate=True)
+        except (binascii.Error, ValueError):
+            return _refuse(401, "re-enrollment needs X-PBX-Certificate and X-PBX-Proof")
+        try:
+            current.verify_directly_issued_by(self.ca.cert)
+            key = current.public_key()
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                raise TypeError("not an EC key")
+            key.verify(
+                proof, csr.public_bytes(serialization.Encoding.DER), ec.ECDSA(hashes.SHA256())
+            )
+        except (ValueError, TypeError, InvalidSignature):
+            return _refuse(401, "the current certificate or the proof does not verify")
+        now = dt.datetime.now(dt.UTC)
+        if not current.not_valid_before_utc <= now <= current.not_valid_after_utc:
+            return _refuse(401, "the current certificate has expired: enroll again with a token")
+        cns = current.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        cn = str(cns[0].value) if len(cns) == 1 else ""
+        req_cns = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        if not DEVICE_ID.match(cn) or [str(c.value) for c in req_cns] != [cn]:
+            return _refuse(400, "the request must be for the current certificate's CN")
+        address = request.client.host if request.client else "?"
+        return await run_in_threadpool(self._renew, csr, current, cn, address)
+
+    def _renew(
+        self,
+        csr: x509.CertificateSigningRequest,
+        current: x509.Certificate,
+        cn: str,
+        address: str,
+    ) -> Response:
+        from noc import revoke
+
+        lifetime = dt.timedelta(seconds=self.config.enroll.lifetime)
+        old = str(current.serial_number)
+        if not csr.is_signature_valid:
+            return _refuse(400, "the request's signature does not verify")
+        r = self.config.revocation
+        with self.pool.connection() as conn, conn.transaction():
+            row = conn.execute(
+                "SELECT revoked_at FROM device_certificates WHERE serial = %s", (old,)
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                log.warning("renew_refused", device=cn, serial=old, reason="revoked")
+                return _refuse(401, "the current certificate is revoked or already renewed")
+            cert = self._certify(csr, cn, lifetime)
+            record_certificate(conn, cert, cn, "renew")
+            # The old certificate (and any other of this box) is superseded: the broker
+            # refuses it from the next handshake on. The live session is not touched.
+            revoke.mark_revoked(conn, cn, [] if row is not None else [old])
+            conn.execute(
+                "UPDATE device_certificates SET revoked_at = NULL WHERE serial = %s",
+                (str(cert.serial_number),),
+            )
+            crl = r.crl_file.parent.is_dir()
+            if crl:
+                revoke.write_crl(conn, self.ca, r.crl_file, seconds=r.crl_validity)
+        if crl:
+            try:
+                revoke.reload_broker(r.broker_pid_file)
+            except NocError as exc:
+                log.warning("renew_crl_not_reloaded", error=str(exc))
+        log.info("renewed", device=cn, serial=str(cert.serial_number), old=old, address=address)
+        return Response(
+            certs_only([cert, self.ca.cert]),
+            media_type="application/pkcs7-mime; smime-type=certs-only",
+            headers={"Content-Transfer-Encoding": "base64"},
+        )
+
     def _issue(
         self, csr: x509.CertificateSigningRequest, cn: str, token: str, address: str
     ) -> Response:
@@ -192,9 +291,7 @@ class Enrollment:
                     return _refuse(
                         401, "token refused: unknown, already used, expired, or for another device"
                     )
-                cert = self.ca.certify_request(
-                    csr, device_id=cn, not_after=dt.datetime.now(dt.UTC) + lifetime
-                )
+                cert = self._certify(csr, cn, lifetime)
                 record_certificate(conn, cert, cn, "enroll")
         except CAError as exc:
             return _refuse(400, str(exc))
@@ -204,6 +301,20 @@ class Enrollment:
             media_type="application/pkcs7-mime; smime-type=certs-only",
             headers={"Content-Transfer-Encoding": "base64"},
         )
+
+
+def _request(body: bytes) -> x509.CertificateSigningRequest | None:
+    if len(body) > MAX_REQUEST:
+        return None
+    try:
+        return x509.load_der_x509_csr(base64.b64decode(b"".join(body.split()), validate=True))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _backdate(lifetime: dt.timedelta) -> dt.timedelta:
+    """A little before now, for boxes whose clocks lag: 5 minutes, less for short lives."""
+    return min(dt.timedelta(minutes=5), lifetime / 20)
 
 
 def serve(config: NocConfig) -> int:

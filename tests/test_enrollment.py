@@ -8,11 +8,15 @@ daemon started as a user starts it, ``agentctl enroll``, and the session's mosqu
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +25,8 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from noc import enroll as noc_enroll
 from tests.support.daemon import AgentProcess, base_config, wait_for
@@ -57,15 +63,34 @@ class Endpoint:
 
 
 @pytest.fixture(scope="module")
-def endpoint(
-    tmp_path_factory: pytest.TempPathFactory, pki: PKI, broker: Mosquitto, postgres: Postgres
-) -> Iterator[Endpoint]:
-    """``noc enroll`` over TLS with a server certificate of the vendor CA, on a fresh database."""
-    from noc import db
+def crl_broker(pki: PKI) -> Iterator[Mosquitto]:
+    """A broker of this module's own that reads a CRL (renewal revokes the old certificate)."""
+    work = Path(tempfile.mkdtemp(prefix="pbx-enroll-"))
+    work.chmod(0o755)  # the broker runs as the mosquitto user
+    crl = work / "crl.pem"
+    # An empty CRL, valid a day: the NOC writes it again on each renewal.
+    now = dt.datetime.now(dt.UTC)
+    empty_crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(pki.ca.cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=1))
+        .sign(pki.ca.key, hashes.SHA256())
+    )
+    crl.write_bytes(empty_crl.public_bytes(serialization.Encoding.PEM))
+    crl.chmod(0o644)
+    b = Mosquitto(pki, workdir=work, extra_config=f"crlfile {crl}\n")
+    b.start()
+    (work / "mosquitto.pid").write_text(str(b.pid))
+    try:
+        yield b
+    finally:
+        b.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
-    root = tmp_path_factory.mktemp("enroll")
-    dsn = postgres.create_database("t_enrollment")
-    db.migrate(dsn)
+
+def start_endpoint(root: Path, pki: PKI, broker: Mosquitto, dsn: str, lifetime: str) -> Endpoint:
+    """``noc enroll`` over TLS with a server certificate of the vendor CA."""
     port = free_port()
     data = noc_settings(pki, broker, dsn)
     data["enroll"] = {
@@ -74,16 +99,38 @@ def endpoint(
         "cert_file": str(pki.broker_cert),
         "key_file": str(pki.broker_key),
         "ca_dir": str(pki.ca.dir),
-        "lifetime": "90d",
+        "lifetime": lifetime,
+    }
+    data["revocation"] = {
+        "crl_file": str(broker.workdir / "crl.pem"),
+        "broker_pid_file": str(broker.workdir / "mosquitto.pid"),
     }
     proc = NocProcess(root, data, "enroll", name="enroll")
     proc.start()
-    try:
-        if not wait_port("127.0.0.1", port, time.monotonic() + 20, proc.proc):
-            raise AssertionError(f"noc enroll did not listen: {proc.log()}")
-        yield Endpoint(proc, f"https://localhost:{port}", dsn, proc.config_path)
-    finally:
+    if not wait_port("127.0.0.1", port, time.monotonic() + 20, proc.proc):
         proc.stop()
+        raise AssertionError(f"noc enroll did not listen: {proc.log()}")
+    return Endpoint(proc, f"https://localhost:{port}", dsn, proc.config_path)
+
+
+@pytest.fixture(scope="module")
+def database(postgres: Postgres) -> str:
+    """The NOC's database for this module."""
+    from noc import db
+
+    dsn = postgres.create_database("t_enrollment")
+    db.migrate(dsn)
+    return dsn
+
+
+@pytest.fixture(scope="module")
+def endpoint(
+    tmp_path_factory: pytest.TempPathFactory, pki: PKI, crl_broker: Mosquitto, database: str
+) -> Iterator[Endpoint]:
+    """The endpoint issuing 90-day certificates."""
+    e = start_endpoint(tmp_path_factory.mktemp("enroll"), pki, crl_broker, database, "90d")
+    yield e
+    e.proc.stop()
 
 
 def agent_config(root: Path, pki: PKI, endpoint: Endpoint, broker: Mosquitto, **enroll: Any) -> Any:
@@ -109,7 +156,7 @@ def enroll_entries(agent: AgentProcess) -> list[dict[str, Any]]:
 
 
 def test_from_nothing_to_delivering_with_a_token(
-    tmp_path: Path, pki: PKI, broker: Mosquitto, endpoint: Endpoint
+    tmp_path: Path, pki: PKI, crl_broker: Mosquitto, endpoint: Endpoint
 ) -> None:
     """`noc device add` prints a token; `agentctl enroll` makes the key on the box (0600),
     installs the certificate, writes the uplink section and the box delivers; the same token
@@ -121,8 +168,8 @@ def test_from_nothing_to_delivering_with_a_token(
     assert added.returncode == 0, added.stderr
     token = added.stdout.split("agentctl enroll --token ")[1].split()[0]
     assert len(token) >= 22  # 128 bits in base64
-    with NocListener(broker, f"pbx/{DEVICE}/#") as noc:
-        agent = AgentProcess(tmp_path, agent_config(tmp_path, pki, endpoint, broker))
+    with NocListener(crl_broker, f"pbx/{DEVICE}/#") as noc:
+        agent = AgentProcess(tmp_path, agent_config(tmp_path, pki, endpoint, crl_broker))
         try:
             agent.start()
             t0 = time.monotonic()
@@ -160,11 +207,11 @@ def test_from_nothing_to_delivering_with_a_token(
 
 
 def test_expired_foreign_and_switched_off_enrollments_are_refused(
-    tmp_path: Path, pki: PKI, broker: Mosquitto, endpoint: Endpoint
+    tmp_path: Path, pki: PKI, crl_broker: Mosquitto, endpoint: Endpoint
 ) -> None:
     """An expired token and one for another device are refused (the latter stays unspent);
     with the switch off nothing is sent and the token is kept; each attempt is ledgered."""
-    agent = AgentProcess(tmp_path, agent_config(tmp_path, pki, endpoint, broker))
+    agent = AgentProcess(tmp_path, agent_config(tmp_path, pki, endpoint, crl_broker))
     try:
         agent.start()
         expired = endpoint.token(DEVICE, ttl=-1)
@@ -187,10 +234,10 @@ def test_expired_foreign_and_switched_off_enrollments_are_refused(
 
 
 def test_an_endpoint_the_pinned_ca_does_not_vouch_for_is_refused(
-    tmp_path: Path, pki: PKI, broker: Mosquitto, endpoint: Endpoint
+    tmp_path: Path, pki: PKI, crl_broker: Mosquitto, endpoint: Endpoint
 ) -> None:
     """Pinning another CA: the TLS handshake fails at the connect step, the token is unspent."""
-    cfg = agent_config(tmp_path, pki, endpoint, broker, ca_file=str(pki.rogue_ca_file))
+    cfg = agent_config(tmp_path, pki, endpoint, crl_broker, ca_file=str(pki.rogue_ca_file))
     agent = AgentProcess(tmp_path, cfg)
     try:
         agent.start()
@@ -201,3 +248,75 @@ def test_an_endpoint_the_pinned_ca_does_not_vouch_for_is_refused(
         assert not endpoint.used(token)
     finally:
         agent.close()
+
+
+def test_rotation_while_envelopes_flow(
+    tmp_path: Path, pki: PKI, crl_broker: Mosquitto, database: str
+) -> None:
+    """With 6-second certificates the box renews at two thirds of the life over its current
+    identity, reconnects with the new certificate, deletes the old folder once connected,
+    loses no envelope (every seq arrives), and the broker refuses the old certificate."""
+    from agent.errors import UplinkError
+    from agent.uplink.mqtt import LinkSettings, MqttLink
+    from agent.uplink.tls import client_context
+
+    short = start_endpoint(tmp_path / "noc", pki, crl_broker, database, "6s")
+    try:
+        with NocListener(crl_broker, f"pbx/{DEVICE}/#") as noc:
+            agent = AgentProcess(tmp_path, agent_config(tmp_path, pki, short, crl_broker))
+            try:
+                agent.start()
+                out = agent.ctl("enroll", "--token", short.token(DEVICE), timeout=60)
+                assert out.returncode == 0, out.stderr
+                tls = tmp_path / "state" / "tls"
+                old = tmp_path / "old"
+                shutil.copytree((tls / "current").resolve(), old)
+                ident = wait_for(
+                    lambda: (i := agent.status()["identity"]).get("renewals", 0) >= 1 and i,
+                    timeout=20,
+                    what="a renewal",
+                )
+                assert ident["certificate"]["serial"] != old.name.removeprefix("cert-")
+                wait_for(lambda: agent.status()["uplink"]["state"] == "connected", timeout=10)
+                assert [p.name for p in tls.iterdir() if p.name.startswith("cert-")] == [
+                    (tls / "current").resolve().name
+                ]
+                renewed = [
+                    json.loads(line)
+                    for line in agent.ctl("audit", "--kind", "renew", "--json").stdout.splitlines()
+                ]
+                assert renewed and renewed[0]["ok"] is True
+                pause = renewed[0]["pause"]
+                # Envelopes after the renewal, then none left behind.
+                delivered = agent.status()["outbox"]["delivered"]
+                wait_for(
+                    lambda: agent.status()["outbox"]["delivered"] >= delivered + 2,
+                    timeout=10,
+                    what="envelopes on the new connection",
+                )
+            finally:
+                agent.close()
+            seqs = {
+                json.loads(m.payload)["seq"]
+                for m in noc.snapshot()
+                if m.topic.startswith(f"pbx/{DEVICE}/up/")
+            }
+        assert seqs == set(range(min(seqs), max(seqs) + 1)), "an envelope was lost"
+        assert min(seqs) == 1
+
+        async def old_identity() -> None:
+            link = MqttLink(
+                LinkSettings(host="localhost", port=crl_broker.port, client_id="old-cert",
+                             connect_timeout=5),
+                client_context(pki.ca_file, old / "device.crt", old / "device.key"),
+            )  # fmt: skip
+            try:
+                await link.connect()
+            finally:
+                link.close_now()
+
+        with pytest.raises(UplinkError):
+            asyncio.run(old_identity())
+        assert pause < 5.0
+    finally:
+        short.proc.stop()

@@ -26,7 +26,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--class", dest="data_class", help="only deliveries of this data class")
     p.add_argument(
         "--kind",
-        choices=("delivered", "switch", "command", "dropped", "reset", "support", "enroll"),
+        choices=(
+            "delivered",
+            "switch",
+            "command",
+            "dropped",
+            "reset",
+            "support",
+            "enroll",
+            "renew",
+        ),
         help="only entries of this kind",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line")

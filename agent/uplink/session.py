@@ -120,6 +120,7 @@ class UplinkSession:
         self._session: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         self._closed.set()
+        self._reconnect_now = False  # a renewed certificate: reconnect without a backoff
         outbox.listeners.append(self._new_data.set)
 
     # -- the daemon's interface --------------------------------------------------------
@@ -154,6 +155,20 @@ class UplinkSession:
                 "signing": self.commands.verifier.status(),
             },
         }
+
+    async def renew_connection(self) -> None:
+        """Reconnect at once with the TLS files as they are now (a renewed certificate).
+
+        DISCONNECT is sent (no last will); envelopes not yet acknowledged stay in the
+        outbox and go again on the new connection (duplicates within one window).
+        """
+        self._reconnect_now = True
+        link = self._link
+        if link is not None and link.connected:
+            await link.disconnect(within=DISCONNECT_TIMEOUT)
+        elif link is not None:
+            link.close_now("reconnecting with a renewed certificate")
+        self._wake.set()
 
     async def sever(self) -> None:
         """The customer's switch: say ``severed``, close the connection, return when closed.
@@ -209,6 +224,10 @@ class UplinkSession:
                 raise
             exc = None if self._session.cancelled() else self._session.exception()
             self._session = None
+            if self._reconnect_now:
+                self._reconnect_now = False
+                attempt = 0
+                continue
             if exc is None or not self.switch_on():
                 continue  # severed by the customer: the loop waits for the switch
             if not isinstance(exc, AgentError):
