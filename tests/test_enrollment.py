@@ -185,6 +185,9 @@ def test_from_nothing_to_delivering_with_a_token(
             key = tmp_path / "state" / "tls" / "current" / "device.key"
             st = key.stat()
             assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+            human = agent.ctl("status").stdout
+            assert f"certificate: CN={DEVICE}, issued by" in human, human
+            assert "renewal: next at" in human
             written = yaml.safe_load(agent.config_path.read_text())
             assert written["uplink"]["key_file"] == str(key)
             again = agent.ctl("enroll", "--token", token, timeout=60)

@@ -42,6 +42,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_identity(ident: dict[str, Any] | None) -> None:
+    """The uplink certificate and its renewal; warnings and failures name what to do."""
+    if not ident or ident.get("configured") is False:
+        return
+    out = sys.stdout
+    cert = ident.get("certificate") or {}
+    if cert.get("error"):
+        out.write(f"  certificate: {cert['error']}\n")
+    elif cert:
+        line = (
+            f"  certificate: {cert['subject']}, issued by {cert['issuer']}, expires "
+            f"{when(cert['not_after'])} ({cert['days_left']:.0f} days left)"
+        )
+        if cert.get("warning"):
+            line += f" WARNING: {cert['warning']}"
+        out.write(line + "\n")
+    if ident.get("next_renewal"):
+        out.write(f"  renewal: next at {when(ident['next_renewal'])}, {ident['renewals']} done\n")
+    if ident.get("last_error"):
+        out.write(f"  renewal failed: {ident['last_error']}\n")
+
+
 def print_signing(sig: dict[str, Any] | None) -> None:
     """How NOC commands are checked: the pinned root, or why every command is refused."""
     if not sig:
@@ -87,6 +109,7 @@ def print_status(s: dict[str, Any]) -> None:
         out.write(line + "\n")
         if up.get("paused"):
             out.write(f"  deliveries paused: {up['paused']}\n")
+        print_identity(s.get("identity"))
         print_signing((up.get("commands") or {}).get("signing"))
     sup = s.get("support") or {}
     if sup.get("configured"):
