@@ -22,7 +22,7 @@ user's, mode 0600, in ``STATE_DIR/tls``:
    sees the old files or the new ones, never a mix.
 
 Every attempt is one ``enroll`` ledger entry (``ok``, and on failure the step
-and why). ``cryptography`` is imported only here, only when enrolling.
+and why). ``cryptography`` and ``http.client`` are imported only when enrolling.
 """
 
 from __future__ import annotations
@@ -31,11 +31,9 @@ import asyncio
 import base64
 import binascii
 import datetime as dt
-import http.client
 import os
 import re
 import shutil
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -132,6 +130,11 @@ def _step(step: str, exc: BaseException | str) -> EnrollmentError:
 
 
 def _post(cfg: EnrollConfig, token: str, body: bytes) -> bytes:
+    # Imported here: the daemon builds the enroll service at every start, and http.client
+    # (with the email package under it) is only needed on the day the box enrolls.
+    import http.client
+    import ssl
+
     try:
         ctx = ssl.create_default_context(cafile=str(cfg.ca_file))  # only the pinned CA
     except (OSError, ssl.SSLError) as exc:
