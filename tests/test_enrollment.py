@@ -142,7 +142,7 @@ def agent_config(root: Path, pki: PKI, endpoint: Endpoint, broker: Mosquitto, **
             "url": endpoint.url,
             "ca_file": str(pki.ca_file),
             "broker": f"mqtts://localhost:{broker.port}",
-            "timeout": "10s",
+            "timeout": "30s",  # the machine may be loaded: a slow answer is not what is tested
             **enroll,
         },
     )
