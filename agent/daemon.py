@@ -344,6 +344,7 @@ class Daemon:
             "outbox": self.outbox.stats(),
             "gate": self.gate.stats(),
             "switch": self.switch.shown,
+            "identity": self._identity_brief(),
             "collector_errors": {
                 n: r.start_error or r.last_error
                 for n, r in self.runs.items()
@@ -411,6 +412,20 @@ class Daemon:
             return {"certificate": read_cert(self.config.uplink.cert_file).status(time.time())}
         except EnrollmentError as exc:
             return {"certificate": {"error": str(exc)}}
+
+    def _identity_brief(self) -> dict[str, Any]:
+        """For health: when the certificate and the last command key seen expire."""
+        if self.config.uplink is None:
+            return {}
+        cert = self.identity().get("certificate") or {}
+        out = {k: cert[k] for k in ("not_after", "days_left") if k in cert}
+        signing = (
+            (self.uplink.status().get("commands") or {}).get("signing") if self.uplink else None
+        )
+        key = (signing or {}).get("command_key")
+        if key:
+            out["command_key_expires"] = key["expires"]
+        return out
 
     def build_support(self, config: AgentConfig) -> SupportController:
         """Remote support: the window, the NOC's support.connect, the tunnel (paramiko lazily)."""

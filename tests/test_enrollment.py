@@ -182,6 +182,21 @@ def test_from_nothing_to_delivering_with_a_token(
                 what="the first envelope from the enrolled box",
             )
             seconds = time.monotonic() - t0
+            # Health carries the certificate's expiry, as status does.
+            health = wait_for(
+                lambda: next(
+                    (
+                        b
+                        for m in noc.snapshot()
+                        if m.topic == f"pbx/{DEVICE}/up/health"
+                        and "days_left" in (b := json.loads(m.payload)["body"]["agent"]["identity"])
+                    ),
+                    None,
+                ),
+                timeout=10,
+                what="a health record with the certificate's expiry",
+            )
+            assert 89 < health["days_left"] <= 90
             key = tmp_path / "state" / "tls" / "current" / "device.key"
             st = key.stat()
             assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()

@@ -87,21 +87,34 @@ class CertInfo:
         return out
 
 
+_read: dict[Path, tuple[tuple[int, int, int], CertInfo]] = {}
+
+
 def read_cert(path: Path) -> CertInfo:
-    """The certificate at ``path``; EnrollmentError (step ``check``) when unreadable."""
+    """The certificate at ``path``; EnrollmentError (step ``check``) when unreadable.
+
+    Status and every health record ask: the file is parsed again only when it changed.
+    """
     from cryptography import x509
 
     try:
+        st = path.stat()
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        known = _read.get(path)
+        if known is not None and known[0] == stamp:
+            return known[1]
         cert = x509.load_pem_x509_certificate(path.read_bytes())
     except (OSError, ValueError) as exc:
         raise EnrollmentError("check", f"{path}: cannot read the certificate: {exc}") from exc
-    return CertInfo(
+    info = CertInfo(
         subject=cert.subject.rfc4514_string(),
         issuer=cert.issuer.rfc4514_string(),
         serial=f"{cert.serial_number:x}",
         not_before=cert.not_valid_before_utc.timestamp(),
         not_after=cert.not_valid_after_utc.timestamp(),
     )
+    _read[path] = (stamp, info)
+    return info
 
 
 def due(info: CertInfo, rng: random.Random) -> float:
