@@ -20,6 +20,7 @@ _agentctl() {
             "support status") path="support status" ;;
             "support authorized-keys") path="support authorized-keys" ;;
             "support key") path="support key" ;;
+            "enroll") path="enroll" ;;
             "collect") path="collect" ;;
             "config") path="config" ;;
             "config check") path="config check" ;;
@@ -32,7 +33,7 @@ _agentctl() {
     done
     local words
     case "$path" in
-        "") words="--config --help --version -c audit callstats collect config diagnose run snapshot status support uplink version" ;;
+        "") words="--config --help --version -c audit callstats collect config diagnose enroll run snapshot status support uplink version" ;;
         "run") words="--config --help --log-level -c" ;;
         "status") words="--config --help --json -c" ;;
         "uplink") words="--config --help --json -c off on status" ;;
@@ -42,6 +43,7 @@ _agentctl() {
         "support status") words="--config --help --json -c" ;;
         "support authorized-keys") words="--config --help -c" ;;
         "support key") words="--config --help -c" ;;
+        "enroll") words="--broker --config --help --token --url -c" ;;
         "collect") words="--config --help --show -c callstats config health" ;;
         "config") words="--config --help -c check" ;;
         "config check") words="--config --help --quiet --syntax-only --user -c -q" ;;
