@@ -54,6 +54,12 @@ lint: venv ## ruff (lint and format check) and mypy --strict
 test: deps venv lint ## lint, then the whole test suite against real mosquitto, sqlite, sockets
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
+.PHONY: mutation
+mutation: venv ## mutation testing of gate, switch, outbox, ledger, commands, redaction, supervisor (an hour)
+	$(PIP) install -q -e '.[mutation]'
+	$(VENV)/bin/mutmut run --max-children 2
+	$(VENV)/bin/mutmut results
+
 .PHONY: demo
 demo: deps venv ## run the agent on the sample PBX tree with a local mTLS broker
 	$(PY) -m demo.run
@@ -103,4 +109,4 @@ uninstall: ## (root) remove the service; PURGE=1 also removes configuration and 
 
 .PHONY: clean
 clean: ## remove the virtualenv and caches
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo/run
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo/run mutants

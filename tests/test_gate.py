@@ -365,3 +365,87 @@ def test_withdrawn_envelope_gives_its_seq_to_the_next() -> None:
     assert gate.stats()["refused"] == {"health:not-stored": 1}
     with pytest.raises(RuntimeError, match="only the last approved envelope"):
         gate.withdraw(first)  # not the last: withdrawing it would reuse a stored seq
+
+
+# -- rules pinned one by one (the mutants `make mutation` found surviving) -----------------
+
+
+def test_new_id_is_48_bits_of_milliseconds_then_80_random(monkeypatch: pytest.MonkeyPatch) -> None:
+
+    monkeypatch.setattr("agent.policy.gate.os.urandom", lambda n: bytes([0xFF] * n))
+    crockford = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    ident = new_id(1_700_000_000.123)
+    value = 0
+    for ch in ident:
+        value = value * 32 + crockford.index(ch)
+    assert len(ident) == 26
+    assert value >> 80 == 1_700_000_000_123
+    assert value & ((1 << 80) - 1) == (1 << 80) - 1
+
+
+def test_iso_now_is_utc_with_milliseconds() -> None:
+    from agent.policy.gate import iso_now
+
+    assert iso_now(1_700_000_000.123) == "2023-11-14T22:13:20.123Z"
+    assert iso_now(1_700_000_000.9999) == "2023-11-14T22:13:20.999Z"  # truncated, like the id
+    assert iso_now(0.0) == "1970-01-01T00:00:00.000Z"
+
+
+def test_envelope_refusals_say_why() -> None:
+    env = make_gate().approve(health())
+    with pytest.raises(TypeError) as made:
+        Envelope(object(), id="x", ts="t", data_class=DataClass.HEALTH, seq=1, payload=b"")
+    assert str(made.value) == "an Envelope can only be made by the policy gate"
+    with pytest.raises(AttributeError) as deleted:
+        del env.payload
+    assert str(deleted.value) == "an approved Envelope cannot be changed (payload)"
+
+
+def test_approved_needs_both_the_type_and_the_seal() -> None:
+    from agent.policy.gate import approved
+
+    env = make_gate().approve(health())
+    assert approved(env)
+    unsealed = Envelope.__new__(Envelope)  # the constructor never ran
+    assert not approved(unsealed)
+
+    class Lookalike:
+        _seal = env._seal  # type: ignore[attr-defined]
+
+    assert not approved(Lookalike())
+
+
+def test_payload_is_compact_utf8_and_refuses_nan() -> None:
+    gate = make_gate()
+    env = gate.approve(Record(DataClass.HEALTH, {"name": "Zürich", "list": [1, 2]}))
+    assert b'"body":{"name":"Z\xc3\xbcrich","list":[1,2]}}' in env.payload
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        gate.approve(Record(DataClass.HEALTH, {"x": float("nan")}))
+
+
+def test_secret_material_refusal_is_logged_with_its_class() -> None:
+    from structlog.testing import capture_logs
+
+    gate = make_gate()
+    with capture_logs() as logs, pytest.raises(PolicyRefused):
+        gate.approve(Record(DataClass.CONFIG, {"text": PEM_KEY}))
+    (event,) = [e for e in logs if e["event"] == "gate_refused_secret_material"]
+    assert event["data_class"] == "config" and event["log_level"] == "error"
+    assert event["reason"]
+
+
+def test_withdraw_counts_exactly() -> None:
+    gate = make_gate(last_seq=10)
+    for i in range(3):
+        gate.approve(health(i))
+    last = gate.approve(Record(DataClass.CONFIG, {"i": 1}))
+    gate.withdraw(last)
+    assert gate.stats()["last_seq"] == 13
+    assert gate.stats()["approved"] == {"health": 3}
+    again = gate.approve(Record(DataClass.HEALTH, {"i": 9}))
+    gate.withdraw(again)
+    assert gate.stats()["approved"] == {"health": 3}
+    assert gate.stats()["refused"] == {"config:not-stored": 1, "health:not-stored": 1}
+    third = gate.approve(Record(DataClass.HEALTH, {"i": 10}))
+    gate.withdraw(third)
+    assert gate.stats()["refused"]["health:not-stored"] == 2

@@ -185,3 +185,109 @@ def test_agent_errors_are_failures_and_bugs_are_crashes_in_the_log() -> None:
     assert events[0]["error"] == "cannot read the CDR file" and events[0]["retry_in"] == 1.0
     assert events[1]["exc_info"] is True
     assert sup.states["mixed"].last_error == "KeyError('a bug')"
+
+
+def test_state_while_running_and_after_a_failure_and_its_json(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Status sees running=True while a component runs, False while it waits to restart, with
+    the error, its wall-clock time and the task named after the component."""
+
+    monkeypatch.setattr("agent.supervisor.time.time", lambda: 4242.0)
+    t = FakeTime()
+    seen: list[tuple[bool, int, str | None]] = []
+    names: list[str | None] = []
+    done = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        state = sup.states["svc"]
+        seen.append((state.running, state.restarts, state.last_error))
+        await t.sleep(seconds)
+
+    sup = Supervisor(clock=t.clock, sleep=sleep, delay=lambda attempt: 0.123456)
+    calls = 0
+
+    async def svc() -> None:
+        nonlocal calls
+        calls += 1
+        task = asyncio.current_task()
+        names.append(task.get_name() if task else None)
+        state = sup.states["svc"]
+        assert state.running is True and state.name == "svc"
+        if calls == 1:
+            raise CollectorError("gone")
+        done.set()
+        await asyncio.Event().wait()
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(run_until(sup, {"svc": svc}, done))
+    assert seen == [(False, 1, "gone")]
+    assert names[0] == "svc"
+    assert sup.states["svc"].to_json() == {
+        "running": False,  # cancelled at the end of the run
+        "restarts": 1,
+        "last_error": "gone",
+        "last_error_at": 4242.0,
+    }
+    (failed,) = [e for e in logs if e["event"] == "component_failed"]
+    assert failed["component"] == "svc" and failed["retry_in"] == 0.12
+
+
+def test_a_crash_names_its_component_and_rounds_its_delay() -> None:
+    t = FakeTime()
+    done = asyncio.Event()
+    sup = Supervisor(clock=t.clock, sleep=t.sleep, delay=lambda attempt: 2.71828)
+    calls = 0
+
+    async def buggy() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("bug")
+        done.set()
+        await asyncio.Event().wait()
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(run_until(sup, {"buggy": buggy}, done))
+    (crashed,) = [e for e in logs if e["event"] == "component_crashed"]
+    assert crashed["component"] == "buggy" and crashed["retry_in"] == 2.72
+    assert crashed["log_level"] == "error"
+
+
+def test_a_run_exactly_stable_for_long_is_not_yet_stable() -> None:
+    """The backoff resets only after a run longer than STABLE_FOR, not equal to it."""
+    t, attempts = FakeTime(), list[int]()
+    sup = supervisor(t, attempts)
+    done = asyncio.Event()
+    calls = 0
+
+    async def edge() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            t.now += STABLE_FOR  # exactly the threshold
+        if calls == 3:
+            done.set()
+            await asyncio.Event().wait()
+        raise CollectorError("edge")
+
+    asyncio.run(run_until(sup, {"edge": edge}, done))
+    assert attempts == [0, 1]
+
+
+def test_a_finished_component_is_not_running() -> None:
+    t = FakeTime()
+    sup = Supervisor(clock=t.clock, sleep=t.sleep)
+    seen: list[bool] = []
+
+    async def job() -> None:
+        seen.append(sup.states["job"].running)
+
+    asyncio.run(sup.run({"job": job}))
+    assert seen == [True] and sup.states["job"].running is False
+    assert sup.states["job"].to_json() == {
+        "running": False,
+        "restarts": 0,
+        "last_error": None,
+        "last_error_at": None,
+    }
