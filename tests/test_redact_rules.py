@@ -9,7 +9,7 @@ the reasons `snapshot --explain` shows, so that a span one character short
 from __future__ import annotations
 
 from agent.policy.masks import Mask, shift
-from agent.policy.redact import Redactor
+from agent.policy.redact import Redactor, Where
 
 KEY = b"k" * 32
 
@@ -51,3 +51,73 @@ def test_mailbox_options_mask_only_secret_values() -> None:
 def test_shift_moves_spans_and_keeps_rule_and_reason() -> None:
     masks = [Mask(1, 3, "r", "why"), Mask(5, 9, "s")]
     assert shift(masks, 10) == [Mask(11, 13, "r", "why"), Mask(15, 19, "s", "")]
+
+
+def conf(
+    key: str, value: str, family: str = "", section: str = "", *, rule: str = ""
+) -> list[tuple[str, str, str]]:
+    """The spans of ``rule`` (default: that of the key's own plan, shapes left out)."""
+    masks = Redactor(KEY).conf_masks(key, value, Where(family=family, section=section))
+    return [s for s in spans(value, masks) if not rule or s[1] == rule]
+
+
+def test_register_lines_mask_secret_and_authuser_only() -> None:
+    assert conf("register", "alice:S3cret@sip.example/100", rule="register-line") == [
+        ("S3cret", "register-line", "register")
+    ]
+    assert conf(
+        "register", "peer?TLS://alice:S3:cret:authu@sip.example:5061", rule="register-line"
+    ) == [("S3:cret:authu", "register-line", "register")]
+    assert conf("register", ":S3cret@sip.example", rule="register-line") == [
+        ("S3cret", "register-line", "register")
+    ]
+    assert conf("register", "u:p", rule="register-line") == [
+        ("p", "register-line", "register")
+    ]  # no host part
+    assert conf("register", "alice@sip.example", rule="register-line") == []
+    assert conf("register", "alice:@sip.example", rule="register-line") == []
+    assert (
+        conf("register", "alice:[mykey]@sip.example", rule="register-line") == []
+    )  # an RSA key's name (iax)
+
+
+def test_auth_lines_mask_the_secret() -> None:
+    assert conf("auth", "alice:S3cret@realm.example", rule="auth-line") == [
+        ("S3cret", "auth-line", "auth")
+    ]
+    assert conf("auth", "alice#0123abcd@realm", rule="auth-line") == [
+        ("0123abcd", "auth-line", "auth")
+    ]
+    assert conf("auth", "alice:S3\ncret", rule="auth-line") == [("S3\ncret", "auth-line", "auth")]
+    assert conf("auth", "alice:@realm", rule="auth-line") == []
+
+
+def test_application_map_arguments() -> None:
+    where = {"family": "features", "section": "ApplicationMap"}
+    assert ("Xy9", "secret-variable", "DB_PASSWORD") in conf(
+        "f1", "*9,self,Set(DB_PASSWORD=Xy9)", **where
+    )
+    assert ("Pw7", "command-flag", "System") in conf(
+        "f2", "*8,self,System,curl -u bob:Pw7 http://h.example/", **where
+    )
+    # The same values elsewhere are not an application map's arguments.
+    assert ("Pw7", "command-flag", "System") not in conf(
+        "f2", "*8,self,System,curl -u bob:Pw7 http://h.example/", family="features"
+    )
+    assert conf("f3", "*7,self", **where) == []
+    assert conf("f4", "*7,self,Playback,tt-monkeys", **where) == []
+    assert conf("f5", "*7,self,Playback", **where) == []
+
+
+def test_embedded_credentials_in_free_values() -> None:
+    red = Redactor(KEY)
+    out = red.embedded("SIP/alice:Pw9@carrier.example/100")
+    assert out is not None and "Pw9" not in out and "carrier.example" in out
+    out = red.embedded("https://bob:Zq8@api.example/x")
+    assert out is not None and "Zq8" not in out and "api.example" in out
+    out = red.embedded("Authorization: Bearer abcdefghijklmnop1234")
+    assert out is not None and "abcdefghijklmnop1234" not in out
+    assert red.embedded("just some words") is None
+    out = red.embedded("SIP/a:P1@h https://b:P2@i Authorization: Basic Zm9vOmJhcg==")
+    assert out is not None
+    assert "P1" not in out and "P2" not in out and "Zm9vOmJhcg==" not in out
