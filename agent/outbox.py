@@ -15,6 +15,7 @@ the first put that succeeds again, so the account stays whole.
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from agent.errors import StateError
-from agent.ledger import Ledger
+from agent.ledger import Ledger, delivered_text
 from agent.policy.gate import Envelope, approved
 from agent.store import transaction
 
@@ -70,6 +71,9 @@ class Outbox:
         self.store_error: str | None = None  # why the last put failed, until one succeeds
         self.listeners: list[Callable[[], None]] = []
         self.anchor: Anchor | None = None
+        # The write-ahead log that sync() flushes (None for a database without a file).
+        main = next((r[2] for r in conn.execute("PRAGMA database_list") if r[1] == "main"), "")
+        self._wal: str | None = f"{main}-wal" if main else None
 
     @property
     def last_seq(self) -> int:
@@ -213,45 +217,86 @@ class Outbox:
         ).fetchall()
         return [Stored(int(s), i, c, bytes(p)) for s, i, c, p in rows]
 
-    def delivered(self, items: Sequence[Stored]) -> None:
-        """Delete acknowledged envelopes and write their ledger entries in one transaction."""
+    def delivered(self, items: Sequence[Stored], *, durable: bool = True) -> None:
+        """Delete acknowledged envelopes and write their ledger entries in one transaction.
+
+        ``durable=False`` is the uplink's streaming path (group commit): the transaction
+        commits without waiting for the disk, the caller runs :meth:`sync` in a worker
+        thread right after and calls :meth:`synced` once it returned, and commits its
+        next batch only then. A process crash loses nothing committed either way (WAL);
+        a power cut during that one fsync may cost the batch's record, and its envelopes
+        are then sent again and recorded when acknowledged again (at-least-once, as for
+        a cut between a PUBACK and its commit). The anchor follows only synced heads.
+        """
         if not items:
             return
-        seqs = [(item.seq,) for item in items]
-        with transaction(self.conn, "outbox: cannot record delivery", follows=self.ledger) as c:
-            # Only those still queued count: the size bound may have dropped some in flight.
-            present: set[int] = set()
-            for start in range(0, len(seqs), 500):  # under SQLite's bound-variable limit
-                chunk = [s for (s,) in seqs[start : start + 500]]
-                marks = ",".join("?" * len(chunk))
-                query = f"SELECT seq FROM outbox WHERE seq IN ({marks})"  # noqa: S608 -- only ? marks
-                present.update(row[0] for row in c.execute(query, chunk))
-            gone = [item for item in items if item.seq in present]
-            c.executemany("DELETE FROM outbox WHERE seq = ?", ((i.seq,) for i in gone))
-            self.ledger.append_many(
-                "delivered",
-                [
-                    {
-                        "id": i.id,
-                        "class": i.data_class,
-                        "seq": i.seq,
-                        "size": len(i.payload),
-                        "sha256": hashlib.sha256(i.payload).hexdigest(),
-                    }
-                    for i in gone
-                ],
-            )
-            removed = len(gone)
-            freed = sum(len(i.payload) for i in gone)
-            c.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('delivered', ?)",
-                (self.delivered_total + removed,),
-            )
+        conn = self.conn
+        if not durable:
+            # Set between transactions, for this one only (restored below).
+            conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with transaction(conn, "outbox: cannot record delivery", follows=self.ledger) as c:
+                # Only those still queued count: the size bound may have dropped some in
+                # flight. One statement deletes and says which were there.
+                present: set[int] = set()
+                for start in range(0, len(items), 500):  # under SQLite's bound-variable limit
+                    chunk = [i.seq for i in items[start : start + 500]]
+                    marks = ",".join("?" * len(chunk))
+                    query = f"DELETE FROM outbox WHERE seq IN ({marks}) RETURNING seq"  # noqa: S608 -- only ? marks
+                    present.update(row[0] for row in c.execute(query, chunk).fetchall())
+                gone = [i for i in items if i.seq in present]
+                sha256 = hashlib.sha256
+                self.ledger.append_texts(
+                    "delivered",
+                    [
+                        delivered_text(
+                            i.data_class, i.id, i.seq, len(i.payload), sha256(i.payload).hexdigest()
+                        )
+                        for i in gone
+                    ],
+                )
+                removed = len(gone)
+                freed = sum(len(i.payload) for i in gone)
+                c.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('delivered', ?)",
+                    (self.delivered_total + removed,),
+                )
+        finally:
+            if not durable:
+                conn.execute("PRAGMA synchronous=FULL")
         self.count -= removed
         self.bytes -= freed
         self.delivered_total += removed
-        if self.anchor is not None:
+        if durable and self.anchor is not None:
             self.anchor.touch()  # at most once per interval on this path
+
+    def sync(self) -> None:
+        """Make every commit so far durable: fsync the write-ahead log, as a commit under
+        ``synchronous=FULL`` would have. Blocking and thread-safe (it uses no connection):
+        the uplink runs it in a worker thread while the loop keeps sending.
+
+        :class:`StateError` when the disk reports a failure.
+        """
+        if self._wal is None:
+            return
+        try:
+            fd = os.open(self._wal, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # no log: every commit is in the database file already
+        except OSError as exc:
+            raise StateError(f"outbox: cannot open {self._wal} to sync it: {exc.strerror}") from exc
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise StateError(f"outbox: cannot sync {self._wal}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+
+    def synced(self) -> None:
+        """After :meth:`sync` returned with no delivery committed since it began: the
+        anchor may now record the head (on the loop's thread)."""
+        if self.anchor is not None:
+            self.anchor.touch()
 
     def stats(self) -> dict[str, Any]:
         """Counters for status and health."""

@@ -93,9 +93,9 @@ class WatchedOutbox(Outbox):
         super().__init__(*args, **kwargs)
         self.empty = asyncio.Event()
 
-    def delivered(self, items: Sequence[Stored]) -> None:
+    def delivered(self, items: Sequence[Stored], *, durable: bool = True) -> None:
         """The real delivery; then note an empty outbox."""
-        super().delivered(items)
+        super().delivered(items, durable=durable)
         if self.count == 0:
             self.empty.set()
 
@@ -138,7 +138,12 @@ async def drain(config: AgentConfig, outbox: WatchedOutbox, gate: Gate) -> float
                 task.result()
             await asyncio.sleep(0.001)
         t0 = time.perf_counter()
-        await outbox.empty.wait()
+        empty = asyncio.ensure_future(outbox.empty.wait())
+        await asyncio.wait({empty, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not empty.done():
+            empty.cancel()
+            task.result()  # the session ended before the outbox was empty: say why
+            raise RuntimeError("the uplink session ended before the outbox was empty")
         return time.perf_counter() - t0
     finally:
         task.cancel()

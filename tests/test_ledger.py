@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent import ledger
 from agent.ledger import GENESIS, Ledger, canonical, entry_hash
@@ -279,4 +281,45 @@ def test_a_rolled_back_transaction_rewinds_the_ledger_head(tmp_path: Path) -> No
     lg.record("switch", {"state": "on"})
     verdict = ledger.verify(conn)
     assert verdict.ok and verdict.entries == 2
+    conn.close()
+
+
+_TEXT = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12
+) | st.sampled_from(["health", "config", "callstats", "01JD8ZQ4R7X-3f2a", ""])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data_class=_TEXT,
+    envelope_id=_TEXT,
+    seq=st.integers(min_value=-(2**63), max_value=2**63),
+    size=st.integers(min_value=0, max_value=2**40),
+    sha256=_TEXT | st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+)
+def test_delivered_text_is_the_canonical_json(
+    data_class: str, envelope_id: str, seq: int, size: int, sha256: str
+) -> None:
+    """The delivery path's hand-spelt entry is canonical() byte for byte, escapes included,
+    so the chain it feeds verifies and reads as before."""
+    data = {"id": envelope_id, "class": data_class, "seq": seq, "size": size, "sha256": sha256}
+    text = ledger.delivered_text(data_class, envelope_id, seq, size, sha256)
+    assert text == canonical(data)
+    assert json.loads(text) == data
+
+
+def test_batched_entries_verify_and_read_as_single_ones(tmp_path: Path) -> None:
+    """append_texts (one timestamp, inlined hashing) chains exactly as append() does."""
+    conn, _ = open_db(tmp_path)
+    lg = Ledger(conn)
+    lg.record("switch", {"state": "on"})
+    datas = [delivered(i) for i in range(1, 6)]
+    lg.append_texts("delivered", [canonical(d) for d in datas])
+    lg.record("delivered", delivered(6))
+    rows = conn.execute("SELECT n, ts, kind, data, prev, hash FROM ledger ORDER BY n").fetchall()
+    for n, ts, kind, data, prev, digest in rows:
+        assert digest == entry_hash(prev, n, ts, kind, data)
+    assert [e.data for e in ledger.read(conn, kind="delivered")] == [*datas, delivered(6)]
+    verdict = ledger.verify(conn)
+    assert verdict.ok and verdict.entries == 7
     conn.close()

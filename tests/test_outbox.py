@@ -327,3 +327,50 @@ def test_stored_is_what_the_uplink_reads(box: Box) -> None:
     (item,) = box.outbox.pending(1)
     assert item == Stored(env.seq, env.id, "health", env.payload)
     assert json.loads(item.payload)["id"] == env.id
+
+
+def test_streaming_delivery_commits_like_a_durable_one(box: Box) -> None:
+    """The uplink's group commit (durable=False, then sync and synced) deletes, ledgers and
+    counts exactly as a durable delivery, leaves the connection at synchronous=FULL for
+    the next put, and moves the anchor only once the log is synced."""
+    touches: list[bool] = []
+
+    class Probe:
+        def touch(self, *, force: bool = False) -> None:
+            touches.append(force)
+
+    box.outbox.anchor = Probe()  # type: ignore[assignment]
+    envs = box.fill(6)
+    touches.clear()
+    items = box.outbox.pending(10)
+    box.outbox.delivered(items[:4], durable=False)
+    assert touches == []  # the head is not on disk yet
+    assert box.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+    box.outbox.sync()
+    box.outbox.synced()
+    assert touches == [False]
+    box.outbox.delivered(items[4:])  # the durable path, after a streamed batch
+    assert [e.data["seq"] for e in kinds(box.conn, "delivered")] == [1, 2, 3, 4, 5, 6]
+    assert [e.data["sha256"] for e in kinds(box.conn, "delivered")] == [
+        hashlib.sha256(e.payload).hexdigest() for e in envs
+    ]
+    assert box.outbox.stats()["delivered"] == 6 and box.outbox.count == 0
+    assert ledger.verify(box.conn).ok
+    other = sqlite3.connect(db_path(box.state))
+    try:
+        assert other.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+    finally:
+        other.close()
+
+
+def test_streaming_delivery_that_fails_restores_full_sync(box: Box) -> None:
+    """A refused streamed commit rolls back whole and still restores synchronous=FULL."""
+    box.fill(3)
+    box.conn.execute(
+        "CREATE TRIGGER fail_ledger BEFORE INSERT ON ledger "
+        "WHEN json_extract(NEW.data, '$.seq') = 2 BEGIN SELECT RAISE(ABORT, 'disk says no'); END"
+    )
+    with pytest.raises(StateError, match="cannot record delivery"):
+        box.outbox.delivered(box.outbox.pending(10), durable=False)
+    assert box.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert box.outbox.count == 3 and kinds(box.conn, "delivered") == []

@@ -353,24 +353,32 @@ class UplinkSession:
             )
 
     async def _deliver(self, link: MqttLink) -> None:
+        # Group commit: a batch of acknowledgements is committed without waiting for the
+        # disk, and its fsync runs in a worker thread while the loop goes on reading
+        # PUBACKs and publishing; the PUBACKs that arrive meanwhile wait in memory and
+        # are committed together once it is done (Outbox.delivered, durable=False).
+        loop = asyncio.get_running_loop()
         window = self.cfg.max_inflight
         inflight: dict[int, Stored] = {}
         acked: list[Stored] = []  # acknowledged by the broker, their deletion not committed yet
+        syncing: asyncio.Future[None] | None = None  # the fsync of the last commit
+        stalled = False  # the store refused the last commit
         last_seq = 0
         retry = 0
         try:
             while True:
                 # While a delivery cannot be recorded, nothing new goes out: each envelope
                 # sent then would be sent again after a restart, and a reconnect would send
-                # the whole window again at every PUBACK. The connection stays up.
-                room = 0 if acked else window - len(inflight)
+                # the whole window again at every PUBACK. The connection stays up. Waiting
+                # commits count against the window: a crash still repeats one window at most.
+                room = 0 if stalled else window - len(inflight) - len(acked)
                 if room > 0:
                     self._new_data.clear()
                     for item in self.outbox.pending(room, after_seq=last_seq):
                         mid = link.publish(f"{self.prefix}/up/{item.data_class}", item.payload)
                         inflight[mid] = item
                         last_seq = item.seq
-                if acked:
+                if stalled:
                     # Retry the commit after a pause, or sooner when more PUBACKs come in.
                     self._new_data.clear()
                     try:
@@ -380,14 +388,18 @@ class UplinkSession:
                             await self._new_data.wait()
                     except TimeoutError:
                         pass
-                elif not inflight:
+                elif not inflight and not acked and syncing is None:
                     await self._new_data.wait()
                     continue
-                elif not link.acks_waiting:
-                    # One event for both "a PUBACK came" and "the outbox grew": no futures per
-                    # turn. No await since the outbox was read, so clearing here loses nothing.
+                elif not link.acks_waiting and not (syncing is not None and syncing.done()):
+                    # One event for "a PUBACK came", "the outbox grew" and "the fsync is
+                    # done": no futures per turn. No await since the outbox was read, so
+                    # clearing here loses nothing.
                     self._new_data.clear()
                     await self._new_data.wait()
+                if syncing is not None and syncing.done():
+                    self._synced(syncing)
+                    syncing = None
                 failed: list[tuple[Stored, int]] = []
                 for ack in link.take_acks():
                     item_or_none = inflight.pop(ack.mid, None)
@@ -397,18 +409,22 @@ class UplinkSession:
                         acked.append(item_or_none)
                     else:
                         failed.append((item_or_none, ack.reason))
-                if acked:
+                if acked and syncing is None:
                     try:
-                        self.outbox.delivered(acked)
+                        self.outbox.delivered(acked, durable=False)
                     except StateError as exc:
                         retry = min(retry + 1, 30)
+                        stalled = True
                         self._pause(str(exc), len(acked))
                     else:
                         self.published += len(acked)
                         self.bytes_published += sum(len(i.payload) for i in acked)
                         acked = []
                         retry = 0
+                        stalled = False
                         self._resume()
+                        syncing = loop.run_in_executor(None, self.outbox.sync)
+                        syncing.add_done_callback(self._sync_done)
                 if failed:
                     self.puback_errors += len(failed)
                     item, code = failed[0]
@@ -420,6 +436,17 @@ class UplinkSession:
                     )
         finally:
             self.paused = None  # the next connection finds out again
+
+    def _sync_done(self, fut: asyncio.Future[None]) -> None:
+        # Wakes the delivery loop; a sync that ends after the loop did is only retrieved.
+        self._new_data.set()
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("uplink_delivery_sync_failed", error=str(fut.exception()))
+
+    def _synced(self, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return  # logged by _sync_done; the anchor stays at the last synced head
+        self.outbox.synced()
 
     def _pause(self, reason: str, waiting: int) -> None:
         if self.paused is None:
