@@ -125,6 +125,8 @@ class LinkSettings:
     client_id: str
     keepalive: float = 60.0
     connect_timeout: float = 10.0
+    #: QoS 1 publishes paho keeps in flight; 0: no limit in paho, the caller keeps its own
+    #: window (the uplink does: paho's walks every message in flight at each PUBACK).
     max_inflight: int = 100
     will: Will | None = None
     clean_start: bool = True

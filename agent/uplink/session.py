@@ -266,7 +266,7 @@ class UplinkSession:
                 client_id=self.device_id,
                 keepalive=cfg.keepalive,
                 connect_timeout=cfg.connect_timeout,
-                max_inflight=cfg.max_inflight,
+                max_inflight=0,  # _deliver keeps the window; paho would walk it per PUBACK
                 will=Will(f"{self.prefix}/status", b"offline", qos=1, retain=True),
                 receive_maximum=COMMAND_RECEIVE_MAXIMUM,
                 max_packet_size=MAX_PACKET_FROM_BROKER,
