@@ -145,6 +145,7 @@ def agent_round(
         shutil.copyfile(db_path(template), db_path(state))
         conn, _ = open_db(state)
         outbox = WatchedOutbox(conn, Ledger(conn), max_bytes=8 * 1024**3)
+        n_env = outbox.count
         db_id = database_id(conn)
 
         def mark() -> Mark:
@@ -173,6 +174,7 @@ def agent_round(
             check.close()
         if not verdict.ok or left:
             raise SystemExit(f"drain left {left} envelopes; ledger: {verdict}")
+        print(f"  {outbox.batches} delivery commits, {n_env / outbox.batches:.0f} a commit")
         return seconds, cpu
     finally:
         shutil.rmtree(root, ignore_errors=True)

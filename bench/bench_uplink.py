@@ -92,10 +92,12 @@ class WatchedOutbox(Outbox):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.empty = asyncio.Event()
+        self.batches = 0  # delivery commits
 
     def delivered(self, items: Sequence[Stored], *, durable: bool = True) -> None:
         """The real delivery; then note an empty outbox."""
         super().delivered(items, durable=durable)
+        self.batches += 1
         if self.count == 0:
             self.empty.set()
 
