@@ -53,19 +53,27 @@ def delivered_text(data_class: str, envelope_id: str, seq: int, size: int, sha25
     hash chain and ``audit verify`` cannot tell the difference. Strings JSON would
     escape take the encoder's path.
     """
-    if (
-        type(seq) is int
-        and type(size) is int
-        and _PLAIN(data_class)
-        and _PLAIN(envelope_id)
-        and _PLAIN(sha256)
-    ):
-        return (
-            f'{{"class":"{data_class}","id":"{envelope_id}","seq":{seq},'
-            f'"sha256":"{sha256}","size":{size}}}'
-        )
+    if type(seq) is int and type(size) is int and _PLAIN(f"{data_class}{envelope_id}{sha256}"):
+        return _spelt(data_class, envelope_id, seq, size, sha256)
     return canonical(
         {"id": envelope_id, "class": data_class, "seq": seq, "size": size, "sha256": sha256}
+    )
+
+
+def delivered_texts(rows: list[tuple[str, str, int, int, str]]) -> list[str]:
+    """:func:`delivered_text` of each (class, id, seq, size, sha256), checking the strings
+    of the whole batch with one match when they are all plain (as the agent's are)."""
+    if _PLAIN("".join(f"{c}{i}{h}" for c, i, _s, _z, h in rows)) and all(
+        type(s) is int and type(z) is int for _c, _i, s, z, _h in rows
+    ):
+        return [_spelt(*row) for row in rows]
+    return [delivered_text(*row) for row in rows]
+
+
+def _spelt(data_class: str, envelope_id: str, seq: int, size: int, sha256: str) -> str:
+    return (
+        f'{{"class":"{data_class}","id":"{envelope_id}","seq":{seq},'
+        f'"sha256":"{sha256}","size":{size}}}'
     )
 
 

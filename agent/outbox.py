@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from agent.errors import StateError
-from agent.ledger import Ledger, delivered_text
+from agent.ledger import Ledger, delivered_texts
 from agent.policy.gate import Envelope, approved
 from agent.store import transaction
 
@@ -248,12 +248,18 @@ class Outbox:
                 sha256 = hashlib.sha256
                 self.ledger.append_texts(
                     "delivered",
-                    [
-                        delivered_text(
-                            i.data_class, i.id, i.seq, len(i.payload), sha256(i.payload).hexdigest()
-                        )
-                        for i in gone
-                    ],
+                    delivered_texts(
+                        [
+                            (
+                                i.data_class,
+                                i.id,
+                                i.seq,
+                                len(i.payload),
+                                sha256(i.payload).hexdigest(),
+                            )
+                            for i in gone
+                        ]
+                    ),
                 )
                 removed = len(gone)
                 freed = sum(len(i.payload) for i in gone)

@@ -308,6 +308,22 @@ def test_delivered_text_is_the_canonical_json(
     assert json.loads(text) == data
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(_TEXT, _TEXT, st.integers(0, 2**40), st.integers(0, 2**20), _TEXT), max_size=8
+    )
+)
+def test_delivered_texts_spell_each_row_canonically(
+    rows: list[tuple[str, str, int, int, str]],
+) -> None:
+    """The batch form gives each row's canonical text, plain batches and escaped ones alike."""
+    want = [
+        canonical({"class": c, "id": i, "seq": s, "size": z, "sha256": h}) for c, i, s, z, h in rows
+    ]
+    assert ledger.delivered_texts(rows) == want
+
+
 def test_batched_entries_verify_and_read_as_single_ones(tmp_path: Path) -> None:
     """append_texts (one timestamp, inlined hashing) chains exactly as append() does."""
     conn, _ = open_db(tmp_path)

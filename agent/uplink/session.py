@@ -362,6 +362,7 @@ class UplinkSession:
         inflight: dict[int, Stored] = {}
         acked: list[Stored] = []  # acknowledged by the broker, their deletion not committed yet
         syncing: asyncio.Future[None] | None = None  # the fsync of the last commit
+        topics: dict[str, str] = {}  # per data class, built once
         stalled = False  # the store refused the last commit
         last_seq = 0
         retry = 0
@@ -375,7 +376,10 @@ class UplinkSession:
                 if room > 0:
                     self._new_data.clear()
                     for item in self.outbox.pending(room, after_seq=last_seq):
-                        mid = link.publish(f"{self.prefix}/up/{item.data_class}", item.payload)
+                        topic = topics.get(item.data_class)
+                        if topic is None:
+                            topic = topics[item.data_class] = f"{self.prefix}/up/{item.data_class}"
+                        mid = link.publish(topic, item.payload)
                         inflight[mid] = item
                         last_seq = item.seq
                 if stalled:
