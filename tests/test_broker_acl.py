@@ -124,6 +124,9 @@ def test_device_round_trip_under_its_own_topic(broker: Mosquitto, pki: PKI) -> N
             rc = await publish(box, "pbx/pbx-test-1/up/health", b'{"v":1}')
             assert rc.ok
             got = await next_message(box)
+            while got.retain:
+                # A status another test left retained for this device on the shared broker.
+                got = await next_message(box)
             assert (got.topic, got.payload) == ("pbx/pbx-test-1/up/health", b'{"v":1}')
             got = await next_message(nocc)
             assert (got.topic, got.payload) == ("pbx/pbx-test-1/up/health", b'{"v":1}')
