@@ -7,9 +7,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
-# Debian packages the tests and the demo talk to (real broker, real sshd, unit checks,
-# the NOC's PostgreSQL and the browser that loads its dashboard).
-DEB_PACKAGES := mosquitto openssh-server systemd postgresql-15 chromium chromium-driver
+# Debian packages, each list exactly what its target talks to. They are installed
+# by packaging/apt-install-quiet: no service they ship is started or left enabled.
+# The demo: its broker, the NOC's PostgreSQL, the browser that screenshots the dashboard.
+DEMO_PACKAGES := mosquitto postgresql-15 chromium chromium-driver
+# The tests: the same, plus OpenSSH (the support tunnel's bastion and the box's sshd)
+# and systemd (systemd-analyze checks the unit).
+TEST_PACKAGES := mosquitto openssh-server systemd postgresql-15 chromium chromium-driver
 
 PREFIX ?= /opt/pbx-agent
 CONFDIR ?= /etc/pbx-agent
@@ -20,19 +24,28 @@ UNITDIR ?= /etc/systemd/system
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-.PHONY: deps
-deps: ## install missing Debian packages (when run as root)
-	@missing=""; for p in $(DEB_PACKAGES); do \
+# $(call apt_missing,PACKAGES): install those not installed yet (as root), quietly.
+define apt_missing
+	@missing=""; for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing Debian packages:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	    echo "installing Debian packages (no service started or enabled):$$missing"; \
+	    apt-get update -qq && packaging/apt-install-quiet $$missing; \
 	  else \
-	    echo "missing Debian packages:$$missing (run 'make deps' as root)"; \
+	    echo "missing Debian packages:$$missing (run 'make $@' as root)"; \
 	  fi; \
 	fi
+endef
+
+.PHONY: deps
+deps: ## install the Debian packages the tests use (root; starts and enables no service)
+	$(call apt_missing,$(TEST_PACKAGES))
+
+.PHONY: deps-demo
+deps-demo: ## install the Debian packages the demo uses (root; starts and enables no service)
+	$(call apt_missing,$(DEMO_PACKAGES))
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,7 +74,7 @@ mutation: venv ## mutation testing of gate, switch, outbox, ledger, commands, re
 	$(VENV)/bin/mutmut results
 
 .PHONY: demo
-demo: deps venv ## run the agent on the sample PBX tree with a local mTLS broker
+demo: deps-demo venv ## run the agent on the sample PBX tree with a local mTLS broker
 	$(PY) -m demo.run
 
 .PHONY: bench
