@@ -13,7 +13,16 @@ STAMP := $(VENV)/.installed
 DEMO_PACKAGES := mosquitto postgresql-15 chromium chromium-driver
 # The tests: the same, plus OpenSSH (the support tunnel's bastion and the box's sshd)
 # and systemd (systemd-analyze checks the unit).
-TEST_PACKAGES := mosquitto openssh-server systemd postgresql-15 chromium chromium-driver
+# Building the .deb: Debian's interpreter and pip (the venv inside is made for it),
+# binutils (strip, objdump); checking it: lintian.
+DEB_PACKAGES := python3.11-venv python3-pip binutils
+DEB_CHECK_PACKAGES := lintian
+TEST_PACKAGES := mosquitto openssh-server systemd postgresql-15 chromium chromium-driver \
+	$(DEB_PACKAGES) $(DEB_CHECK_PACKAGES)
+
+# The service's interpreter: Debian's, checked (packaging/check-python), never PATH's python3.
+SYSTEM_PYTHON ?= /usr/bin/python3.11
+LOCK := requirements.lock
 
 PREFIX ?= /opt/pbx-agent
 CONFDIR ?= /etc/pbx-agent
@@ -85,6 +94,23 @@ bench: deps venv ## run the benchmarks (minutes; results go in the README)
 chaos: deps venv ## the long fault runs (about 10 minutes; root for the full disk): lost must be 0
 	PYTHONPATH=. $(PY) bench/chaos.py
 
+.PHONY: lock
+lock: ## regenerate requirements.lock (the runtime dependencies, pinned with hashes)
+	@test -x build/lock-tools/bin/pip-compile || { $(SYSTEM_PYTHON) -m venv build/lock-tools && \
+	  build/lock-tools/bin/pip install -q pip-tools; }
+	build/lock-tools/bin/pip-compile -q --generate-hashes --strip-extras --no-emit-index-url \
+	  --no-emit-find-links --output-file $(LOCK) setup.cfg
+
+.PHONY: deb
+deb: ## build dist/pbx-agent_VERSION_ARCH.deb (self-contained venv from requirements.lock)
+	$(call apt_missing,$(DEB_PACKAGES))
+	packaging/build-deb dist
+
+.PHONY: deb-check
+deb-check: deb ## lintian on the .deb: no errors (warnings are listed)
+	$(call apt_missing,$(DEB_CHECK_PACKAGES))
+	lintian --fail-on error dist/pbx-agent_*.deb
+
 .PHONY: install
 install: ## (root) install the agent as a systemd service
 	getent group pbx-agent >/dev/null || groupadd --system pbx-agent
@@ -93,9 +119,13 @@ install: ## (root) install the agent as a systemd service
 	  --no-create-home --shell /usr/sbin/nologin pbx-agent
 	@# The CDR files and /etc/asterisk belong to group asterisk on FreePBX: read access only.
 	@if getent group asterisk >/dev/null; then usermod -a -G asterisk pbx-agent; fi
-	$(PYTHON) -m venv $(PREFIX)/venv
-	$(PREFIX)/venv/bin/pip install -q .
-	install -m 0644 README.md $(PREFIX)/README.md
+	@# The same lock file as the .deb, every hash checked, for an interpreter the service can run.
+	packaging/check-python $(SYSTEM_PYTHON) pbx-agent
+	$(SYSTEM_PYTHON) -m venv $(PREFIX)/venv
+	$(PREFIX)/venv/bin/pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(PREFIX)/venv/bin/pip install -q --no-deps .
+	setpriv --reuid=pbx-agent --regid=pbx-agent --clear-groups -- $(PREFIX)/venv/bin/python -I -c 'import agent.daemon'
+	install -D -m 0644 README.md /usr/share/doc/pbx-agent/README.md
 	install -d -m 0750 -o root -g pbx-agent $(CONFDIR)
 	@if [ -e $(CONFDIR)/agent.yaml ]; then \
 	  echo "keeping the existing $(CONFDIR)/agent.yaml; the shipped default is $(CONFDIR)/agent.yaml.dist"; \
@@ -113,7 +143,7 @@ install: ## (root) install the agent as a systemd service
 uninstall: ## (root) remove the service; PURGE=1 also removes configuration and state
 	@systemctl disable --now pbx-agent 2>/dev/null || true
 	rm -f $(UNITDIR)/pbx-agent.service /usr/local/bin/agentctl
-	rm -rf $(PREFIX)
+	rm -rf $(PREFIX) /usr/share/doc/pbx-agent
 	@systemctl daemon-reload 2>/dev/null || true
 	@if [ "$(PURGE)" = 1 ]; then rm -rf $(CONFDIR) $(STATEDIR); \
 	  userdel pbx-agent 2>/dev/null; groupdel pbx-agent-admin 2>/dev/null; groupdel pbx-agent 2>/dev/null; \
@@ -122,4 +152,8 @@ uninstall: ## (root) remove the service; PURGE=1 also removes configuration and 
 
 .PHONY: clean
 clean: ## remove the virtualenv and caches
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo/run mutants
+	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis demo/run mutants
+
+# `make print-TEST_PACKAGES`: a variable's value, for the tests that keep the README true.
+print-%:
+	@echo $($*)

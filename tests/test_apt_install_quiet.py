@@ -19,10 +19,15 @@ POLICY = Path("/usr/sbin/policy-rc.d")
 
 
 def make_list(name: str) -> list[str]:
-    """A package list as the Makefile defines it."""
-    m = re.search(rf"^{name} := (.*)$", (REPO / "Makefile").read_text(), re.MULTILINE)
-    assert m is not None, name
-    return m.group(1).split()
+    """A package list as make expands it."""
+    out = subprocess.run(
+        ["make", "-s", "--no-print-directory", f"print-{name}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.split()
 
 
 def readme_row(target: str) -> str:
@@ -38,6 +43,8 @@ def test_readme_lists_exactly_what_each_target_installs() -> None:
     assert re.findall(r"`([a-z0-9.-]+)`", readme_row("make demo").split("(")[0]) == demo
     extra = re.findall(r"`([a-z0-9.-]+)`", readme_row("make test").split("(")[0])
     assert sorted(set(demo) | set(extra)) == sorted(test)
+    deb = make_list("DEB_PACKAGES") + make_list("DEB_CHECK_PACKAGES")
+    assert re.findall(r"`([a-z0-9.-]+)`", readme_row("make deb").split("(")[0]) == deb
     assert "openssh-server" not in demo, "nothing in the demo uses an SSH server"
 
 
