@@ -55,6 +55,9 @@ __all__ = [
 ]
 
 
+UPDATE_MODES = ("off", "notify", "auto")
+
+
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     """The whole validated configuration."""
@@ -70,6 +73,8 @@ class AgentConfig:
     enroll: EnrollConfig | None = None
     support: SupportConfig | None = None
     log_level: str = "info"
+    # The update unit's permission (agent/updater): off, notify (say so) or auto.
+    updates: str = "notify"
 
 
 def load(path: Path) -> AgentConfig:
@@ -106,6 +111,10 @@ def build(data: LineMap, path: Path) -> AgentConfig:
         support = parse_support(top.section("support"), device_id, paths.state_dir)
     top.raw("support")
     log_level = top.choice("log_level", ("debug", "info", "warning", "error"), "info")
+    # YAML 1.1 reads a bare `off` as false: the word the README prints must work as written.
+    updates = (
+        "off" if top.raw("updates") is False else top.choice("updates", UPDATE_MODES, "notify")
+    )
     top.finish()
     problems.raise_if_any()
     return AgentConfig(
@@ -120,4 +129,5 @@ def build(data: LineMap, path: Path) -> AgentConfig:
         enroll=enroll,
         support=support,
         log_level=log_level,
+        updates=updates,
     )

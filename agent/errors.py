@@ -32,6 +32,7 @@ as a warning: an error log line is for something a person must fix.
     │   ├── PermissionDenied   peer credentials do not allow the request (exit 77)
     │   └── DaemonRefused      the daemon answered with an error (exit: the code it named)
     ├── CollectorError         a collector could not gather (source missing, unreadable)
+    ├── UpdateError            an update could not be checked, fetched or applied (exit 69)
     └── UplinkError            the uplink could not be set up or used
         ├── TLSMaterialError   key/cert/CA unusable: loose permissions, expired, mismatch
         ├── BrokerRefused      the broker refused us (certificate, ACL, protocol)
@@ -186,6 +187,12 @@ class SecretFileError(AgentError):
 
 class CollectorError(AgentError):
     """A collector could not gather its data."""
+
+    exit_code = EX_UNAVAILABLE
+
+
+class UpdateError(AgentError):
+    """An update could not be checked (source, signature, Valid-Until), fetched or applied."""
 
     exit_code = EX_UNAVAILABLE
 

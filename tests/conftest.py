@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,14 @@ from tests.support.mosquitto import Mosquitto, MosquittoUnavailable, require_mos
 from tests.support.pki import PKI, temporary_pki
 from tests.support.postgres import Postgres, PostgresUnavailable
 from tests.support.relay import Relay
+
+
+@pytest.fixture(scope="session")
+def deb_v1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pbx-agent's .deb, built for real once per session (tests/test_deb.py, test_update_e2e.py)."""
+    from tests.support import deb
+
+    return deb.build(tmp_path_factory.mktemp("deb-v1"), deb.V1)
 
 
 @pytest.fixture(scope="session")

@@ -24,19 +24,18 @@ pytestmark = [
     pytest.mark.skipif(deb.unavailable() is not None, reason=str(deb.unavailable())),
 ]
 
-V1 = "0.1.0~test1"
+V1 = deb.V1
 V2 = "0.1.0~test2"
 CONF = Path("/etc/pbx-agent/agent.yaml")
 AGENTCTL = "/usr/bin/agentctl"
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def built(deb_v1: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Version 1 built for real; version 2 the same tree, bumped, its default agent.yaml changed."""
     out = tmp_path_factory.mktemp("deb")
-    v1 = deb.build(out, V1)
-    v2 = deb.rebuild(v1, out, V2, conf_suffix="# shipped with version 2\n")
-    return {V1: v1, V2: v2}
+    v2 = deb.rebuild(deb_v1, out, V2, conf_suffix="# shipped with version 2\n")
+    return {V1: deb_v1, V2: v2}
 
 
 @pytest.fixture(scope="module")

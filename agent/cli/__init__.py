@@ -32,6 +32,7 @@ COMMANDS = (
     "callstats",
     "diagnose",
     "version",
+    "update",
 )
 
 

@@ -14,11 +14,14 @@ import os
 import pwd
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "packaging" / "build-deb"
 PACKAGE = "pbx-agent"
+V1 = "0.1.0~test1"  # the session's real build (conftest's deb_v1)
 USER = "pbx-agent"
 GROUPS = ("pbx-agent", "pbx-agent-admin")
 # Where the package or its scripts put anything; a purge must leave none of it.
@@ -52,8 +55,16 @@ def build(out: Path, version: str) -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
-def rebuild(deb: Path, out: Path, version: str, *, conf_suffix: str = "") -> Path:
-    """The same package as another version, ``conf_suffix`` appended to its default agent.yaml."""
+def rebuild(
+    deb: Path,
+    out: Path,
+    version: str,
+    *,
+    conf_suffix: str = "",
+    edit: Callable[[Path], None] | None = None,
+) -> Path:
+    """The same package as another version: ``conf_suffix`` appended to its default
+    agent.yaml, ``edit`` given the unpacked tree (md5sums are not redone for it)."""
     tree = out / f"tree-{version}"
     subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True)
     control = tree / "DEBIAN" / "control"
@@ -71,7 +82,9 @@ def rebuild(deb: Path, out: Path, version: str, *, conf_suffix: str = "") -> Pat
         ).stdout
         kept = [ln for ln in sums.read_text().splitlines() if "etc/pbx-agent/agent.yaml" not in ln]
         sums.write_text("\n".join([*kept, digest.strip()]) + "\n")
-    new = out / f"{PACKAGE}_{version}.deb"
+    if edit is not None:
+        edit(tree)
+    new = out / f"{PACKAGE}_{version}_amd64.deb"
     subprocess.run(
         ["dpkg-deb", "--root-owner-group", "-Zgzip", "-z1", "--build", str(tree), str(new)],
         check=True,
@@ -82,10 +95,20 @@ def rebuild(deb: Path, out: Path, version: str, *, conf_suffix: str = "") -> Pat
 
 
 def dpkg(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    """dpkg with the arguments, never prompting on a terminal (answers come from ``stdin``)."""
-    return subprocess.run(
-        ["dpkg", *args], input=stdin, capture_output=True, text=True, check=False, timeout=120
-    )
+    """dpkg with the arguments, never prompting on a terminal (answers come from ``stdin``).
+
+    The machine is shared: while another apt or dpkg holds the lock, wait for it
+    (up to two minutes) rather than fail.
+    """
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run(
+            ["dpkg", *args], input=stdin, capture_output=True, text=True, check=False, timeout=120
+        )
+        locked = done.returncode == 2 and "lock" in done.stderr
+        if not locked or time.monotonic() > deadline:
+            return done
+        time.sleep(0.5)
 
 
 def status() -> str:
