@@ -449,6 +449,16 @@ class Daemon:
         """Run a collector at once (NOC ``collect``, agentctl collect)."""
         self.runs[name].trigger.set()
 
+    def update_setting(self) -> str:
+        """The customer's ``updates:`` (NOC ``update.check`` is refused when off)."""
+        return self.config.updates
+
+    def request_update_check(self) -> None:
+        """Ask pbx-agent-update.path for a check: the daemon itself installs nothing."""
+        from agent.update_state import REQUEST_FILE
+
+        (self.config.paths.runtime_dir / REQUEST_FILE).touch(mode=0o644)
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def run(self) -> int:
@@ -735,7 +745,15 @@ class Daemon:
             "gate": self.gate.stats(),
             "components": {n: s.to_json() for n, s in self.supervisor.states.items()},
             "control": self.control.stats(),
+            "update": self.update_status(),
         }
+
+    def update_status(self) -> dict[str, Any]:
+        """The setting, and what the update unit last found (agent/update_state.py)."""
+        from agent.update_state import DEFAULT_UPDATE_DIR, read_state
+
+        last = read_state(DEFAULT_UPDATE_DIR)
+        return {"setting": self.config.updates, "last": last.to_json() if last else None}
 
     async def _uplink_status(self, req: dict[str, Any], peer: control.Peer) -> dict[str, Any]:
         return {

@@ -42,6 +42,8 @@ ALLOWED: dict[str, dict[str, str]] = {
     "narrow": {"class": "str"},
     "support.connect": {"ports": "ports", "ticket": "str", "key": "str"},
     "support.disconnect": {},
+    # Asks the box's update unit for a check; the box's setting and switch decide.
+    "update.check": {},
 }
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "collect": ("collector",),

@@ -62,6 +62,8 @@ class Host:
         self.switch = True
         self.gate = Gate(policy=PolicyConfig(send=send), switch_on=lambda: self.switch, last_seq=0)
         self.collected: list[str] = []
+        self.updates = "notify"
+        self.update_requests = 0
 
     def collectors_known(self) -> list[str]:
         """Names a ``collect`` may name."""
@@ -70,6 +72,14 @@ class Host:
     def collect_now(self, name: str) -> None:
         """Record the request."""
         self.collected.append(name)
+
+    def update_setting(self) -> str:
+        """The box's ``updates:``."""
+        return self.updates
+
+    def request_update_check(self) -> None:
+        """Record the request (the daemon touches the update unit's request file)."""
+        self.update_requests += 1
 
 
 class Rig:
@@ -296,6 +306,17 @@ def test_collect_runs_the_named_collector(rig: Rig) -> None:
     reply = rig.send(cmd("c", "collect", args={"collector": "callstats"}))
     assert reply.ok and reply.result == {"collecting": "callstats"}
     assert rig.host.collected == ["callstats"]
+
+
+def test_update_check_asks_and_never_forces(rig: Rig) -> None:
+    """update.check only requests a check; with updates: off on the box it is refused."""
+    reply = rig.send(cmd("u1", "update.check"))
+    assert reply.ok and reply.result == {"requested": "check", "updates": "notify"}
+    assert rig.host.update_requests == 1
+    rig.host.updates = "off"
+    refused = rig.send(cmd("u2", "update.check"))
+    assert not refused.ok and "updates: off" in (refused.error or "")
+    assert rig.host.update_requests == 1
 
 
 def test_narrow_only_narrows(tmp_path: Path) -> None:

@@ -74,3 +74,27 @@ def test_descriptor_limit_bounds_the_control_socket() -> None:
     limits = Limits.for_descriptors(nofile)
     assert limits.total + limits.reserve <= nofile // 4
     assert limits.reserve > 0 and limits.per_uid < limits.total
+
+
+def test_update_units_verify_and_wire_together(tmp_path: Path) -> None:
+    """The update service, its timer and the NOC-request path unit verify without a warning,
+    and the path watches the very file the daemon creates for update.check."""
+    from agent.paths import DEFAULT_RUNTIME_DIR
+    from agent.update_state import REQUEST_FILE
+
+    agentctl = Path(sys.executable).with_name("agentctl")
+    names = ("pbx-agent-update.service", "pbx-agent-update.timer", "pbx-agent-update.path")
+    for name in names:
+        text = (REPO / "systemd" / name).read_text().replace("/usr/bin/agentctl", str(agentctl))
+        (tmp_path / name).write_text(text)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", *(str(tmp_path / n) for n in names)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert [ln for ln in out.stderr.splitlines() if str(tmp_path) in ln] == []
+    path_unit = (REPO / "systemd" / "pbx-agent-update.path").read_text()
+    assert f"PathExists={DEFAULT_RUNTIME_DIR / REQUEST_FILE}" in path_unit
+    service = (REPO / "systemd" / "pbx-agent-update.service").read_text()
+    assert "Type=oneshot" in service and "update run" in service

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -49,7 +49,15 @@ MAX_COMMAND_BYTES = 16 * 1024
 MAX_ID_LENGTH = 64
 MAX_DEPTH = 8  # a command is two levels deep (message, args); room to grow, not to recurse
 FUTURE_SKEW = 60.0  # seconds a command's ts may be ahead of our clock
-ALLOWED = ("ping", "collect", "policy", "narrow", "support.connect", "support.disconnect")
+ALLOWED = (
+    "ping",
+    "collect",
+    "policy",
+    "narrow",
+    "support.connect",
+    "support.disconnect",
+    "update.check",
+)
 
 _SEEN_SCHEMA = "CREATE TABLE IF NOT EXISTS seen_commands (id TEXT PRIMARY KEY, ts REAL NOT NULL)"
 
@@ -65,6 +73,19 @@ class CommandHost(Protocol):
 
     def collect_now(self, name: str) -> None:
         """Run a collector at once."""
+        ...
+
+
+@runtime_checkable
+class UpdateRequester(Protocol):
+    """A host that can ask the update unit for a check (the daemon; test hosts need not)."""
+
+    def update_setting(self) -> str:
+        """The customer's ``updates:`` setting."""
+        ...
+
+    def request_update_check(self) -> None:
+        """Ask for a check; the update unit decides, under the setting and the switch."""
         ...
 
 
@@ -334,6 +355,15 @@ class CommandHandler:
                 {"narrowed": data_class.value, "effective": after},
                 lambda: gate.narrow(data_class),
             )
+        if cmd == "update.check":
+            host = self.host
+            if not isinstance(host, UpdateRequester):
+                raise CommandRefused("update checks are not available on this box")
+            setting = host.update_setting()
+            if setting == "off":
+                raise CommandRefused("the customer turned updates off on this box (updates: off)")
+            # A request: the update unit still reads the switch and the setting itself.
+            return _Plan({"requested": "check", "updates": setting}, host.request_update_check)
         raise CommandRefused(f"command {cmd!r} is not allowed")  # unreachable: ALLOWED is checked
 
     def _log_refusal(self, event: str, cmd_id: str | None, cmd: str | None, error: Any) -> None:
