@@ -17,6 +17,8 @@ DEMO_PACKAGES := mosquitto postgresql-15 chromium chromium-driver
 # binutils (strip, objdump); checking it: lintian.
 DEB_PACKAGES := python3.11-venv python3-pip binutils
 DEB_CHECK_PACKAGES := lintian
+# The signed repository (make repo) and the update tests that serve it (make test-deb).
+REPO_PACKAGES := reprepro gnupg
 TEST_PACKAGES := mosquitto openssh-server systemd postgresql-15 chromium chromium-driver \
 	$(DEB_PACKAGES) $(DEB_CHECK_PACKAGES)
 
@@ -110,6 +112,18 @@ deb: ## build dist/pbx-agent_VERSION_ARCH.deb (self-contained venv from requirem
 deb-check: deb ## lintian on the .deb: no errors (warnings are listed)
 	$(call apt_missing,$(DEB_CHECK_PACKAGES))
 	lintian --fail-on error dist/pbx-agent_*.deb
+
+.PHONY: repo
+repo: deb ## publish dist/*.deb in a signed apt repository dist/repo (REPO_KEY: a key fingerprint in GNUPGHOME)
+	$(call apt_missing,$(REPO_PACKAGES))
+	@test -n "$(REPO_KEY)" || { echo "make repo: REPO_KEY=<fingerprint of the signing key in \$$GNUPGHOME>"; exit 64; }
+	packaging/make-repo dist/repo $(REPO_KEY) dist/pbx-agent_*.deb
+	@echo "dist/repo: serve it; dist/repo/pbx-agent-archive-keyring.pgp is the key to pin (VENDOR_KEYRING)"
+
+.PHONY: test-deb
+test-deb: venv ## the package and update tests, with the end-to-end apt update run (about 2 minutes)
+	$(call apt_missing,$(DEB_PACKAGES) $(DEB_CHECK_PACKAGES) $(REPO_PACKAGES))
+	PBX_AGENT_TEST_DEB=1 $(VENV)/bin/pytest -q tests/test_deb.py tests/test_updater.py tests/test_update_e2e.py
 
 .PHONY: install
 install: ## (root) install the agent as a systemd service

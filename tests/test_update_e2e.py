@@ -4,11 +4,14 @@ served on loopback, apt confined to it, and the update unit's decisions.
 The restart step is the update unit's ``--restart-command`` (systemd is not PID 1
 here): tests/support/notify_restart.py starts the installed agent as pbx-agent
 and waits for READY=1, as ``systemctl restart`` of the Type=notify unit would.
+About a minute: ``make test-deb`` runs it; tests/test_updater.py has the same
+decisions with apt replaced, in the suite.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +26,10 @@ from tests.support.notify_restart import stop
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.skipif(
+        os.environ.get("PBX_AGENT_TEST_DEB") != "1",
+        reason="about a minute of apt and dpkg: make test-deb runs it (PBX_AGENT_TEST_DEB=1)",
+    ),
     pytest.mark.skipif(deb.unavailable() is not None, reason=str(deb.unavailable())),
     pytest.mark.skipif(
         subprocess.run(["which", "reprepro", "gpg"], capture_output=True).returncode != 0,
