@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.collectors.health.collector import update_summary
 from agent.errors import UpdateError
 from agent.ledger import verify
 from agent.update_state import Outcome, UpdateMode, read_state
@@ -110,6 +111,13 @@ def test_notify_says_available_and_installs_nothing(tmp_path: Path) -> None:
     assert apt.calls == ["refresh"] and restarts == []
     state = read_state(tmp_path)
     assert state is not None and state.available == "2.0" and state.installed == "1.0"
+    health = update_summary(tmp_path)  # what the health body's agent.update says
+    assert health is not None
+    assert (health["setting"], health["outcome"], health["available"]) == (
+        "notify",
+        "available",
+        "2.0",
+    )
 
 
 def test_auto_applies_when_ready(tmp_path: Path) -> None:

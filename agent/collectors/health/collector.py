@@ -78,6 +78,7 @@ class HealthCollector:
             raise CollectorError(f"health: {first}") from first
         body = machine.result()
         body["agent"].update(self._agent_stats())
+        body["agent"]["update"] = update_summary()
         procs = processes.result()
         pbx: dict[str, Any] = (
             {"state": "not_configured", "reason": None} if ami is None else ami.result()
@@ -111,3 +112,21 @@ class HealthCollector:
         """Close the AMI connection, if there is one."""
         if self._probe is not None:
             await self._probe.aclose()
+
+
+def update_summary(update_dir: Path | None = None) -> dict[str, Any] | None:
+    """What the update unit last found (agent/update_state.py), for the NOC to see
+    an update waiting under ``updates: notify``; None before the first check."""
+    from agent.update_state import DEFAULT_UPDATE_DIR, read_state
+
+    state = read_state(update_dir or DEFAULT_UPDATE_DIR)
+    if state is None:
+        return None
+    return {
+        "setting": state.mode,
+        "outcome": state.outcome,
+        "installed": state.installed,
+        "available": state.available,
+        "held": state.held,
+        "checked_at": state.at,
+    }
