@@ -13,9 +13,9 @@ STAMP := $(VENV)/.installed
 DEMO_PACKAGES := mosquitto postgresql-15 chromium chromium-driver
 # The tests: the same, plus OpenSSH (the support tunnel's bastion and the box's sshd)
 # and systemd (systemd-analyze checks the unit).
-# Building the .deb: Debian's interpreter and pip (the venv inside is made for it),
+# Building the .deb: Debian's interpreter, pip and setuptools (the venv inside is made for it),
 # binutils (strip, objdump); checking it: lintian.
-DEB_PACKAGES := python3.11-venv python3-pip binutils
+DEB_PACKAGES := python3.11-venv python3-pip python3-setuptools binutils
 DEB_CHECK_PACKAGES := lintian
 # The signed repository (make repo) and the update tests that serve it (make test-deb).
 REPO_PACKAGES := reprepro gnupg

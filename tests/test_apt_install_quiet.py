@@ -45,6 +45,8 @@ def test_readme_lists_exactly_what_each_target_installs() -> None:
     assert sorted(set(demo) | set(extra)) == sorted(test)
     deb = make_list("DEB_PACKAGES") + make_list("DEB_CHECK_PACKAGES")
     assert re.findall(r"`([a-z0-9.-]+)`", readme_row("make deb").split("(")[0]) == deb
+    row = readme_row("make repo`, `make test-deb")
+    assert re.findall(r"`([a-z0-9.-]+)`", row.split("(")[0]) == make_list("REPO_PACKAGES")
     assert "openssh-server" not in demo, "nothing in the demo uses an SSH server"
 
 
