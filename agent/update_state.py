@@ -39,6 +39,7 @@ class Outcome(enum.StrEnum):
     AVAILABLE = "available"  # newer, not installed (notify, or auto refused to)
     APPLIED = "applied"  # installed, ready and reconnected in time
     ROLLED_BACK = "rolled_back"  # installed, not ready in time, previous version back
+    ROLLBACK_FAILED = "rollback_failed"  # ... and the previous version could not be reinstalled
 
 
 @dataclass(frozen=True, kw_only=True)

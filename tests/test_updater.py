@@ -27,6 +27,7 @@ class FakeApt:
     installed_version: str = "1.0"
     offered: list[str] = field(default_factory=lambda: ["1.0"])
     refuse: str | None = None
+    broken_install: str | None = None  # a version whose dpkg -i fails
     package: str = "pbx-agent"
     copies: set[str] = field(default_factory=set)
     calls: list[str] = field(default_factory=list)
@@ -57,6 +58,8 @@ class FakeApt:
 
     def install(self, deb: Path) -> None:
         self.calls.append(f"install {deb.name}")
+        if self.broken_install and self.broken_install in deb.name:
+            raise UpdateError(f"dpkg -i {deb.name} failed")
         self.installed_version = deb.name.split("_")[1].removesuffix(".deb")
 
     def prune(self, keep: set[str]) -> None:
@@ -165,3 +168,13 @@ def test_a_refused_source_is_recorded_and_raised(tmp_path: Path) -> None:
     state = read_state(tmp_path)
     assert state is not None and state.outcome == "check_failed"
     assert steps(tmp_path) == ["check", "check_failed"]
+
+
+def test_a_rollback_that_cannot_install_is_recorded_and_raised(tmp_path: Path) -> None:
+    """The previous version will not reinstall either: rollback_failed, ledgered, raised."""
+    apt = FakeApt(offered=["1.0", "2.0"], broken_install="_1.0")
+    with pytest.raises(UpdateError, match=r"pbx-agent_1\.0"):
+        run(tmp_path, apt, UpdateMode.AUTO, ready=False)
+    assert steps(tmp_path)[-2:] == ["not_ready", "rollback_failed"]
+    state = read_state(tmp_path)
+    assert state is not None and state.outcome == "rollback_failed"

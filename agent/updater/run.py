@@ -10,6 +10,7 @@ is an entry in the update ledger (hash-chained like the agent's own).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import time
@@ -157,7 +158,12 @@ class Run:
             return self.finish(Outcome.APPLIED, candidate)
 
         self.step("not_ready", version=candidate, why=why, ready_within=self.ready_within)
-        self.apt.install(previous)
+        try:
+            self.apt.install(previous)
+        except UpdateError as exc:
+            self.step("rollback_failed", version=installed, error=exc.message)
+            self.finish(Outcome.ROLLBACK_FAILED, candidate, candidate, exc.message)
+            raise
         self.step("reinstalled", version=installed)
         again = self.restart(self.ready_within)
         self.held.append(candidate)
@@ -176,8 +182,6 @@ def command_restarter(argv: list[str]) -> Restarter:
     """
 
     def restart(within: float) -> str | None:
-        import os
-
         env = dict(os.environ, PBX_AGENT_READY_WITHIN=f"{within:g}")
         try:
             done = subprocess.run(
@@ -196,9 +200,18 @@ def systemd_restarter(
     unit: str, reconnected: Callable[[], bool] | None, poll: float = 1.0
 ) -> Restarter:
     """``systemctl restart`` (a Type=notify unit: it returns once READY=1 came), then
-    the uplink must say ``connected`` (when ``reconnected`` is given) within the time."""
+    the uplink must say ``connected`` (when ``reconnected`` is given) within the time.
+
+    Made before anything is installed: a service that was not running then (not yet
+    configured, or stopped by the administrator) is not started by an update.
+    """
+    was_active = (
+        subprocess.run(["systemctl", "is-active", "--quiet", unit], check=False).returncode == 0
+    )
 
     def restart(within: float) -> str | None:
+        if not was_active:
+            return None
         deadline = time.monotonic() + within
         try:
             done = subprocess.run(
