@@ -29,11 +29,12 @@ _agentctl() {
             "callstats") path="callstats" ;;
             "diagnose") path="diagnose" ;;
             "version") path="version" ;;
+            "update") path="update" ;;
         esac
     done
     local words
     case "$path" in
-        "") words="--config --help --version -c audit callstats collect config diagnose enroll run snapshot status support uplink version" ;;
+        "") words="--config --help --version -c audit callstats collect config diagnose enroll run snapshot status support update uplink version" ;;
         "run") words="--config --help --log-level -c" ;;
         "status") words="--config --help --json -c" ;;
         "uplink") words="--config --help --json -c off on status" ;;
@@ -52,6 +53,7 @@ _agentctl() {
         "callstats") words="--config --help --json --since -c" ;;
         "diagnose") words="--config --help --json --user -c" ;;
         "version") words="--config --help -c" ;;
+        "update") words="--config --dir --help --json --ready-within --restart-command --sources -c run status" ;;
     esac
     COMPREPLY=($(compgen -W "$words" -- "$cur"))
 }

@@ -98,6 +98,9 @@ def test_package_contents_are_self_contained(
     assert "./lib/systemd/system/pbx-agent.service" in listing
     assert "./usr/lib/sysusers.d/pbx-agent.conf" in listing
     assert "./usr/lib/tmpfiles.d/pbx-agent.conf" in listing
+    assert "./usr/share/man/man8/agentctl.8.gz" in listing
+    assert "./usr/share/man/man5/agent.yaml.5.gz" in listing
+    assert "./usr/share/bash-completion/completions/agentctl" in listing
     conffiles = subprocess.run(
         ["dpkg-deb", "-I", str(built[V1]), "conffiles"], capture_output=True, text=True, check=True
     ).stdout

@@ -101,7 +101,7 @@ def test_bash_completion_completes(tmp_path: Path) -> None:
         return set(out.stdout.split())
 
     assert {"status", "uplink", "diagnose", "collect"} <= complete("")
-    assert complete("up") == {"uplink"}
+    assert complete("up") == {"update", "uplink"}
     assert complete("uplink", "") >= {"off", "on", "status", "--json"}
     assert complete("-c", "/etc/x.yaml", "support", "") >= {"open", "close", "status"}
     assert complete("support", "open", "--") >= {"--for", "--ticket", "--service"}
