@@ -121,3 +121,18 @@ def test_embedded_credentials_in_free_values() -> None:
     out = red.embedded("SIP/a:P1@h https://b:P2@i Authorization: Basic Zm9vOmJhcg==")
     assert out is not None
     assert "P1" not in out and "P2" not in out and "Zm9vOmJhcg==" not in out
+
+
+def test_auth_and_register_in_globals_are_variables() -> None:
+    """`Auth = token` in [globals] (or globals_custom.conf) is a variable holding a secret, not
+    sip.conf's `auth = user:secret@realm`: found by the property test, a whole token leaked."""
+    red = Redactor(KEY)
+    for where in (Where(family="globals"), Where(family="extensions", section="globals")):
+        for key in ("Auth", "auth"):
+            out = red.conf_value(key, "Zx222222Q711", where)
+            assert out is not None and "Zx222222Q711" not in out, (where, key)
+    # In sip.conf they keep their own meaning.
+    sip = Where(family="sip", section="peer")
+    assert red.conf_value("auth", "md5", Where(family="iax", section="peer")) is None
+    out = red.conf_value("auth", "bob:pw9@realm", sip)
+    assert out is not None and "pw9" not in out and out.startswith("bob:")

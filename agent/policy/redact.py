@@ -291,15 +291,18 @@ def _plan(key: str, family: str, section: str, mailbox: bool) -> tuple[str, str]
         return ("key-file" if k in KEY_FILE_KEYS else "secret-key"), k
     if k in FREEPBX_SECRET_KEYS:
         return "freepbx-key", k
-    if k in ("register", "mwi"):
+    variables = is_variables_section(family, section)
+    # In [globals] and its includes a key is a dialplan variable, whatever its name says in
+    # sip.conf: `Auth = token` there is a variable holding a secret, not `user:secret@realm`.
+    if k in ("register", "mwi") and not variables:
         return "register", k
-    if k == "auth":
+    if k == "auth" and not variables:
         return "auth", k
     if k in VARIABLE_KEYS:
         return "setvar", k
     if k in DIALPLAN_KEYS:
         return "dialplan", k
-    if is_variables_section(family, section):
+    if variables:
         return "globals", k
     if is_secret_key(k):
         if k in KEY_FILE_KEYS:
@@ -419,7 +422,7 @@ class Redactor:
         elif plan == "register":
             out += self._register_masks(value)
         elif plan == "auth":
-            out += self._auth_masks(value)
+            out += self._auth_masks(value)  # iax.conf's auth=md5 is a method, not a secret
         elif plan == "setvar":
             eq = value.find("=")
             if eq > 0:
