@@ -312,3 +312,22 @@ def test_noc_refuses_to_sign_with_an_expired_key(tmp_path: Path) -> None:
     with pytest.raises(CommandError, match="issue-command-key"):
         noc_signing.CommandSigner.load(tmp_path / "missing.json")
     assert os.path.exists(signing.command_key_file())
+
+
+def test_a_signature_in_another_base64_spelling_is_refused(prop: FuzzRig) -> None:
+    """The last base64 character of a 64-byte signature carries 4 unused bits: setting one
+    gives another text for the same bytes. Found by the one-bit property test: such a
+    command was accepted though its bytes differ from what was signed."""
+    for where in ("command", "key"):
+        msg = sign({"v": 1, "id": f"b64-{where}", "ts": NOW, "cmd": "ping", "args": {}})
+        holder = msg if where == "command" else msg["key"]
+        text = holder["sig"]
+        assert text.endswith("==")
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+        last = alphabet.index(text[-3])
+        holder["sig"] = text[:-3] + alphabet[last ^ 1] + "=="
+        assert base64.b64decode(holder["sig"]) == base64.b64decode(text)
+        before = prop.count()
+        reply = prop.handler.handle(json.dumps(msg).encode(), now=NOW)
+        assert not reply.ok and "canonical base64" in (reply.error or "")
+        assert prop.count() == before + 1

@@ -124,6 +124,10 @@ def _b64(value: object, what: str, length: int) -> bytes:
         raise CommandRefused(f"{what} is not valid base64") from None
     if len(raw) != length:
         raise CommandRefused(f"{what} must be {length} bytes, not {len(raw)}")
+    if base64.b64encode(raw).decode() != value:
+        # The last character's unused bits: another text for the same bytes. One spelling
+        # only, so that an altered command is never accepted as it stands.
+        raise CommandRefused(f"{what} is not in canonical base64")
     return raw
 
 
