@@ -42,7 +42,7 @@ from agent.policy.classes import Record
 from agent.policy.gate import Gate
 from agent.salvage import salvage_outbox
 from agent.sdnotify import Notifier
-from agent.stacks import task_stacks, thread_stacks
+from agent.stacks import loaded_modules, task_stacks, thread_stacks
 from agent.store import Opened, database_id, open_store, transaction
 from agent.supervisor import Supervisor
 
@@ -729,6 +729,7 @@ class Daemon:
                 "config": str(self.config.source),
                 "reloads": self.reloads,
                 "last_reload_error": self.last_reload_error,
+                "loaded": loaded_modules(),
             },
             "device_id": self.config.device_id,
             "versions": versions(),

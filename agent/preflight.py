@@ -15,7 +15,7 @@ status). A runtime folder it can neither find nor create stops it with exit 73
 (:func:`ensure_runtime_dir`).
 
 This module sits beside the daemon, not in the core: it may use
-:mod:`agent.uplink.material` (which needs only ``cryptography``), and loads it
+:mod:`agent.uplink.material` (the standard library only), and loads it
 only when an uplink is configured.
 """
 

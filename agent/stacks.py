@@ -46,3 +46,35 @@ def task_stacks() -> list[dict[str, Any]]:
             obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
         out.append({"task": task.get_name(), "cancelling": task.cancelling(), "awaits": frames})
     return out
+
+
+#: The agent's own modules that load only when their part is configured: the AMI client
+#: (``collectors.health.pbx.ami``) and the MariaDB source (PyMySQL). paramiko, behind
+#: ``uplink/sshlink.py``, loads only when a tunnel comes up: it shows in ``libraries``.
+#: ``agentctl status --json`` lists those loaded (``daemon.loaded``).
+OPTIONAL_MODULES = (
+    "agent.collectors.health.ami",
+    "agent.collectors.callstats.mariadb_source",
+)
+
+
+def loaded_modules() -> dict[str, Any]:
+    """What this process has imported: a count, the libraries outside the standard
+    library (top-level names), and the agent's optional modules present.
+
+    What stays resident is what the box pays for (issue 17): this lets a person, and
+    a test, see that an idle daemon holds no library its configuration does not use.
+    """
+    modules = list(sys.modules)
+    stdlib = sys.stdlib_module_names
+    libraries = {
+        name.partition(".")[0]
+        for name in modules
+        if not name.startswith("_") and name.partition(".")[0] not in stdlib
+    }
+    libraries.discard("agent")
+    return {
+        "modules": len(modules),
+        "libraries": sorted(libraries),
+        "optional": [m for m in OPTIONAL_MODULES if m in sys.modules],
+    }

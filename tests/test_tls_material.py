@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 
 from agent.errors import BrokerRefused, TLSMaterialError, UplinkError
 from agent.uplink.tls import (
@@ -292,3 +292,47 @@ def test_cli_init_broker_request_and_sign(
     assert info.cn == "pbx-0009"
     assert main(["init", str(ca_dir)]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("years", [1, 40])  # UTCTime, and GeneralizedTime past 2049
+def test_certificate_fields_are_read_as_cryptography_reads_them(pki: PKI, years: int) -> None:
+    """The standard-library reader (agent/uplink/x509.py) gives the dates, common name and
+    fingerprint that cryptography gives, for both encodings of time."""
+    from agent.uplink import x509 as reader
+
+    end = NOW.replace(microsecond=0) + dt.timedelta(days=365 * years)
+    creds = pki.issue("pbx-test-1", not_after=end, subdir=f"years-{years}")
+    ours = reader.load_pem_certificates(creds.cert.read_bytes())[0]
+    theirs = x509.load_pem_x509_certificate(creds.cert.read_bytes())
+    assert (ours.not_before, ours.not_after) == (
+        theirs.not_valid_before_utc,
+        theirs.not_valid_after_utc,
+    )
+    assert ours.not_after == end
+    assert ours.cn == "pbx-test-1" and ours.subject == "CN=pbx-test-1"
+    assert ours.der == theirs.public_bytes(serialization.Encoding.DER)
+
+
+def test_encrypted_key_is_refused_without_a_prompt(pki: PKI, material: Creds) -> None:
+    """A passphrase-protected key is refused, naming it, and nothing asks for a passphrase."""
+    key = serialization.load_pem_private_key(material.key.read_bytes(), password=None)
+    material.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(TLSMaterialError) as err:
+        check_material(pki.ca_file, material.cert, material.key)
+    assert str(err.value).startswith(f"{material.key}:")
+    assert "encrypted" in str(err.value)
+
+
+def test_truncated_certificate_is_refused(pki: PKI, material: Creds) -> None:
+    """A certificate whose DER is cut short is refused naming the file, not a traceback."""
+    text = material.cert.read_text().splitlines()
+    material.cert.write_text("\n".join(text[:4] + text[-1:]) + "\n")
+    with pytest.raises(TLSMaterialError) as err:
+        check_material(pki.ca_file, material.cert, material.key)
+    assert str(err.value).startswith(f"{material.cert}:")

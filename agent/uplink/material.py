@@ -3,27 +3,36 @@
 A box must not talk to the vendor with material that is unsafe (a private key
 others can read) or that cannot work (a file missing or unreadable, an expired
 certificate, a key from another certificate, a certificate for another
-device), and must say so naming the file. This module needs only
-``cryptography``, not the MQTT stack, so that ``agentctl config check`` can run
-the same checks as the uplink without loading it (:mod:`agent.uplink.tls`
-re-exports :func:`check_material` for the session).
+device), and must say so naming the file.
+
+This module needs only the standard library: ``ssl`` (OpenSSL itself matches
+the key to the certificate, :meth:`ssl.SSLContext.load_cert_chain`),
+``hashlib`` for the fingerprint, and :mod:`agent.uplink.x509`, a reader of the
+few certificate fields looked at here. So neither the daemon nor ``agentctl
+config check`` loads ``cryptography`` for checks that run once (issue 17: it
+kept about 6 MiB resident in the idle daemon). :mod:`agent.uplink.tls`
+re-exports :func:`check_material` for the session.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
+import re
+import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
-
 from agent.errors import TLSMaterialError
+from agent.uplink import x509
 
 PathLike = str | os.PathLike[str]
+
+_PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )?PRIVATE KEY-----")
+# PKCS#8 "ENCRYPTED PRIVATE KEY", or the traditional PEM header of an encrypted key.
+_ENCRYPTED = re.compile(rb"-----BEGIN ENCRYPTED PRIVATE KEY-----|Proc-Type:\s*4,\s*ENCRYPTED")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,9 +81,29 @@ def _fmt(when: dt.datetime) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _common_name(cert: x509.Certificate) -> str:
-    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(attrs[0].value) if attrs else ""
+def _no_password() -> bytes:
+    # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
+    raise TLSMaterialError("encrypted")
+
+
+def _check_key_matches(cert_path: Path, key_path: Path) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_cert_chain(os.fspath(cert_path), os.fspath(key_path), password=_no_password)
+    except TLSMaterialError as exc:
+        raise TLSMaterialError(
+            f"{key_path}: the private key is encrypted; the agent needs an unencrypted key "
+            f"(protected by its file mode 0600)"
+        ) from exc
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            raise TLSMaterialError(
+                f"{key_path}: this private key does not match the certificate {cert_path} "
+                f"(the certificate was issued for another key)"
+            ) from exc
+        raise TLSMaterialError(f"{key_path}: not a PEM private key ({exc.reason})") from exc
+    except OSError as exc:
+        raise TLSMaterialError(f"{key_path}: cannot read the key file: {exc.strerror}") from exc
 
 
 def check_material(
@@ -98,65 +127,59 @@ def check_material(
 
     ca_pem = _read(ca_path, "ca file")
     try:
-        ca_certs = x509.load_pem_x509_certificates(ca_pem)
+        ca_certs = x509.load_pem_certificates(ca_pem)
     except ValueError as exc:
         raise TLSMaterialError(
             f"{ca_path}: the CA file holds no PEM certificate (expected the vendor CA "
-            f"certificate, '-----BEGIN CERTIFICATE-----')"
+            f"certificate, '-----BEGIN CERTIFICATE-----'): {exc}"
         ) from exc
     for ca in ca_certs:
-        if ca.not_valid_after_utc < when:
+        if ca.not_after < when:
             raise TLSMaterialError(
-                f"{ca_path}: the pinned CA certificate {ca.subject.rfc4514_string()} expired on "
-                f"{_fmt(ca.not_valid_after_utc)}; ask the vendor for the current CA file"
+                f"{ca_path}: the pinned CA certificate {ca.subject} expired on "
+                f"{_fmt(ca.not_after)}; ask the vendor for the current CA file"
             )
 
     cert_pem = _read(cert_path, "cert file")
     try:
-        cert = x509.load_pem_x509_certificates(cert_pem)[0]
+        cert = x509.load_pem_certificates(cert_pem)[0]
     except ValueError as exc:
-        raise TLSMaterialError(f"{cert_path}: no PEM certificate in the certificate file") from exc
-    if when < cert.not_valid_before_utc:
+        raise TLSMaterialError(
+            f"{cert_path}: no PEM certificate in the certificate file: {exc}"
+        ) from exc
+    if when < cert.not_before:
         raise TLSMaterialError(
             f"{cert_path}: the certificate is not valid yet: valid from "
-            f"{_fmt(cert.not_valid_before_utc)}, it is now {_fmt(when)} (is the clock right?)"
+            f"{_fmt(cert.not_before)}, it is now {_fmt(when)} (is the clock right?)"
         )
-    if when > cert.not_valid_after_utc:
+    if when > cert.not_after:
         raise TLSMaterialError(
-            f"{cert_path}: the certificate expired on {_fmt(cert.not_valid_after_utc)} "
-            f"(valid from {_fmt(cert.not_valid_before_utc)}); it is now {_fmt(when)}. "
+            f"{cert_path}: the certificate expired on {_fmt(cert.not_after)} "
+            f"(valid from {_fmt(cert.not_before)}); it is now {_fmt(when)}. "
             f"Renew it with the vendor"
         )
 
     check_key_mode(key_path)
     key_pem = _read(key_path, "key file")
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except TypeError as exc:
+    if _ENCRYPTED.search(key_pem):
         raise TLSMaterialError(
             f"{key_path}: the private key is encrypted; the agent needs an unencrypted key "
             f"(protected by its file mode 0600)"
-        ) from exc
-    except ValueError as exc:
-        raise TLSMaterialError(f"{key_path}: not a PEM private key") from exc
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
-        raise TLSMaterialError(
-            f"{key_path}: this private key does not match the certificate {cert_path} "
-            f"(the certificate was issued for another key)"
         )
+    if not _PRIVATE_KEY.search(key_pem):
+        raise TLSMaterialError(f"{key_path}: not a PEM private key")
+    _check_key_matches(cert_path, key_path)
 
-    cn = _common_name(cert)
-    if device_id is not None and cn != device_id:
+    if device_id is not None and cert.cn != device_id:
         raise TLSMaterialError(
-            f"{cert_path}: the certificate is for {cn!r}, but device_id is {device_id!r}; "
+            f"{cert_path}: the certificate is for {cert.cn!r}, but device_id is {device_id!r}; "
             f"the broker knows a box by its certificate's common name"
         )
-    digest = cert.fingerprint(hashes.SHA256()).hex().upper()
+    digest = hashlib.sha256(cert.der).hexdigest().upper()
     return MaterialInfo(
-        cn=cn,
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
+        cn=cert.cn,
+        not_before=cert.not_before,
+        not_after=cert.not_after,
         fingerprint=":".join(digest[i : i + 2] for i in range(0, len(digest), 2)),
         ca_count=len(ca_certs),
     )

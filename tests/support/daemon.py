@@ -77,6 +77,40 @@ def queueing_config(root: Path, **overrides: Any) -> dict[str, Any]:
     return base_config(root, uplink=uplink, **overrides)
 
 
+def shipped_config(
+    root: Path, *, broker_port: int, ca: Path, cert: Path, key: Path
+) -> dict[str, Any]:
+    """The shipped ``etc/agent.yaml`` as a user installs it, plus an uplink to ``broker_port``.
+
+    Only what must point into ``root`` changes: the paths, the control groups, a copy of
+    the sample PBX tree (``tests/fixtures/pbx``) as the configuration roots and CDR file,
+    and the TLS files. Intervals, policy and everything else stay the defaults.
+    """
+    import shutil
+
+    cfg: dict[str, Any] = yaml.safe_load((REPO / "etc" / "agent.yaml").read_text())
+    pbx = root / "pbx"
+    if not pbx.exists():
+        shutil.copytree(REPO / "tests" / "fixtures" / "pbx", pbx, symlinks=True)
+    etc = pbx / "etc"
+    cfg["device_id"] = "pbx-test-1"
+    cfg["paths"] = {"state_dir": str(root / "state"), "runtime_dir": str(root / "run")}
+    cfg["control"] = {"read_group": "nogroup", "admin_group": False}
+    snap = cfg["collectors"]["config"]
+    snap["roots"] = [str(etc / "asterisk"), str(etc / "freepbx.conf"), str(etc / "amportal.conf")]
+    snap["exclude"] = [f"{etc / 'asterisk' / 'keys'}/**"]
+    snap["never_read"] = [str(pbx / "var" / "spool" / "asterisk")]
+    csv = pbx / "var" / "log" / "asterisk" / "cdr-csv" / "Master.csv"
+    cfg["collectors"]["callstats"]["source"] = {"csv": str(csv)}
+    cfg["uplink"].update(
+        broker=f"mqtts://localhost:{broker_port}",
+        ca_file=str(ca),
+        cert_file=str(cert),
+        key_file=str(key),
+    )
+    return cfg
+
+
 class AgentProcess:
     """One daemon subprocess with its configuration file and notify socket."""
 

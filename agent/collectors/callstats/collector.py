@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import structlog
 
@@ -50,7 +50,6 @@ from agent.collectors.callstats.csv_source import (
     ingest_chunk,
 )
 from agent.collectors.callstats.directions import Classifier
-from agent.collectors.callstats.mariadb_source import MariaDbSource, ingest_rows
 from agent.collectors.callstats.settings import CallstatsSettings
 from agent.collectors.callstats.store import (
     STATE_FILE,
@@ -61,6 +60,10 @@ from agent.collectors.callstats.store import (
 )
 from agent.errors import CollectorError, StateError
 from agent.policy.classes import DataClass, Record
+
+if TYPE_CHECKING:
+    # PyMySQL (and the cryptography it imports) only when the source is MariaDB.
+    from agent.collectors.callstats.mariadb_source import MariaDbSource
 
 log = structlog.get_logger(__name__)
 
@@ -159,6 +162,8 @@ class CallstatsCollector:
         self._seen: dict[int, int] = {}
         self._batches: Iterator[list[tuple[Any, ...]]] | None = None
         if settings.mariadb is not None:
+            from agent.collectors.callstats.mariadb_source import MariaDbSource
+
             self._db = MariaDbSource(settings.mariadb, settings.table)
             if self._high:
                 self._seen = self._store.seen_since(self._high - int(settings.lookback))
@@ -316,6 +321,8 @@ class CallstatsCollector:
         except CollectorError:
             self._batches = None
             raise
+        from agent.collectors.callstats.mariadb_source import ingest_rows
+
         new_seen: list[tuple[int, int]] = []
         batch.rows, batch.latest = ingest_rows(
             rows,

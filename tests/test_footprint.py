@@ -1,0 +1,92 @@
+"""The idle daemon, started as a user starts it with the shipped defaults, pays only for what runs.
+
+One daemon for the module (``etc/agent.yaml`` as shipped, an uplink to the test
+broker through a byte-counting relay, a copy of the sample PBX tree as its
+roots and CDR file), shared by the tests below: it is the expensive part.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import control
+from tests.support.daemon import AgentProcess, shipped_config, wait_for
+from tests.support.mosquitto import Mosquitto
+from tests.support.pki import PKI
+from tests.support.relay import Relay
+
+#: Libraries an idle daemon with the shipped configuration must not hold: validation-only
+#: (cryptography and what it drags in), optional sources and tunnels (PyMySQL, paramiko),
+#: the vendor's side (the NOC, its database and web libraries, aiomqtt).
+HEAVY = (
+    "cryptography",
+    "pymysql",
+    "paramiko",
+    "bcrypt",
+    "nacl",
+    "cffi",
+    "noc",
+    "psycopg",
+    "psycopg_pool",
+    "aiomqtt",
+    "selenium",
+)
+
+
+class Idle:
+    """The shared daemon and its relay."""
+
+    def __init__(self, agent: AgentProcess, relay: Relay) -> None:
+        self.agent = agent
+        self.relay = relay
+
+    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        """One control request, answered."""
+        return dict(control.request(self.agent.socket_path, cmd, **args))
+
+    def connected(self) -> bool:
+        """The uplink says it is connected."""
+        return bool(self.request("uplink-status")["uplink"]["state"] == "connected")
+
+
+@pytest.fixture(scope="module")
+def idle(pki: PKI, broker: Mosquitto) -> Iterator[Idle]:
+    """The shipped configuration, started with ``agentctl run``, connected and settled."""
+    root = Path(tempfile.mkdtemp(prefix="pbx-footprint-"))
+    creds = pki.device("pbx-test-1")
+    with Relay(broker.host, broker.port) as relay:
+        cfg = shipped_config(
+            root, broker_port=relay.port, ca=pki.ca_file, cert=creds.cert, key=creds.key
+        )
+        agent = AgentProcess(root, cfg)
+        try:
+            agent.start()
+            it = Idle(agent, relay)
+            wait_for(it.connected, timeout=15, what="uplink connected")
+
+            def every_collector_ran() -> bool:
+                runs = it.request("status")["collectors"]
+                return all(r["last_ok"] is not None for r in runs.values())
+
+            wait_for(every_collector_ran, timeout=15, what="every collector's first run")
+            yield it
+        finally:
+            agent.close()
+
+
+def test_idle_daemon_holds_no_heavy_library(idle: Idle) -> None:
+    """After start-up, a first run of every collector and a connected uplink, the daemon
+    has imported none of the validation-only, optional or vendor-side libraries."""
+    status = idle.request("status")
+    loaded = status["daemon"]["loaded"]
+    assert set(status["collectors"]) == {"health", "config", "callstats"}
+    assert status["uplink"]["connects"] >= 1
+    assert "paho" in loaded["libraries"]  # the list is real: the MQTT library is there
+    assert [h for h in HEAVY if h in loaded["libraries"]] == []
+    # The AMI client (no pbx.ami), the MariaDB source (a CSV source), the tunnel: absent.
+    assert loaded["optional"] == []
