@@ -155,6 +155,11 @@ class Anchor:
         self._written: Mark | None = None
         self._written_at = float("-inf")
         self.error: str | None = None  # why the last write failed (a full disk), if it did
+        #: A touch was put off (not due yet): some later touch must write it. Whoever keeps
+        #: the daemon's housekeeping (which sleeps while nothing waits) is told through
+        #: ``on_deferred``, once per episode rather than once per delivery.
+        self.deferred = False
+        self.on_deferred: Callable[[], None] | None = None
 
     def touch(self, *, force: bool = False) -> None:
         """Write the anchor if the state moved on and (unless ``force``) it is due.
@@ -164,7 +169,12 @@ class Anchor:
         """
         now = self._clock()
         if not force and now - self._written_at < self._interval:
+            if not self.deferred:
+                self.deferred = True
+                if self.on_deferred is not None:
+                    self.on_deferred()
             return
+        self.deferred = False
         mark = self._current()
         if mark.same(self._written):
             return
@@ -176,6 +186,7 @@ class Anchor:
             if self.error is None:
                 log.error("anchor_write_failed", path=str(self.path), error=str(exc))
             self.error = f"{self.path}: {exc.strerror or exc}"
+            self.deferred = True  # to be tried again
             return
         if self.error is not None:
             log.info("anchor_written_again", path=str(self.path))

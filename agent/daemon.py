@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from agent import __version__, anchor, control, statelock, switch
+from agent import __version__, anchor, control, fswatch, statelock, switch
 from agent.aio import cancel_and_wait
 from agent.collectors.base import Collector
 from agent.config import AgentConfig, load
@@ -203,6 +203,8 @@ class Daemon:
         self._unledgered_flips: list[dict[str, Any]] = []  # flips the ledger could not take yet
         self._pending_off: switch.Flip | None = None  # an "off" in force, not yet in the file
         self._switch_lock = asyncio.Lock()
+        self._housekeeping = asyncio.Event()  # the switch file changed, or a retry is due
+        self.switch_watch = "starting"  # how a change of the switch file is noticed
         last = anchor.read_anchor(self.state_dir)
         opened = open_store(self.state_dir)
         self.db = opened.conn
@@ -304,6 +306,7 @@ class Daemon:
         """Record a flip, or keep it to record once the database takes writes again."""
         self._unledgered_flips.append(flip)
         self._flush_flips()
+        self._housekeeping.set()  # the switch file may wait to be written, or this flip
 
     def _flush_flips(self) -> None:
         while self._unledgered_flips:
@@ -606,23 +609,63 @@ class Daemon:
         return (st.st_ino, st.st_mtime_ns)
 
     async def _watch_switch(self) -> None:
-        # agentctl writes the file itself when it cannot reach us; notice it promptly. The
-        # same beat retries what a full disk refused: the switch file, flips, the anchor.
-        while True:
-            await asyncio.sleep(SWITCH_POLL)
-            if not self._switch_lock.locked():  # an `off` in progress writes after its sever
-                self._persist_off()
-            self._flush_flips()
-            self.anchor.touch()
-            stat = self._stat_switch()
-            if stat == self._switch_stat:
-                continue
-            self._switch_stat = stat
-            state = switch.read_switch(self.state_dir)
-            if self._pending_off is not None and state.on:
-                continue  # the stale "on" that the customer's unwritten "off" overrides
-            async with self._switch_lock:
-                await self._apply_switch(state, source="file")
+        # agentctl writes the switch file itself when it cannot reach us: inotify tells us
+        # when it is replaced (the file is polled every second where inotify is missing).
+        # The same loop retries what a full disk refused (the switch file, flips, the
+        # anchor): every second while one of them waits, and not at all otherwise, so an
+        # idle daemon does not wake up to learn nothing (issue 17).
+        loop = asyncio.get_running_loop()
+        poke = self._housekeeping
+
+        def deferred() -> None:
+            loop.call_soon_threadsafe(poke.set)  # deliveries may run off the loop's thread
+
+        self.anchor.on_deferred = deferred
+        watch = fswatch.FolderWatch(
+            [self.state_dir],
+            lambda _name: poke.set(),
+            names=[switch.SWITCH_FILE],
+            # Replaced, created, removed, or written and closed; not every write of the
+            # database beside it.
+            mask=fswatch.REPLACED,
+        )
+        self.switch_watch = "inotify" if watch.active else f"poll ({watch.error})"
+        try:
+            while True:
+                if not watch.active or self._housekeeping_due():
+                    try:
+                        async with asyncio.timeout(SWITCH_POLL):
+                            await poke.wait()
+                    except TimeoutError:
+                        pass
+                else:
+                    await poke.wait()
+                poke.clear()
+                if not self._switch_lock.locked():  # an `off` in progress writes after its sever
+                    self._persist_off()
+                self._flush_flips()
+                self.anchor.touch()
+                stat = self._stat_switch()
+                if stat == self._switch_stat:
+                    continue
+                self._switch_stat = stat
+                state = switch.read_switch(self.state_dir)
+                if self._pending_off is not None and state.on:
+                    continue  # the stale "on" that the customer's unwritten "off" overrides
+                async with self._switch_lock:
+                    await self._apply_switch(state, source="file")
+        finally:
+            watch.close()
+            self.anchor.on_deferred = None
+
+    def _housekeeping_due(self) -> bool:
+        """Something a full disk refused, or an anchor write put off, waits to be retried."""
+        return bool(
+            self._pending_off is not None
+            or self._unledgered_flips
+            or self.anchor.deferred
+            or self.anchor.error
+        )
 
     async def _apply_switch(self, state: switch.SwitchState, *, source: str) -> None:
         was_on = self.switch.on
@@ -730,6 +773,7 @@ class Daemon:
                 "reloads": self.reloads,
                 "last_reload_error": self.last_reload_error,
                 "loaded": loaded_modules(),
+                "switch_watch": self.switch_watch,
             },
             "device_id": self.config.device_id,
             "versions": versions(),

@@ -14,6 +14,10 @@ to a local mosquitto through a byte-counting relay. For each process, after
 - bytes sent (TCP payload towards the broker, TLS and MQTT included) in the
   first minute and per minute after it, projected to a day.
 
+The daemon runs through ``bench/as_installed.py``, which hides the development
+virtualenv's test and lint tools (structlog would otherwise import ``rich``):
+what ``pip install .`` puts on a box, no more.
+
 Beside it, measured the same way in the same run: collectd (Debian's, when
 installed: ``apt-get install collectd-core``; its service is never enabled)
 with cpu, memory, df, load, processes, interface and uptime every 60 s,
@@ -245,7 +249,7 @@ def idle(pki: PKI, broker: Mosquitto, minutes: float, with_collectd: bool) -> di
         relays.append(relay)
         agent = AgentProcess(root / "agent", {})
         agent.write_config(agent_config(root / "agent", pki, relay.port))
-        agent.start()
+        agent.start(module="bench.as_installed")
         assert agent.proc is not None
         wait_for(lambda: connected(agent.socket_path), timeout=30, what="uplink connected")
         subjects.append(Subject("pbx-agent", agent.proc.pid, relay))
@@ -297,7 +301,7 @@ def switch_latency(pki: PKI, broker: Mosquitto, flips: int) -> list[float]:
         agent = AgentProcess(root, {})
         agent.write_config(agent_config(root, pki, relay.port))
         try:
-            agent.start()
+            agent.start(module="bench.as_installed")
             sock = agent.socket_path
             for i in range(flips):
                 wait_for(lambda: connected(sock), timeout=15, interval=0.005, what=f"flip {i}")

@@ -7,6 +7,7 @@ roots and CDR file), shared by the tests below: it is the expensive part.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from agent import control
-from tests.support.daemon import AgentProcess, shipped_config, wait_for
+from agent import control, switch
+from tests.support.daemon import AgentProcess, base_config, shipped_config, wait_for
 from tests.support.mosquitto import Mosquitto
 from tests.support.pki import PKI
 from tests.support.relay import Relay
@@ -90,3 +91,42 @@ def test_idle_daemon_holds_no_heavy_library(idle: Idle) -> None:
     assert [h for h in HEAVY if h in loaded["libraries"]] == []
     # The AMI client (no pbx.ami), the MariaDB source (a CSV source), the tunnel: absent.
     assert loaded["optional"] == []
+
+
+def _flip_file(state_dir: Path, on: bool) -> None:
+    """Change the switch as ``agentctl`` does when it cannot reach the daemon: the file."""
+    switch.write_switch(state_dir, on, uid=os.getuid(), via="agentctl")
+
+
+def test_switch_file_flip_is_seen_through_inotify(idle: Idle) -> None:
+    """The daemon learns of a switch file written behind its back from inotify (no poll),
+    severs the uplink on `off` and reconnects on `on`."""
+    assert idle.request("status")["daemon"]["switch_watch"] == "inotify"
+    state = idle.agent.state_dir
+    _flip_file(state, False)
+    wait_for(
+        lambda: idle.request("uplink-status")["uplink"]["state"] == "severed",
+        timeout=5,
+        what="severed after the file said off",
+    )
+    assert idle.relay.wait_closed(5)
+    _flip_file(state, True)
+    wait_for(idle.connected, timeout=15, what="connected again after the file said on")
+
+
+def test_switch_file_flip_is_seen_by_the_poll_without_inotify(tmp_path: Path) -> None:
+    """Where inotify is not available (here: switched off), the file is polled as before."""
+    agent = AgentProcess(tmp_path, base_config(tmp_path))
+    try:
+        agent.start(env={"PBX_AGENT_INOTIFY": "0"})
+        watch = agent.status()["daemon"]["switch_watch"]
+        assert watch.startswith("poll"), watch
+        _flip_file(agent.state_dir, False)
+
+        def off() -> bool:
+            reply = control.request(agent.socket_path, "uplink-status")
+            return bool(reply["switch"]["state"] == "off")
+
+        wait_for(off, timeout=5, what="the daemon to read off from the polled file")
+    finally:
+        agent.close()

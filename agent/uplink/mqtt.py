@@ -21,8 +21,10 @@ How it drives paho:
   before paho writes to it.
 - Once the socket is open, the loop calls paho's ``loop_read`` when it is
   readable (and again while TLS holds decrypted bytes), ``loop_write`` while
-  paho has bytes queued, and ``loop_misc`` from one timer a quarter of the
-  keepalive apart (paho sends PINGREQ from there): no wake-up per second.
+  paho has bytes queued, and ``loop_misc`` (paho sends PINGREQ from there) from
+  one timer set for when the link will have been quiet for 1.2 keepalives:
+  traffic pushes it on, so an idle link that sends a record every keepalive
+  never pings, and no timer fires every second.
 - paho's callbacks run on the loop's thread inside those calls; they only
   append to lists, resolve futures and call the listeners a user registered.
 - Incoming messages wait in an inbox whose size the link bounds with the
@@ -41,6 +43,7 @@ import enum
 import socket
 import ssl
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -56,6 +59,10 @@ from agent.uplink.tls import TLSFailure, classify_tls_error
 
 #: A PUBACK, SUBACK or CONNACK reason code at or above this is a failure (MQTT 5, 2.4).
 FAILURE = 0x80
+#: PINGREQ after this many keepalives with no packet one way or the other. The broker
+#: closes a connection silent for 1.5 keepalives; 1.2 leaves a fifth of one for the
+#: timer and the network, and lets a record sent every keepalive stand in for the ping.
+PING_AFTER = 1.2
 
 _REASONS = {
     128: "unspecified error",
@@ -213,6 +220,7 @@ class MqttLink:
         self._reading = False
         self._writing = False
         self._misc: asyncio.TimerHandle | None = None
+        self._last_in = self._last_out = time.monotonic()  # packets either way, for the ping
         self._connack: asyncio.Future[int] | None = None
         self._lost = asyncio.Event()
         self._tracked: set[int] = set()
@@ -309,6 +317,7 @@ class MqttLink:
                 f"({reason_text(code)})"
             )
         self.state = LinkState.CONNECTED
+        self._last_in = self._last_out = time.monotonic()  # CONNECT went, CONNACK came
         self._schedule_misc()
 
     def _blocking_connect(self) -> None:
@@ -371,6 +380,7 @@ class MqttLink:
         info = self._paho.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise UplinkError(f"publish on {topic} failed: {paho.error_string(info.rc)}")
+        self._last_out = time.monotonic()
         if qos:
             self._tracked.add(info.mid)
         return int(info.mid)
@@ -384,6 +394,7 @@ class MqttLink:
         info = self._paho.publish(topic, payload, qos=1, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise UplinkError(f"publish on {topic} failed: {paho.error_string(info.rc)}")
+        self._last_out = time.monotonic()
         fut: asyncio.Future[Ack] = self._loop.create_future()
         self._waiting[info.mid] = fut
         try:
@@ -417,6 +428,7 @@ class MqttLink:
         send the next one. Nothing to do once the link is closed."""
         if message.qos > 0 and self.settings.manual_ack and self.connected:
             self._paho.ack(message.mid, message.qos)
+            self._last_out = time.monotonic()
 
     async def subscribe(self, topic: str, *, qos: int = 1, within: float = 10.0) -> int:
         """Subscribe and return the granted QoS; BrokerRefused if the broker refused it."""
@@ -425,6 +437,7 @@ class MqttLink:
         rc, mid = self._paho.subscribe(topic, qos=qos)
         if rc != paho.MQTT_ERR_SUCCESS or mid is None:
             raise UplinkError(f"subscribe to {topic} failed: {paho.error_string(rc)}")
+        self._last_out = time.monotonic()
         fut: asyncio.Future[list[int]] = self._loop.create_future()
         self._subacks[mid] = fut
         try:
@@ -536,6 +549,7 @@ class MqttLink:
             self._writing = False
 
     def _readable(self) -> None:
+        self._last_in = time.monotonic()
         sock = self._sock
         while sock is not None and sock is self._sock:
             rc = self._paho.loop_read()
@@ -549,19 +563,35 @@ class MqttLink:
         if self._sock is not None:
             self._paho.loop_write()
 
-    def _schedule_misc(self) -> None:
+    def _schedule_misc(self, delay: float | None = None) -> None:
         if self._loop is None or self.state is LinkState.CLOSED:
             return
-        # paho sends PINGREQ from loop_misc once keepalive has passed since our last
-        # packet: a quarter of it apart keeps pings within 1.25 keepalives (the broker
-        # waits 1.5) at 4 wake-ups per keepalive instead of one a second.
-        self._misc = self._loop.call_later(max(0.25, self.settings.keepalive / 4), self._tick)
+        if delay is None:
+            delay = self._ping_due() - time.monotonic()
+        self._misc = self._loop.call_later(max(0.25, delay), self._tick)
+
+    def _ping_due(self) -> float:
+        # paho sends PINGREQ from loop_misc once keepalive has passed since the last
+        # packet either way; anything else that went out and came back (a health record
+        # and its PUBACK) makes a ping unnecessary. So the timer is set for when the link
+        # has been quiet for PING_AFTER keepalives (the broker waits 1.5), not every few
+        # seconds: an idle link with traffic every keepalive wakes for nothing and sends
+        # no PINGREQ at all (issue 17).
+        return min(self._last_in, self._last_out) + self.settings.keepalive * PING_AFTER
 
     def _tick(self) -> None:
         self._misc = None
-        if self._sock is not None:
-            self._paho.loop_misc()
-        self._schedule_misc()
+        if self._sock is None:
+            return
+        now = time.monotonic()
+        if now < self._ping_due():
+            self._schedule_misc()  # traffic since the timer was set: not due yet
+            return
+        # Due: paho pings now, or closes the link if the last ping got no answer. Look
+        # again one keepalive later, when a missing PINGRESP is what paho checks for.
+        self._last_out = now
+        self._paho.loop_misc()
+        self._schedule_misc(self.settings.keepalive)
 
     # -- paho's callbacks (the loop's thread, except where noted) ------------------------
 

@@ -59,6 +59,11 @@ MAX_PACKET_FROM_BROKER = 64 * 1024
 # dropped (at most once is what QoS 0 promises) and counted.
 MAX_QUEUED_QOS0 = 64
 
+#: `online` is re-published after this many heartbeats with nothing else published: a
+#: record sent every heartbeat (health, at the defaults) comes a little late each time
+#: (the collection takes a moment) and must still count.
+HEARTBEAT_SLACK = 1.25
+
 #: A connection up at least this long resets the reconnect backoff when it ends.
 STABLE_FOR = 60.0
 
@@ -117,6 +122,7 @@ class UplinkSession:
         self._new_data = asyncio.Event()
         self._link: MqttLink | None = None
         self._served_since: float | None = None  # when the current connection came up
+        self._last_publish = 0.0  # monotonic time of the last publish: the heartbeat's clock
         self._session: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         self._closed.set()
@@ -289,6 +295,7 @@ class UplinkSession:
             await link.publish_wait(
                 f"{self.prefix}/status", b"online", retain=True, within=ROUND_TRIP_TIMEOUT
             )
+            self._last_publish = time.monotonic()
             self.connected_since = time.time()
             self._served_since = time.monotonic()
             self.state = UplinkState.CONNECTED
@@ -324,11 +331,21 @@ class UplinkSession:
         raise UplinkError(f"connection to {self.cfg.broker} lost: {reason}")
 
     async def _heartbeat(self, link: MqttLink) -> None:
+        # `online` tells a NOC that hears nothing else that the box is alive. Anything the
+        # session publishes tells it the same (the NOC counts every envelope and reply as
+        # a sign of life), and the MQTT keepalive watches the link itself; so `online` is
+        # re-published only after a heartbeat and a quarter of silence. At the defaults a
+        # health record goes every minute and it is never re-published (issue 17).
+        quiet_for = self.cfg.heartbeat * HEARTBEAT_SLACK
         while True:
-            await asyncio.sleep(self.cfg.heartbeat)
+            wait = self._last_publish + quiet_for - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
             await link.publish_wait(
                 f"{self.prefix}/status", b"online", retain=True, within=ROUND_TRIP_TIMEOUT
             )
+            self._last_publish = time.monotonic()
 
     async def _commands(self, link: MqttLink) -> None:
         # handle() never raises and payload() never fails: whatever the NOC sends, this
@@ -340,6 +357,7 @@ class UplinkSession:
             await link.publish_wait(
                 f"{self.prefix}/reply", reply.payload(), within=ROUND_TRIP_TIMEOUT
             )
+            self._last_publish = time.monotonic()
             link.ack(message)
 
     def _command_dropped(self) -> None:
@@ -375,6 +393,7 @@ class UplinkSession:
                 room = 0 if stalled else window - len(inflight) - len(acked)
                 if room > 0:
                     self._new_data.clear()
+                    before = last_seq
                     for item in self.outbox.pending(room, after_seq=last_seq):
                         topic = topics.get(item.data_class)
                         if topic is None:
@@ -382,6 +401,8 @@ class UplinkSession:
                         mid = link.publish(topic, item.payload)
                         inflight[mid] = item
                         last_seq = item.seq
+                    if last_seq != before:
+                        self._last_publish = time.monotonic()
                 if stalled:
                     # Retry the commit after a pause, or sooner when more PUBACKs come in.
                     self._new_data.clear()

@@ -146,11 +146,13 @@ class AgentProcess:
         wait_ready: bool = True,
         env: dict[str, str] | None = None,
         nofile: int | None = None,
+        module: str = "agent.cli",
     ) -> float:
         """Start ``agentctl run``; return seconds from spawn to READY=1.
 
         ``nofile`` sets the daemon's descriptor limit (soft and hard), as the unit's
-        ``LimitNOFILE=`` would, so that exhaustion is cheap to reach.
+        ``LimitNOFILE=`` would, so that exhaustion is cheap to reach. ``module`` is what
+        ``python -m`` runs (``bench.as_installed`` hides the development tools).
         """
         if self.notify is None:
             self.notify_path.unlink(missing_ok=True)
@@ -165,7 +167,7 @@ class AgentProcess:
         }
         log = self.log_path.open("ab")
         t0 = time.monotonic()
-        argv = [sys.executable, "-m", "agent.cli", "-c", str(self.config_path), "run"]
+        argv = [sys.executable, "-m", module, "-c", str(self.config_path), "run"]
         if nofile is not None:
             argv = ["prlimit", f"--nofile={nofile}:{nofile}", "--", *argv]  # execs in place
         self.proc = subprocess.Popen(
