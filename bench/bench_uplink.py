@@ -48,6 +48,7 @@ from agent.uplink.session import UplinkSession
 from bench.bench_bare_paho import Target, publish_run
 from tests.support.daemon import AgentProcess, base_config, wait_for
 from tests.support.mosquitto import Mosquitto
+from tests.support.payload import incompressible
 from tests.support.pki import PKI, temporary_pki
 from tests.support.relay import Relay
 
@@ -115,7 +116,7 @@ def fill(state: Path, n: int, size: int) -> tuple[WatchedOutbox, Gate, int]:
     pad = max(size - 120, 1)  # the envelope's own fields take about 120 bytes
     payload_size = 0
     for i in range(n):
-        env = gate.approve(Record(DataClass.HEALTH, {"i": i, "pad": "h" * pad}))
+        env = gate.approve(Record(DataClass.HEALTH, {"i": i, "pad": incompressible(pad, i)}))
         payload_size = len(env.payload)
         outbox.put(env)
     conn.execute("PRAGMA synchronous=FULL")

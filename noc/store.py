@@ -27,6 +27,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from noc.wire import BodyError, decode_body
+
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # no "." or ".." (URLs)
 CLASSES = frozenset({"health", "config", "callstats"})
 SNAPSHOT_SCHEMAS = ("pbx-config-snapshot/1", "pbx-config-snapshot/2")
@@ -148,7 +150,11 @@ def parse_envelope(device: str, data_class: str, payload: bytes, index: int = 0)
     env = _json_object(payload)
     if env.get("v") != 1 or isinstance(env.get("v"), bool):
         raise Rejected(f"envelope version {str(env.get('v'))[:20]!r}: this NOC reads 1")
-    env_id, seq, body = env.get("id"), _int(env.get("seq")), env.get("body")
+    try:
+        body = decode_body(env)  # plain, or compressed by the agent (noc/wire.py)
+    except BodyError as exc:
+        raise Rejected(f"envelope body: {exc}") from None
+    env_id, seq = env.get("id"), _int(env.get("seq"))
     if not isinstance(env_id, str) or not 1 <= len(env_id) <= 64:
         raise Rejected("envelope without a usable id")
     if seq is None or seq < 1:

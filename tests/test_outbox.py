@@ -25,6 +25,7 @@ from agent.policy.classes import DataClass, Record
 from agent.policy.gate import Envelope, Gate
 from agent.store import db_path, open_db
 from tests.support.daemon import AgentProcess, queueing_config, wait_for
+from tests.support.payload import incompressible
 
 
 class Box:
@@ -43,7 +44,7 @@ class Box:
 
     def approve(self, i: int, size: int = 100) -> Envelope:
         """An approved health envelope whose payload is a little over ``size`` bytes."""
-        return self.gate.approve(Record(DataClass.HEALTH, {"i": i, "pad": "x" * size}))
+        return self.gate.approve(Record(DataClass.HEALTH, {"i": i, "pad": incompressible(size, i)}))
 
     def fill(self, n: int, size: int = 100) -> list[Envelope]:
         """Approve and store ``n`` envelopes."""

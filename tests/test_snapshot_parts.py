@@ -29,6 +29,7 @@ from agent.config import PolicyConfig
 from agent.errors import IncompleteSnapshot
 from agent.policy.classes import Record
 from agent.policy.gate import Gate
+from agent.policy.wire import decode_body
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "pbx"
 
@@ -167,7 +168,7 @@ class GateSink:
         except Exception:
             return False
         self.sizes.append(len(envelope.payload))
-        self.bodies.append(json.loads(envelope.payload)["body"])
+        self.bodies.append(decode_body(json.loads(envelope.payload)))
         return True
 
 

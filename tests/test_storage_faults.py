@@ -40,6 +40,7 @@ from tests.support.daemon import AgentProcess, base_config, wait_for
 from tests.support.faults import MountUnavailable, Tmpfs
 from tests.support.mosquitto import Mosquitto
 from tests.support.noc import NocListener
+from tests.support.payload import incompressible
 from tests.support.pki import PKI
 from tests.support.relay import Relay
 
@@ -118,7 +119,9 @@ def test_outbox_on_a_full_disk_refuses_counts_and_recovers(state_fs: Tmpfs) -> N
         state_fs.fill()
         errors: list[str] = []
         for i in range(1, 200):  # enough to outgrow whatever space SQLite already holds
-            envelope = gate.approve(Record(DataClass.HEALTH, {"i": i, "pad": "x" * 2000}))
+            envelope = gate.approve(
+                Record(DataClass.HEALTH, {"i": i, "pad": incompressible(2000, i)})
+            )
             try:
                 outbox.put(envelope)
             except StateError as exc:

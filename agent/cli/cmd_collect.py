@@ -2,7 +2,8 @@
 
 ``--show`` needs no daemon, like ``telegraf --test``: it gathers once in this
 process, passes each record through the policy gate's serialisation and prints
-the envelopes exactly as the uplink would publish them (one JSON line each).
+the envelopes as the uplink would publish them (one JSON line each), a body
+that travels compressed decoded for reading (stderr gives its size on the wire).
 Nothing is stored in the outbox, sent, or advanced in a collector's state.
 
 - ``health``: the collector runs here (AMI included, when configured). The
@@ -86,13 +87,31 @@ def show(args: argparse.Namespace) -> int:
                 print(json.dumps(r.body, separators=(",", ":"), ensure_ascii=False))
             print(f"agentctl: not sent now: {exc}", file=sys.stderr)
             return exc.exit_code
-        sys.stdout.write(envelope.payload.decode() + "\n")
+        sys.stdout.write(_readable(envelope.payload) + "\n")
     if config.uplink is None:
         print(
             "agentctl: no uplink configured: the daemon keeps these locally, nothing is sent",
             file=sys.stderr,
         )
     return 0
+
+
+def _readable(payload: bytes) -> str:
+    """The envelope with its body decoded; its size and encoding on the wire to stderr."""
+    import json
+
+    from agent.policy.wire import decode_body
+
+    env = json.loads(payload)
+    encoding = env.pop("enc", None)
+    dictionary = env.pop("zdict", None)
+    if encoding is not None:
+        env["body"] = decode_body({**env, "enc": encoding, "zdict": dictionary})
+    how = f"{encoding}, dictionary {dictionary}" if dictionary else encoding or "plain JSON"
+    print(
+        f"agentctl: seq {env.get('seq')}: {len(payload)} bytes on the wire ({how})", file=sys.stderr
+    )
+    return json.dumps(env, separators=(",", ":"), ensure_ascii=False)
 
 
 def _health(config: AgentConfig, switch_word: str) -> list[Record]:

@@ -26,6 +26,7 @@ from typing import Any, Final
 import structlog
 
 from agent.errors import PolicyRefused
+from agent.policy import wire
 from agent.policy.classes import HARD_DENIED, DataClass, Record
 from agent.policy.settings import PolicyConfig
 
@@ -160,7 +161,8 @@ class Gate:
         seq = self._seq + 1
         payload = (
             f'{{"v":{SCHEMA_VERSION},"id":"{envelope_id}","ts":"{ts}",'
-            f'"class":"{record.data_class.value}","seq":{seq},"body":{body_text}}}'
+            f'"class":"{record.data_class.value}","seq":{seq},'
+            f"{wire.body_field(record.data_class, body_text)}}}"
         ).encode()
         self._seq = seq
         self.approved[str(record.data_class)] += 1

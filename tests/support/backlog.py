@@ -14,6 +14,7 @@ from agent.outbox import Outbox
 from agent.policy.classes import DataClass, Record
 from agent.policy.gate import Gate
 from agent.store import open_db
+from tests.support.payload import incompressible
 
 
 def prefill(state_dir: Path, n: int, *, pad: int = 300) -> list[str]:
@@ -29,7 +30,9 @@ def prefill(state_dir: Path, n: int, *, pad: int = 300) -> list[str]:
         )
         ids = []
         for i in range(n):
-            env = gate.approve(Record(DataClass.HEALTH, {"backlog": i, "pad": "h" * pad}))
+            env = gate.approve(
+                Record(DataClass.HEALTH, {"backlog": i, "pad": incompressible(pad, i)})
+            )
             outbox.put(env)
             ids.append(env.id)
         return ids

@@ -16,6 +16,7 @@ from typing import Any
 from agent.errors import UplinkError
 from agent.uplink.mqtt import LinkSettings, MqttLink
 from agent.uplink.tls import client_context
+from noc.wire import decode_body
 from tests.support.mosquitto import Mosquitto
 from tests.support.signing import signed_bytes
 
@@ -116,7 +117,10 @@ class NocListener:
         out = []
         for m in self.snapshot():
             if "/up/" in m.topic and (data_class is None or m.topic.endswith("/" + data_class)):
-                out.append(m.json())
+                env = m.json()
+                # As the NOC reads it: a compressed body decoded (README, wire protocol).
+                env["body"] = decode_body(env)
+                out.append(env)
         return out
 
     def statuses(self, device: str) -> list[str]:
