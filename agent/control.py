@@ -195,6 +195,9 @@ class ControlServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        import asyncio  # the server's alone: agentctl's client side never loads asyncio
+
+        self._open = asyncio.Event()  # set when a connection is accepted: the sweeper wakes
         self._resume: asyncio.TimerHandle | None = None
 
     def route(self, name: str, handler: Handler, *, admin: bool) -> None:
@@ -344,6 +347,7 @@ class ControlServer:
             return
         record = _Conn(peer, privileged)
         self._conns.add(record)
+        self._open.set()
         if not privileged:
             self._per_uid[peer.uid] += 1
         task = asyncio.ensure_future(self._serve(conn, record))
@@ -474,6 +478,11 @@ class ControlServer:
         import asyncio
 
         while True:
+            if not self._conns:
+                # Nothing to sweep: sleep until a connection comes, not twice a second
+                # for the daemon's whole idle life (issue 17).
+                self._open.clear()
+                await self._open.wait()
             await asyncio.sleep(SWEEP_INTERVAL)
             self._sweep()
 

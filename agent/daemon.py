@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from agent import __version__, anchor, control, fswatch, statelock, switch
+from agent import __version__, anchor, control, fswatch, memory, statelock, switch
 from agent.aio import cancel_and_wait
 from agent.collectors.base import Collector
 from agent.config import AgentConfig, load
@@ -148,6 +148,7 @@ class CollectorRun:
             return
         self.last_ok = time.time()
         self.last_error = None
+        memory.trim()  # what the run freed goes back to the system, not to an idle arena
 
     async def loop(self) -> None:
         """Make the collector if need be, then run it at each interval, or at once when
@@ -885,6 +886,7 @@ def run(config_path: Path, log_level: str | None = None) -> int:
     # A stuck event loop stops the watchdog pings, and systemd then sends SIGABRT:
     # every thread's stack goes to stderr (the journal) as the process dies.
     faulthandler.enable(all_threads=True)
+    memory.limit_arenas()  # before any thread starts (agent/memory.py)
     _preflight(config)
     try:
         daemon = Daemon(config)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import os
 import re
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from types import ModuleType
+from typing import Any
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -29,6 +30,8 @@ def _key(name: str) -> str:
 
 def required(root: str = "pbx-agent") -> set[str]:
     """The distributions ``pip install ROOT`` installs (normalised names), ROOT included."""
+    from importlib import metadata
+
     seen: set[str] = set()
     todo = [root]
     while todo:
@@ -49,7 +52,7 @@ def required(root: str = "pbx-agent") -> set[str]:
     return seen
 
 
-def _top_level(dist: metadata.Distribution) -> set[str]:
+def _top_level(dist: Any) -> set[str]:
     text = dist.read_text("top_level.txt")
     if text:
         return {line.strip() for line in text.splitlines() if line.strip()}
@@ -64,6 +67,8 @@ def _top_level(dist: metadata.Distribution) -> set[str]:
 
 def hidden() -> set[str]:
     """Top-level module names of the installed distributions a box would not have."""
+    from importlib import metadata
+
     keep = required()
     kept: set[str] = set()
     other: set[str] = set()
@@ -85,9 +90,20 @@ class _Hide(importlib.abc.MetaPathFinder):
         return None
 
 
+#: The names to hide, computed by the caller: finding them loads importlib.metadata (and
+#: email, zipfile ...), which must not stay resident in the process being measured.
+ENV = "PBX_BENCH_HIDE"
+
+
+def environment() -> dict[str, str]:
+    """What to put in the daemon's environment so that it hides without looking."""
+    return {ENV: ",".join(sorted(hidden()))}
+
+
 def main() -> int:
     """Hide what a box lacks, then run agentctl with this process's arguments."""
-    sys.meta_path.insert(0, _Hide(hidden()))
+    names = os.environ.get(ENV)
+    sys.meta_path.insert(0, _Hide(set(names.split(",")) if names else hidden()))
     from agent.cli import main as agentctl
 
     return agentctl(sys.argv[1:])

@@ -51,6 +51,7 @@ from typing import Any
 import psutil
 
 from agent import control
+from bench import as_installed
 from tests.support.daemon import AgentProcess, shipped_config, wait_for
 from tests.support.mosquitto import Mosquitto
 from tests.support.pki import PKI, temporary_pki
@@ -249,7 +250,7 @@ def idle(pki: PKI, broker: Mosquitto, minutes: float, with_collectd: bool) -> di
         relays.append(relay)
         agent = AgentProcess(root / "agent", {})
         agent.write_config(agent_config(root / "agent", pki, relay.port))
-        agent.start(module="bench.as_installed")
+        agent.start(module="bench.as_installed", env=as_installed.environment())
         assert agent.proc is not None
         wait_for(lambda: connected(agent.socket_path), timeout=30, what="uplink connected")
         subjects.append(Subject("pbx-agent", agent.proc.pid, relay))
@@ -301,7 +302,7 @@ def switch_latency(pki: PKI, broker: Mosquitto, flips: int) -> list[float]:
         agent = AgentProcess(root, {})
         agent.write_config(agent_config(root, pki, relay.port))
         try:
-            agent.start(module="bench.as_installed")
+            agent.start(module="bench.as_installed", env=as_installed.environment())
             sock = agent.socket_path
             for i in range(flips):
                 wait_for(lambda: connected(sock), timeout=15, interval=0.005, what=f"flip {i}")

@@ -63,23 +63,25 @@ class HealthCollector:
         """Seconds between health records."""
         return self.settings.interval
 
+    def _local(self, now: float) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        return self._machine.gather(), self._machine.processes(), ages(self._state_dir, now)
+
     async def gather(self) -> dict[str, Any]:
         """One health body."""
         now = time.time()
         try:
             async with asyncio.TaskGroup() as tg:
-                machine = tg.create_task(asyncio.to_thread(self._machine.gather))
-                processes = tg.create_task(asyncio.to_thread(self._machine.processes))
-                own = tg.create_task(asyncio.to_thread(ages, self._state_dir, now))
+                # One thread for the three local readings, one after the other: run side by
+                # side they only took turns at the GIL, waking each other (issue 17).
+                local = tg.create_task(asyncio.to_thread(self._local, now))
                 ami = tg.create_task(self._probe.gather(now)) if self._probe is not None else None
         except* AgentError as group:
             # The scheduler reports an AgentError and tries again; not a group of them.
             first = group.exceptions[0]
             raise CollectorError(f"health: {first}") from first
-        body = machine.result()
+        body, procs, own = local.result()
         body["agent"].update(self._agent_stats())
         body["agent"]["update"] = update_summary()
-        procs = processes.result()
         pbx: dict[str, Any] = (
             {"state": "not_configured", "reason": None} if ami is None else ami.result()
         )
@@ -92,7 +94,7 @@ class HealthCollector:
                 pbx_asterisk["running"] = asterisk["running"]
         pbx["asterisk"] = pbx_asterisk
         pbx["processes"] = procs
-        pbx.update(own.result())
+        pbx.update(own)
         body["pbx"] = pbx
         return body
 
