@@ -130,3 +130,26 @@ def test_switch_file_flip_is_seen_by_the_poll_without_inotify(tmp_path: Path) ->
         wait_for(off, timeout=5, what="the daemon to read off from the polled file")
     finally:
         agent.close()
+
+
+def test_process_names_are_psutils_names(tmp_path: Path) -> None:
+    """The health collector's own /proc scan names processes as psutil does, a name the
+    kernel cut at 15 characters included (completed from the command line)."""
+    import shutil
+    import subprocess
+
+    import psutil
+
+    from agent.collectors.health.machine import process_names
+
+    long_name = tmp_path / "pbx-a-rather-long-process-name"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", long_name)
+    proc = subprocess.Popen([str(long_name), "30"])
+    try:
+        wait_for(lambda: psutil.Process(proc.pid).name() == long_name.name, what="started")
+        assert long_name.name in process_names()
+        mine = psutil.Process().name()
+        assert mine in process_names()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -484,6 +484,10 @@ class MqttLink:
         try:
             if self.state is LinkState.CONNECTED:
                 self._paho.disconnect()
+                if self._sock is not None:
+                    # Write it now rather than at the loop's next turn: the switch waits on
+                    # this, and paho closes the socket as soon as DISCONNECT is out.
+                    self._paho.loop_write()
                 async with asyncio.timeout(within):
                     await self._lost.wait()  # paho closes the socket once DISCONNECT is written
         except TimeoutError:
