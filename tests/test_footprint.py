@@ -8,6 +8,7 @@ roots and CDR file), shared by the tests below: it is the expensive part.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +79,7 @@ def idle(pki: PKI, broker: Mosquitto) -> Iterator[Idle]:
             yield it
         finally:
             agent.close()
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def test_idle_daemon_holds_no_heavy_library(idle: Idle) -> None:
@@ -114,9 +116,10 @@ def test_switch_file_flip_is_seen_through_inotify(idle: Idle) -> None:
     wait_for(idle.connected, timeout=15, what="connected again after the file said on")
 
 
-def test_switch_file_flip_is_seen_by_the_poll_without_inotify(tmp_path: Path) -> None:
+def test_switch_file_flip_is_seen_by_the_poll_without_inotify() -> None:
     """Where inotify is not available (here: switched off), the file is polled as before."""
-    agent = AgentProcess(tmp_path, base_config(tmp_path))
+    root = Path(tempfile.mkdtemp(prefix="pbx-poll-"))  # short: the socket path has a limit
+    agent = AgentProcess(root, base_config(root))
     try:
         agent.start(env={"PBX_AGENT_INOTIFY": "0"})
         watch = agent.status()["daemon"]["switch_watch"]
@@ -130,12 +133,12 @@ def test_switch_file_flip_is_seen_by_the_poll_without_inotify(tmp_path: Path) ->
         wait_for(off, timeout=5, what="the daemon to read off from the polled file")
     finally:
         agent.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_process_names_are_psutils_names(tmp_path: Path) -> None:
     """The health collector's own /proc scan names processes as psutil does, a name the
     kernel cut at 15 characters included (completed from the command line)."""
-    import shutil
     import subprocess
 
     import psutil
