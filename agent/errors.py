@@ -21,7 +21,8 @@ as a warning: an error log line is for something a person must fix.
     ├── InputError             bytes from outside that cannot be used as they are (exit 65)
     │   ├── MalformedJSON      not the strict JSON a peer must send (strictjson)
     │   ├── KeyFormatError     an SSH key or known_hosts line that is not well formed
-    │   └── IncompleteSnapshot a snapshot's parts do not add up (reassembly)
+    │   ├── IncompleteSnapshot a snapshot's parts do not add up (reassembly)
+    │   └── BodyError          an envelope body that cannot be decoded (wire encoding)
     ├── SecretFileError        a secret file missing, unreadable or readable by others (exit 78)
     ├── ConfigError            bad configuration: names file, key path, line (exit 78)
     ├── StateError             state directory, switch file, outbox or ledger unusable
@@ -177,6 +178,10 @@ class KeyFormatError(InputError):
 
 class IncompleteSnapshot(InputError):
     """The parts of a configuration snapshot do not add up (missing, altered, mixed)."""
+
+
+class BodyError(InputError):
+    """An envelope body whose encoding cannot be decoded (``agent/policy/wire.py``)."""
 
 
 class SecretFileError(AgentError):

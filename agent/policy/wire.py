@@ -27,6 +27,7 @@ import json
 import zlib
 from typing import Any
 
+from agent.errors import BodyError as BodyError  # raised by decode_body
 from agent.policy.classes import DataClass
 
 ENCODING = "zlib+base64"
@@ -68,10 +69,6 @@ HEALTH_1 = (
 DICTIONARIES: dict[str, bytes] = {"health/1": HEALTH_1}
 #: The dictionary each class is compressed with (none: a plain zlib stream).
 CLASS_DICTIONARY: dict[DataClass, str] = {DataClass.HEALTH: "health/1"}
-
-
-class BodyError(ValueError):
-    """An encoded body that cannot be decoded (for receivers and tools)."""
 
 
 def body_field(data_class: DataClass, body_text: str) -> str:
