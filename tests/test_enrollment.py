@@ -29,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from noc import enroll as noc_enroll
+from noc.wire import decode_body
 from tests.support.daemon import AgentProcess, base_config, wait_for
 from tests.support.mosquitto import Mosquitto, free_port, wait_port
 from tests.support.noc import NocListener
@@ -189,7 +190,8 @@ def test_from_nothing_to_delivering_with_a_token(
                         b
                         for m in noc.snapshot()
                         if m.topic == f"pbx/{DEVICE}/up/health"
-                        and "days_left" in (b := json.loads(m.payload)["body"]["agent"]["identity"])
+                        and "days_left"
+                        in (b := decode_body(json.loads(m.payload))["agent"]["identity"])
                     ),
                     None,
                 ),

@@ -310,6 +310,7 @@ def test_certificate_fields_are_read_as_cryptography_reads_them(pki: PKI, years:
     )
     assert ours.not_after == end
     assert ours.cn == "pbx-test-1" and ours.subject == "CN=pbx-test-1"
+    assert ours.issuer == theirs.issuer.rfc4514_string() and ours.serial == theirs.serial_number
     assert ours.der == theirs.public_bytes(serialization.Encoding.DER)
 
 

@@ -95,7 +95,9 @@ def read_cert(path: Path) -> CertInfo:
 
     Status and every health record ask: the file is parsed again only when it changed.
     """
-    from cryptography import x509
+    # The standard-library reader: status and health must not keep cryptography
+    # resident in the idle daemon (issue 17).
+    from agent.uplink import x509
 
     try:
         st = path.stat()
@@ -103,15 +105,15 @@ def read_cert(path: Path) -> CertInfo:
         known = _read.get(path)
         if known is not None and known[0] == stamp:
             return known[1]
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        cert = x509.load_pem_certificates(path.read_bytes())[0]
     except (OSError, ValueError) as exc:
         raise EnrollmentError("check", f"{path}: cannot read the certificate: {exc}") from exc
     info = CertInfo(
-        subject=cert.subject.rfc4514_string(),
-        issuer=cert.issuer.rfc4514_string(),
-        serial=f"{cert.serial_number:x}",
-        not_before=cert.not_valid_before_utc.timestamp(),
-        not_after=cert.not_valid_after_utc.timestamp(),
+        subject=cert.subject,
+        issuer=cert.issuer,
+        serial=f"{cert.serial:x}",
+        not_before=cert.not_before.timestamp(),
+        not_after=cert.not_after.timestamp(),
     )
     _read[path] = (stamp, info)
     return info

@@ -37,6 +37,7 @@ import binascii
 import hashlib
 import json
 import math
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -96,23 +97,29 @@ class RootKey:
         return fingerprint(self.public)
 
 
+#: The DER of an Ed25519 SubjectPublicKeyInfo before its 32 key bytes (RFC 8410): the
+#: root key is read with the standard library, so an idle daemon does not keep
+#: ``cryptography`` resident for it; that is imported when a command is checked.
+ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+_PEM_PUBLIC = re.compile(rb"-----BEGIN PUBLIC KEY-----(.+?)-----END PUBLIC KEY-----", re.S)
+
+
 def load_root(path: Path) -> RootKey:
     """Read a PEM Ed25519 public key; ValueError naming the file and what is wrong."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ValueError(f"{path}: cannot read the vendor root key: {exc.strerror}") from None
+    found = _PEM_PUBLIC.search(data)
+    if found is None:
+        raise ValueError(f"{path}: not a PEM public key (no '-----BEGIN PUBLIC KEY-----')")
     try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as exc:
+        der = base64.b64decode(b"".join(found.group(1).split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
         raise ValueError(f"{path}: not a PEM public key ({exc})") from None
-    if not isinstance(key, Ed25519PublicKey):
+    if len(der) != len(ED25519_SPKI_PREFIX) + 32 or not der.startswith(ED25519_SPKI_PREFIX):
         raise ValueError(f"{path}: the vendor root key must be Ed25519")
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return RootKey(path=path, public=raw)
+    return RootKey(path=path, public=der[len(ED25519_SPKI_PREFIX) :])
 
 
 def _b64(value: object, what: str, length: int) -> bytes:

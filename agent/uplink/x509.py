@@ -3,10 +3,11 @@
 Why it exists: ``cryptography`` reads certificates fully, and importing it
 costs the idle daemon about 6 MiB for checks that run once per connection
 (issue 17); the standard ``ssl`` module decodes certificates only through a
-private function or for CA certificates. The checks need four things: the
-validity dates, the subject (its common name), and the DER bytes for the
-fingerprint. A certificate is a DER ``SEQUENCE``; its first element,
-``tbsCertificate``, holds ``[0] version`` (optional), ``serialNumber``,
+private function or for CA certificates. The checks need the validity dates,
+the subject (its common name) and the DER bytes for the fingerprint; status
+and renewal (``agent/uplink/renew.py``) also show the issuer and serial number.
+A certificate is a DER ``SEQUENCE``; its first element, ``tbsCertificate``,
+holds ``[0] version`` (optional), ``serialNumber``,
 ``signature``, ``issuer``, ``validity`` and ``subject`` in that order (RFC
 5280, 4.1). Nothing here verifies a signature: OpenSSL does that in the
 handshake, and matches the key to the certificate
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----\s+(.+?)\s+-----END CERTIFICATE-----", re.DOTALL)
 
 _SEQUENCE, _SET, _OID, _UTC_TIME, _GENERALIZED_TIME, _CONTEXT_0 = 0x30, 0x31, 0x06, 0x17, 0x18, 0xA0
+_INTEGER = 0x02
 #: Attribute types shown in a subject (RFC 4514 short names).
 _NAMES = {
     b"\x55\x04\x03": "CN",
@@ -44,6 +46,8 @@ class Certificate:
     not_after: dt.datetime
     cn: str  # the subject's common name ("" if it has none)
     subject: str  # RFC 4514-like, most significant last, e.g. "CN=pbx-0001,O=Vendor"
+    issuer: str  # the same for the issuer
+    serial: int
 
 
 def load_pem_certificates(pem: bytes) -> list[Certificate]:
@@ -115,20 +119,37 @@ def parse_der(der: bytes) -> Certificate:
         fields = fields[1:]  # the explicit version
     if len(fields) < 5:
         raise ValueError("tbsCertificate too short")
-    _serial, _signature, _issuer, validity, subject = fields[:5]
+    serial, _signature, issuer, validity, subject = fields[:5]
     times = _children(der, validity[1], validity[2])
     if validity[0] != _SEQUENCE or len(times) != 2:
         raise ValueError("no validity")
     not_before, not_after = (_time(t, der[a:b]) for t, a, b in times)
+    subject_name, cn = _name(der, subject)
+    issuer_name, _ = _name(der, issuer)
+    if serial[0] != _INTEGER:
+        raise ValueError("no serial number")
+    return Certificate(
+        der=der,
+        not_before=not_before,
+        not_after=not_after,
+        cn=cn,
+        subject=subject_name,
+        issuer=issuer_name,
+        serial=int.from_bytes(der[serial[1] : serial[2]], "big", signed=True),
+    )
+
+
+def _name(der: bytes, where: tuple[int, int, int]) -> tuple[str, str]:
+    """A Name as RFC 4514-like text (most significant last) and its first common name."""
     parts: list[str] = []
     cn = ""
-    for rdn_tag, rs, re_ in _children(der, subject[1], subject[2]):
+    for rdn_tag, rs, re_ in _children(der, where[1], where[2]):
         if rdn_tag != _SET:
-            raise ValueError("malformed subject")
+            raise ValueError("malformed name")
         for _, as_, ae in _children(der, rs, re_):
             (oid_tag, os_, oe), (vtag, vs, ve) = _children(der, as_, ae)[:2]
             if oid_tag != _OID:
-                raise ValueError("malformed subject attribute")
+                raise ValueError("malformed name attribute")
             name = _NAMES.get(der[os_:oe])
             encoding = _STRINGS.get(vtag)
             if name is None or encoding is None:
@@ -137,10 +158,4 @@ def parse_der(der: bytes) -> Certificate:
             parts.append(f"{name}={value}")
             if name == "CN" and not cn:
                 cn = value
-    return Certificate(
-        der=der,
-        not_before=not_before,
-        not_after=not_after,
-        cn=cn,
-        subject=",".join(reversed(parts)),
-    )
+    return ",".join(reversed(parts)), cn
