@@ -288,3 +288,93 @@ def test_counters_are_read_from_meta(tmp_path: Path) -> None:
     assert (stats["dropped"], stats["delivered"], stats["unstored"]) == (5, 6, 7)
     assert stats["max_bytes"] == 100
     b.close()
+
+
+def test_a_failed_delivery_leaves_the_ledger_head_where_it_was(box: Box) -> None:
+    box.fill(3)
+    head = box.ledger.head
+    box.conn.execute(
+        "CREATE TRIGGER no_count BEFORE INSERT ON meta WHEN NEW.key = 'delivered'"
+        " BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+    )
+    with pytest.raises(StateError, match="outbox: cannot record delivery"):
+        box.outbox.delivered(box.outbox.pending(3))
+    assert box.ledger.head == head  # the entries rolled back with the transaction
+    box.conn.execute("DROP TRIGGER no_count")
+    box.outbox.delivered(box.outbox.pending(3))
+    assert ledger.verify(box.conn).ok and box.outbox.count == 0
+
+
+def test_a_failed_put_leaves_the_ledger_head_where_it_was(tmp_path: Path) -> None:
+    b = Box(tmp_path / "state", max_bytes=2_500)
+    try:
+        b.fill(2, size=900)
+        b.conn.execute(REFUSE)
+        with pytest.raises(StateError):
+            b.outbox.put(b.approve(5, size=900))
+        b.conn.execute("DROP TRIGGER refuse")
+        head = b.ledger.head
+        # This put drops the oldest (a ledger entry) and then fails to count the refused one.
+        b.conn.execute(
+            "CREATE TRIGGER no_unstored BEFORE INSERT ON meta WHEN NEW.key = 'unstored'"
+            " BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+        )
+        with pytest.raises(StateError, match="outbox: cannot store envelope"):
+            b.outbox.put(b.approve(6, size=900))
+        assert b.ledger.head == head
+        b.conn.execute("DROP TRIGGER no_unstored")
+        b.outbox.put(b.approve(7, size=900))
+        assert ledger.verify(b.conn).ok
+    finally:
+        b.close()
+
+
+def test_delivery_of_more_than_a_statement_can_bind(box: Box) -> None:
+    box.fill(1_203, size=10)
+    box.outbox.delivered(box.outbox.pending(2_000))
+    assert box.outbox.count == 0 and box.outbox.stats()["delivered"] == 1_203
+    assert box.conn.execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
+    assert len(list(ledger.read(box.conn, kind="delivered"))) == 1_203
+
+
+def test_sync_fsyncs_the_write_ahead_log(box: Box, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+    import os
+
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        cloexec = bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), cloexec))
+        real_fsync(fd)
+
+    box.fill(2)
+    box.outbox.delivered(box.outbox.pending(2), durable=False)
+    monkeypatch.setattr("agent.outbox.os.fsync", fsync)
+    box.outbox.sync()
+    wal = str(box.state / "agent.db") + "-wal"
+    assert synced == [(wal, True)]
+
+
+def test_sync_failures_name_the_log(box: Box, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    box.fill(1)
+    wal = str(box.state / "agent.db") + "-wal"
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("agent.outbox.os.fsync", eio)
+    with pytest.raises(StateError) as info:
+        box.outbox.sync()
+    assert str(info.value) == f"outbox: cannot sync {wal}: Input/output error"
+
+    def eacces(path: str, flags: int) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr("agent.outbox.os.open", eacces)
+    with pytest.raises(StateError) as opened:
+        box.outbox.sync()
+    assert str(opened.value) == f"outbox: cannot open {wal} to sync it: Permission denied"

@@ -136,3 +136,53 @@ def test_auth_and_register_in_globals_are_variables() -> None:
     assert red.conf_value("auth", "md5", Where(family="iax", section="peer")) is None
     out = red.conf_value("auth", "bob:pw9@realm", sip)
     assert out is not None and "pw9" not in out and out.startswith("bob:")
+
+
+def test_render_places_markers_and_explains_each_on_its_line() -> None:
+    """`snapshot --explain` says which rule fired on which line and why, never the value; a
+    secret spanning lines keeps its line breaks so later lines keep their numbers."""
+    from agent.policy.redact import Finding
+
+    red = Redactor(KEY, explain=True)
+    text = "a=S1\nb=\nmulti\nline\nc=S3 and S4\n"
+    s1 = text.index("S1")
+    ml = text.index("multi")
+    s3 = text.index("S3")
+    s4 = text.index("S4")
+    masks = [
+        Mask(s1, s1 + 2, "r1", "a"),
+        Mask(ml, ml + len("multi\nline"), "r2", "b"),
+        Mask(s3, s3 + 2, "r3", "c"),
+        Mask(s3, s3 + 1, "r3", "inner"),  # inside the one before: merged away
+        Mask(s4, s4 + 2, "r4"),
+    ]
+    out = red.render(text, masks, first_line=10)
+    fp = red.fingerprint
+    assert out == (
+        f"a=<redacted:r1:{fp('S1')}>\nb=\n<redacted:r2:{fp('multi' + chr(10) + 'line')}>\n\n"
+        f"c=<redacted:r3:{fp('S3')}> and <redacted:r4:{fp('S4')}>\n"
+    )
+    assert out.count("\n") == text.count("\n")
+    assert red.findings == [
+        Finding(10, "r1", "a"),
+        Finding(12, "r2", "b"),
+        Finding(14, "r3", "c"),
+        Finding(14, "r4", ""),
+    ]
+    assert dict(red.fired) == {"r1": 1, "r2": 1, "r3": 1, "r4": 1}
+
+
+def test_render_on_one_line_and_without_explain() -> None:
+    from agent.policy.redact import Finding
+
+    red = Redactor(KEY, explain=True)
+    red.line = 7
+    assert red.render("x=AB", [Mask(2, 4, "r")], line=3) == (
+        f"x=<redacted:r:{red.fingerprint('AB')}>"
+    )
+    red.marker("q", "v")
+    assert red.findings == [Finding(3, "r", ""), Finding(7, "q", "")]
+    quiet = Redactor(KEY)
+    assert quiet.findings is None
+    assert quiet.render("x=AB", []) == "x=AB"
+    assert quiet.render("x=AB", [Mask(2, 4, "r")]) == f"x=<redacted:r:{quiet.fingerprint('AB')}>"
