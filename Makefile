@@ -20,7 +20,7 @@ DEB_CHECK_PACKAGES := lintian
 # The signed repository (make repo) and the update tests that serve it (make test-deb).
 REPO_PACKAGES := reprepro gnupg
 TEST_PACKAGES := mosquitto openssh-server systemd postgresql-15 chromium chromium-driver \
-	$(DEB_PACKAGES) $(DEB_CHECK_PACKAGES)
+	$(DEB_PACKAGES) $(DEB_CHECK_PACKAGES) $(REPO_PACKAGES)
 
 # The service's interpreter: Debian's, checked (packaging/check-python), never PATH's python3.
 SYSTEM_PYTHON ?= /usr/bin/python3.11
@@ -76,7 +76,7 @@ lint: venv ## ruff (lint and format check) and mypy --strict
 
 .PHONY: test
 test: deps venv lint ## lint, then the whole test suite against real mosquitto, sqlite, sockets
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile
+	PBX_AGENT_TEST_DEB=1 $(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 .PHONY: mutation
 mutation: venv ## mutation testing of gate, switch, outbox, ledger, commands, redaction, supervisor (an hour)
