@@ -68,7 +68,14 @@ class Browser:
         self.get(f"/login?next={then}")
         self.driver.find_element(By.NAME, "username").send_keys(username)
         self.driver.find_element(By.NAME, "password").send_keys(password)
-        self.driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.wait import WebDriverWait
+
+        button = self.driver.find_element(By.CSS_SELECTOR, "button[type=submit]")
+        button.click()
+        # click() returns before the browser has left the page: wait until the form is gone
+        # (the next page, or the form drawn again after a refusal), with a deadline.
+        WebDriverWait(self.driver, 15).until(expected_conditions.staleness_of(button))
 
     @property
     def path(self) -> str:
