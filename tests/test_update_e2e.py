@@ -110,6 +110,7 @@ def rig(deb_v1: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]
     finally:
         stop(r.pidfile)
         server.close()
+        key.close()
         deb.purge()
 
 
@@ -149,6 +150,7 @@ def test_another_key_or_an_expired_release_is_refused(rig: Rig, tmp_path: Path) 
         done = rig.update("--sources", str(rig.sources.with_name("other.sources")))
     finally:
         other_server.close()
+        other.close()
     assert done.returncode == 69, done.stdout + done.stderr
     assert rig.state()["outcome"] == "check_failed"
     assert "NO_PUBKEY" in str(rig.state()["detail"]) or "signature" in str(rig.state()["detail"])

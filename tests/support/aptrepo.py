@@ -39,6 +39,11 @@ class Key:
         ).stdout  # fmt: skip
         self.fingerprint = next(ln.split(":")[9] for ln in out.splitlines() if ln.startswith("fpr"))
 
+    def close(self) -> None:
+        """Stop the gpg-agent that signing started for this home (it outlives the test)."""
+        subprocess.run(["gpgconf", "--homedir", str(self.home), "--kill", "gpg-agent"],
+                       env=self.env, check=False, capture_output=True)  # fmt: skip
+
     def export(self, path: Path) -> Path:
         """The public key, binary, as Signed-By wants it."""
         path.write_bytes(
