@@ -16,19 +16,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import paho.mqtt.client as paho
 import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from noc import mqtt, signing
 from noc.config import NocConfig
-from noc.errors import BrokerError, CommandError, UsageError
+from noc.errors import CommandError, UsageError
 from noc.store import DEVICE_ID
 
 #: Each command and the arguments it takes: name -> the kind of value (``str``, or
@@ -167,36 +165,19 @@ def record_reply(conn: psycopg.Connection[Any], device: str, reply: dict[str, An
 def _publish_and_wait(
     config: NocConfig, device: str, command: dict[str, Any], wait: float
 ) -> dict[str, Any] | None:
-    got = threading.Event()
-    subscribed = threading.Event()
-    found: dict[str, Any] = {}
+    def pick(reply: Any) -> dict[str, Any] | None:
+        return reply if isinstance(reply, dict) and reply.get("id") == command["id"] else None
 
-    def on_message(c: paho.Client, userdata: Any, m: paho.MQTTMessage) -> None:
-        try:
-            reply = json.loads(m.payload)
-        except ValueError:
-            return  # not an answer to anything: not ours
-        if isinstance(reply, dict) and reply.get("id") == command["id"]:
-            found.update(reply)
-            got.set()
-
-    def on_subscribe(c: paho.Client, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
-        subscribed.set()
-
-    c = mqtt.client(config.broker, client_id=f"noc-send-{secrets.token_hex(4)}")
-    c.on_message = on_message
-    c.on_subscribe = on_subscribe
-    mqtt.connect_blocking(c, config.broker)
-    try:
-        # Subscribe before publishing, so that a fast reply is not missed.
-        c.subscribe(f"pbx/{device}/reply", qos=1)
-        if not subscribed.wait(5):
-            raise BrokerError("the broker did not confirm the reply subscription within 5 s")
+    with mqtt.listening(
+        config.broker,
+        client_id=f"noc-send-{secrets.token_hex(4)}",
+        topic=f"pbx/{device}/reply",
+        pick=pick,
+        confirm=5,
+        unconfirmed="the broker did not confirm the reply subscription within 5 s",
+    ) as (c, answer):
         info = c.publish(f"pbx/{device}/cmd", json.dumps(command).encode(), qos=1)
         info.wait_for_publish(5)
         if not info.is_published():
             raise CommandError(f"the broker did not take the command for {device} within 5 s")
-        return found if got.wait(wait) else None
-    finally:
-        c.disconnect()
-        c.loop_stop()
+        return answer.wait(wait)

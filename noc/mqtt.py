@@ -9,10 +9,13 @@ own client certificate) and translates paho's errors into :class:`BrokerError`.
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
 import stat
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +120,63 @@ def connect_blocking(
     if getattr(rc, "is_failure", False):
         c.loop_stop()
         raise BrokerError(f"the broker at {settings.url} refused the NOC: {rc}")
+
+
+class Answer:
+    """The first JSON message on a listened topic that ``pick`` recognises as the answer."""
+
+    def __init__(self, pick: Callable[[Any], dict[str, Any] | None]) -> None:
+        self._pick = pick
+        self._got = threading.Event()
+        self.value: dict[str, Any] | None = None
+
+    def offer(self, payload: bytes | bytearray) -> None:
+        """A message arrived (paho's thread): keep it if it is the answer."""
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            return  # not an answer to anything: not ours
+        found = self._pick(message)
+        if found is not None and not self._got.is_set():
+            self.value = found
+            self._got.set()
+
+    def wait(self, timeout: float) -> dict[str, Any] | None:
+        """The answer, or None when none came within ``timeout``."""
+        return self.value if self._got.wait(timeout) else None
+
+
+@contextmanager
+def listening(
+    settings: BrokerSettings,
+    *,
+    client_id: str,
+    topic: str,
+    pick: Callable[[Any], dict[str, Any] | None],
+    confirm: float,
+    unconfirmed: str,
+) -> Iterator[tuple[paho.Client, Answer]]:
+    """A connected client subscribed to ``topic`` (confirmed by SUBACK within ``confirm``
+    seconds, else :class:`BrokerError` saying ``unconfirmed``), for a request whose answer
+    comes back on that topic: subscribing first, a fast answer is never missed."""
+    subscribed = threading.Event()
+    answer = Answer(pick)
+
+    def on_message(c: paho.Client, userdata: Any, m: paho.MQTTMessage) -> None:
+        answer.offer(m.payload)
+
+    def on_subscribe(c: paho.Client, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
+        subscribed.set()
+
+    c = client(settings, client_id=client_id)
+    c.on_message = on_message
+    c.on_subscribe = on_subscribe
+    connect_blocking(c, settings)
+    try:
+        c.subscribe(topic, qos=1)
+        if not subscribed.wait(confirm):
+            raise BrokerError(unconfirmed)
+        yield c, answer
+    finally:
+        c.disconnect()
+        c.loop_stop()

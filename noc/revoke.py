@@ -30,11 +30,9 @@ import json
 import os
 import secrets
 import signal
-import threading
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -110,33 +108,23 @@ def reload_broker(pid_file: Path) -> int:
 
 def kick(config: NocConfig, device: str, *, timeout: float = 5.0) -> dict[str, Any]:
     """Drop ``device``'s live session through dynamic security (createClient, disableClient)."""
-    got = threading.Event()
-    subscribed = threading.Event()
-    answer: dict[str, Any] = {}
     corr = secrets.token_hex(8)
 
-    def on_message(c: paho.Client, userdata: Any, m: paho.MQTTMessage) -> None:
-        try:
-            body = json.loads(m.payload)
-        except ValueError:
-            return
+    def pick(body: Any) -> dict[str, Any] | None:
         for r in body.get("responses", []) if isinstance(body, dict) else []:
             # mosquitto 2.0.11 does not echo correlationData; newer versions do.
             if r.get("command") == "disableClient" and r.get("correlationData", corr) == corr:
-                answer.update(r)
-                got.set()
+                return dict(r)
+        return None
 
-    def on_subscribe(c: paho.Client, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
-        subscribed.set()
-
-    c = mqtt.client(config.broker, client_id=f"noc-revoke-{secrets.token_hex(4)}")
-    c.on_message = on_message
-    c.on_subscribe = on_subscribe
-    mqtt.connect_blocking(c, config.broker)
-    try:
-        c.subscribe(f"{DYNSEC_TOPIC}/response", qos=1)
-        if not subscribed.wait(timeout):
-            raise BrokerError("the broker did not confirm the dynamic-security subscription")
+    with mqtt.listening(
+        config.broker,
+        client_id=f"noc-revoke-{secrets.token_hex(4)}",
+        topic=f"{DYNSEC_TOPIC}/response",
+        pick=pick,
+        confirm=timeout,
+        unconfirmed="the broker did not confirm the dynamic-security subscription",
+    ) as (c, answered):
         commands = [
             # Fails harmlessly when the client exists already (revoked before).
             {"command": "createClient", "username": device},
@@ -146,15 +134,13 @@ def kick(config: NocConfig, device: str, *, timeout: float = 5.0) -> dict[str, A
             {"command": "deleteClient", "username": device},
         ]
         c.publish(DYNSEC_TOPIC, json.dumps({"commands": commands}), qos=1)
-        if not got.wait(timeout):
+        answer = answered.wait(timeout)
+        if answer is None:
             raise BrokerError(
                 "the broker did not answer the dynamic-security disableClient within "
                 f"{timeout:g} s: is mosquitto_dynamic_security.so loaded, and may the NOC's "
                 "client use $CONTROL/dynamic-security (etc/mosquitto-example.conf)?"
             )
-    finally:
-        c.disconnect()
-        c.loop_stop()
     if answer.get("error"):
         raise BrokerError(f"dynamic security refused disableClient: {answer['error']}")
     return answer
