@@ -58,15 +58,7 @@ CHANGES = (
 )
 #: A name replaced (renamed into place), created, removed, or written and closed: how
 #: files written by ``atomic_write`` change, without every write of a database beside them.
-REPLACED = (
-    IN_CLOSE_WRITE
-    | IN_MOVED_FROM
-    | IN_MOVED_TO
-    | IN_CREATE
-    | IN_DELETE
-    | IN_DELETE_SELF
-    | IN_MOVE_SELF
-)
+REPLACED = CHANGES & ~(IN_MODIFY | IN_ATTRIB)
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
 
 #: ``PBX_AGENT_INOTIFY=0`` in the environment: poll, as where inotify does not work
